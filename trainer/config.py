@@ -1,0 +1,216 @@
+"""The recipe schema: one typed section per concern, keys named as in the code that uses them.
+
+A recipe is YAML; `load_recipe` reads it, applies `key.sub=value` overrides and validates it.
+Every user mistake becomes a `RecipeError` with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, and assignment is validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = "builtin:tiny-math"  # a local folder, a hub id, or builtin:tiny-math
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    max_model_len: int = Field(512, ge=16)  # prompt + response tokens the engine must hold
+
+
+class RewardSpec(Section):
+    fn: str = "correctness"  # a registered reward name, or "module:function"
+    weight: float = 1.0
+
+
+class TaskConfig(Section):
+    name: str = "arithmetic"  # arithmetic | reasoning_gym | dataset
+    seed: int = 0
+    # arithmetic
+    digits_min: int = Field(1, ge=1, le=12)
+    digits_max: int = Field(3, ge=1, le=12)
+    operands: int = Field(2, ge=2, le=6)
+    scratchpad: bool = True
+    # reasoning_gym
+    gym_dataset: str = "basic_arithmetic"
+    gym_config: dict[str, Any] = Field(default_factory=dict)
+    # dataset (JSONL, Parquet, or a `datasets` folder saved to disk)
+    path: str | None = None
+    question_key: str = "question"
+    answer_key: str = "answer"
+    # prompts and rewards
+    prompt_format: Literal["raw", "chat"] = "raw"
+    system_prompt: str | None = None
+    eval_size: int = Field(64, ge=1)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()])
+    reward_timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        if self.digits_min > self.digits_max:
+            raise ValueError("digits_min must not exceed digits_max")
+        if self.name == "dataset" and not self.path:
+            raise ValueError("task.path is required when task.name is 'dataset'")
+        return self
+
+
+class RolloutConfig(Section):
+    groups_per_step: int = Field(8, ge=1)  # N: groups handed to the trainer each step
+    group_size: int = Field(8, ge=1)  # G: samples per prompt
+    over_provision: float = Field(2.0, ge=1.0)  # N'/N: groups kept in flight
+    partial: bool = True  # recycle unfinished generations into the next step
+    max_staleness: int = Field(4, ge=0)  # drop groups with tokens older than this many versions
+    max_tokens: int = Field(64, ge=1)  # response token budget per sample
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
+    enforce_eager: bool = True
+
+
+class AlgoConfig(Section):
+    loss: Literal["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gspo_token"] = "grpo"
+    advantage_std: Literal["group", "batch", "none"] = "group"
+    clip_low: float = Field(0.2, ge=0.0)
+    clip_high: float = Field(0.2, ge=0.0)
+    clip_c: float | None = Field(None, gt=1.0)  # dual clip for negative advantages
+    kl_coef: float = Field(0.0, ge=0.0)
+    offpolicy: Literal["tis", "mask", "none"] = "tis"
+    tis_cap: float = Field(2.0, ge=1.0)
+    dynamic_sampling: bool = True  # reject groups whose rewards are all equal
+    overlong_buffer: int = Field(0, ge=0)  # DAPO soft overlong window (tokens); 0 = off
+    overlong_penalty: float = Field(1.0, ge=0.0)
+    mask_truncated: bool = False
+    dr_grpo_length: int | None = Field(None, ge=1)  # constant divisor; default rollout.max_tokens
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(Section):
+    steps: int = Field(40, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0)
+    updates_per_batch: int = Field(1, ge=1)
+    micro_batch_tokens: int = Field(4096, ge=1)
+    eval_every: int = Field(10, ge=1)
+    save_every: int = Field(10, ge=1)
+    output_dir: str | None = None  # default: runs/<recipe>-<timestamp>
+    resume: bool | str = False  # true: latest checkpoint in output_dir; or a checkpoint path
+    seed: int = 0
+    max_bad_steps: int = Field(3, ge=0)  # NaN/inf losses tolerated (skipped) before stopping
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrackingConfig(Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "rollover"
+    run_name: str | None = None
+    sample_table_rows: int = Field(4, ge=0)
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class RecipeError(Exception):
+    """A user mistake in a recipe or an override; its message is one line."""
+
+
+def _known_keys(model: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
+    """Field names valid at `prefix` in the schema (for 'did you mean')."""
+    for part in prefix:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """Turn pydantic's first error into `source: key: problem`."""
+    first = error.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(Recipe, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+        return f"{source}: unknown key '{key}'{hint}"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg}{got_text}"
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 8 is an int)."""
+    if "=" not in assignment:
+        raise RecipeError(f"override '{assignment}': expected key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override '{assignment}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{assignment}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError with one line on any mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} invalid YAML") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    source = str(path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+        source = f"{path} (with overrides)"
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(_one_line(exc, source)) from None
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, in schema order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
