@@ -33,7 +33,7 @@ class RewardSpec(Section):
 
 
 class TaskConfig(Section):
-    name: str = "arithmetic"  # arithmetic | reasoning_gym | dataset
+    name: Literal["arithmetic", "reasoning_gym", "dataset"] = "arithmetic"
     seed: int = 0
     # arithmetic
     digits_min: int = Field(1, ge=1, le=12)

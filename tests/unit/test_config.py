@@ -1,0 +1,72 @@
+"""The recipe schema and rl-train's handling of bad input (one line, exit status 2)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rollover.trainer.cli import main
+from rollover.trainer.config import RecipeError, apply_override, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(recipe, capsys):
+    assert main([str(recipe), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model:") and "rollout:" in printed
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/grpo_math.yaml",
+                         ["rollout.group_size=4", "train.lora.enabled=true", "algo.clip_c=3"])
+    assert recipe.rollout.group_size == 4
+    assert recipe.train.lora.enabled is True
+    assert recipe.algo.clip_c == 3.0
+
+
+def test_apply_override_builds_missing_sections():
+    tree = {}
+    apply_override(tree, "a.b.c=1.5")
+    assert tree == {"a": {"b": {"c": 1.5}}}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rollout.group_size=banana", "rollout.group_size"),
+        ("rolout.group_size=8", "did you mean 'rollout'"),
+        ("rollout.grop_size=8", "did you mean 'rollout.group_size'"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("algo.loss=ppo", "algo.loss"),
+        ("task.digits_min=5", "digits_min must not exceed digits_max"),
+        ("model.path=/does/not/exist", "model folder not found"),
+        ("task.name=dataset", "task.path is required"),
+        ("resume=/no/such/checkpoint", "train.resume"),
+        ("group_size", "expected key.sub=value"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(override, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "rollover.trainer.cli", str(ROOT / "recipes/grpo_math.yaml"), override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe("no/such/recipe.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  group_size: [1,\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        load_recipe(bad)

@@ -1,0 +1,56 @@
+"""`rl-train RECIPE [key.sub=value ...] [--print-config]`: the command users run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
+
+EXIT_USAGE = 2
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Fail fast, before any heavy work, on local paths that do not exist."""
+    model_path = recipe.model.path
+    looks_local = model_path.startswith(("/", "./", "../", "~")) or Path(model_path).exists()
+    if looks_local and not Path(model_path).expanduser().is_dir():
+        raise RecipeError(f"model.path: model folder not found: {model_path}")
+    if recipe.task.name == "dataset" and not Path(recipe.task.path).expanduser().exists():
+        raise RecipeError(f"task.path: dataset not found: {recipe.task.path}")
+    resume = recipe.train.resume
+    if isinstance(resume, str) and not Path(resume).expanduser().is_dir():
+        raise RecipeError(f"train.resume: checkpoint not found: {resume}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="rl-train", description="RL post-training (GRPO/DAPO/GSPO) with Active Partial Rollouts.")
+    parser.add_argument("recipe", help="a YAML recipe, e.g. recipes/grpo_math.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    args = parser.parse_args(argv)
+    # `resume=PATH` is short for train.resume=PATH.
+    args.overrides = [f"train.{o}" if o.startswith("resume=") else o for o in args.overrides]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_paths(recipe)
+    except RecipeError as exc:
+        print(f"rl-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(to_yaml(recipe), end="")
+        return 0
+    from rollover.trainer.run import run_training  # heavy imports only when training
+
+    return run_training(recipe, recipe_path=args.recipe)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
