@@ -1,0 +1,64 @@
+"""Per-step rollout metrics: what the scheduler did and how much of the engine's work was useful."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollover.rollout.types import Group
+
+
+@dataclass
+class StepCounters:
+    """Counts accumulated while one step runs."""
+
+    generated_tokens: int = 0  # every token streamed this step, aborted requests included
+    requests_submitted: int = 0
+    requests_aborted: int = 0
+    budget_exhausted: int = 0  # samples finished as `length` without a request
+    groups_drawn: int = 0
+    groups_resumed: int = 0
+    drops: Counter = field(default_factory=Counter)  # reason -> groups dropped this step
+
+
+def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]:
+    """Tokens of `groups` counted by age (current version minus the version that sampled them)."""
+    ages: Counter = Counter()
+    for g in groups:
+        for s in g.samples:
+            ages.update(current_version - v for v in s.versions)
+    return dict(sorted(ages.items()))
+
+
+def step_metrics(
+    counters: StepCounters,
+    returned: list[Group],
+    wall_s: float,
+    current_version: int,
+    buffer_size: int,
+) -> dict[str, Any]:
+    """The metrics dict of one step (flat keys, ready for a tracker)."""
+    useful = sum(len(s.response_ids) for g in returned for s in g.samples)
+    hist = token_staleness(returned, current_version)
+    off_policy = sum(n for age, n in hist.items() if age > 0)
+    wall = max(wall_s, 1e-9)
+    return {
+        "rollout/wall_s": wall_s,
+        "rollout/generated_tokens": counters.generated_tokens,
+        "rollout/generated_tokens_per_s": counters.generated_tokens / wall,
+        "rollout/useful_tokens": useful,
+        "rollout/useful_tokens_per_s": useful / wall,
+        "rollout/requests_submitted": counters.requests_submitted,
+        "rollout/requests_aborted": counters.requests_aborted,
+        "rollout/budget_exhausted": counters.budget_exhausted,
+        "rollout/buffer_size": buffer_size,
+        "rollout/groups_drawn": counters.groups_drawn,
+        "rollout/groups_resumed": counters.groups_resumed,
+        "rollout/offpolicy_token_fraction": off_policy / useful if useful else 0.0,
+        "rollout/staleness_hist": hist,
+        "rollout/filter_drops": counters.drops.get("filtered", 0),
+        "rollout/staleness_drops": counters.drops.get("stale", 0),
+        "rollout/drops": dict(counters.drops),
+        "rollout/policy_version": current_version,
+    }

@@ -1,0 +1,53 @@
+"""One real vLLM engine (CPU build, builtin:tiny-math) for the whole pytest session.
+
+Starting the engine costs ~20-25 s, so it starts once. AsyncLLM binds its output handler to the
+event loop it first runs on, so every test runs its coroutines on one session loop (`run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # weight loading via collective_rpc
+
+
+@pytest.fixture(scope="session")
+def loop():
+    """The session's event loop (the engine's output handler lives on it)."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def run(loop):
+    """run(coro) -> result, on the session loop."""
+    return loop.run_until_complete
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rollover.trainer.builtin_model import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def engine(loop):
+    """The shared RolloutEngine; tests must leave it idle (wait_idle) and may bump its version."""
+    from rollover.rollout.engine import EngineSettings, RolloutEngine
+    from rollover.trainer.builtin_model import resolve_model_path
+
+    settings = EngineSettings(model=resolve_model_path("builtin:tiny-math"), max_model_len=256)
+    eng = RolloutEngine(settings)
+    asyncio.set_event_loop(loop)
+    eng.start()
+    yield eng
+    loop.run_until_complete(eng.wait_idle())
+    eng.shutdown()
