@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args.child, args.vocab, args.tokens, args.hidden, args.chunk_size, args.iters)))
+        child = _child(args.child, args.vocab, args.tokens, args.hidden, args.chunk_size, args.iters)
+        print(json.dumps(child))
         return {}
 
     machine = _machine()

@@ -29,7 +29,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _row_ops(backend: Backend, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Callable, Callable]:
+def _row_ops(
+    backend: Backend, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Callable, Callable]:
     """(row_stats, row_grad_) for the backend; "auto" picks Triton for float32 on CUDA when it imports."""
     if backend == "torch" or (backend == "auto" and (device.type != "cuda" or dtype != torch.float32)):
         return rowwise.row_stats, rowwise.row_grad_
@@ -146,6 +148,16 @@ class _LogitsLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _flatten(rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """[..., D] rows and [...] targets as [N, D] and [N] int64."""
+    return rows.reshape(-1, rows.shape[-1]), targets.reshape(-1).long()
+
+
+def _unflatten(outputs: tuple[Tensor, Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) back in the targets' shape."""
+    return outputs[0].view(targets.shape), outputs[1].view(targets.shape)
+
+
 def chunked_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -158,15 +170,14 @@ def chunked_logprobs(
 
     hidden [..., H] (the final hidden states, any float dtype), weight [V, H] (the lm_head
     weight, no bias), targets [...] int64 valid token ids (put any id at padding and mask it in
-    the loss). Returns (logprob [...], entropy [...]) in float32 (float64 for float64 inputs). Differentiable in hidden and
-    weight; peak extra memory is about two chunk_size x V float32 buffers instead of several
-    N x V ones. `backend`: "auto" (Triton on CUDA when available), "torch" or "triton".
+    the loss). Returns (logprob [...], entropy [...]) in float32 (float64 for float64 inputs).
+    Differentiable in hidden and weight; peak extra memory is about two chunk_size x V float32
+    buffers instead of several N x V ones. `backend`: "auto" (Triton for float32 CUDA tensors
+    when it imports), "torch" or "triton".
     """
-    lead = targets.shape
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_t = targets.reshape(-1).long()
-    logprob, entropy = _LinearLogprobs.apply(flat_h, weight, flat_t, chunk_size, temperature, backend)
-    return logprob.view(lead), entropy.view(lead)
+    flat_h, flat_t = _flatten(hidden, targets)
+    outputs = _LinearLogprobs.apply(flat_h, weight, flat_t, chunk_size, temperature, backend)
+    return _unflatten(outputs, targets)
 
 
 def chunked_logprobs_from_logits(
@@ -178,14 +189,12 @@ def chunked_logprobs_from_logits(
 ) -> tuple[Tensor, Tensor]:
     """Same as `chunked_logprobs` when the logits [..., V] already exist (e.g. a model's output).
 
-    Saves the float32 log-softmax and softmax tensors of the naive path (and their gradients);
+    Avoids the naive path's N x V float32 log-softmax and softmax tensors (and their gradients);
     the logits themselves and their gradient are unavoidable here. Logits must be finite.
     """
-    lead = targets.shape
-    flat_z = logits.reshape(-1, logits.shape[-1])
-    flat_t = targets.reshape(-1).long()
-    logprob, entropy = _LogitsLogprobs.apply(flat_z, flat_t, chunk_size, temperature, backend)
-    return logprob.view(lead), entropy.view(lead)
+    flat_z, flat_t = _flatten(logits, targets)
+    outputs = _LogitsLogprobs.apply(flat_z, flat_t, chunk_size, temperature, backend)
+    return _unflatten(outputs, targets)
 
 
 def naive_logprobs(

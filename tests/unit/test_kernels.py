@@ -103,7 +103,8 @@ def test_bfloat16_inputs_give_float32_outputs_and_input_dtype_grads():
 
 def test_gradcheck_float64():
     h, w, y, _ = _inputs(7, 4, 11, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: chunked_logprobs(a, b, y, chunk_size=3, temperature=0.8), (h, w))
+    linear = lambda a, b: chunked_logprobs(a, b, y, chunk_size=3, temperature=0.8)  # noqa: E731
+    assert torch.autograd.gradcheck(linear, (h, w))
     z = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: chunked_logprobs_from_logits(a, y[:6], chunk_size=4), (z,))
 
@@ -154,7 +155,9 @@ def test_triton_kernels_under_interpreter():
     """The Triton kernels, run on CPU by Triton's interpreter (a fresh process: it is read at import)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton ok" in proc.stdout
 

@@ -29,6 +29,12 @@ def _grad(value, lp):
     return grad
 
 
+def _assert_same_loss(a, b, lp):
+    """Same value and same gradient with respect to `lp`."""
+    assert a.item() == pytest.approx(b.item())
+    torch.testing.assert_close(_grad(a, lp), _grad(b, lp))
+
+
 # Shared example: two samples; the second has one response token.
 #   token (0,0): w 1.5, A  1 -> high clip, term -1.2, no gradient
 #   token (0,1): w 0.9, A  1 -> term -0.9, d term / d lp = -0.9
@@ -51,7 +57,8 @@ def test_token_losses_hand_computed(loss, expected, grad01):
     lp, old = _from_ratios(RATIOS)
     value, stats = _loss(lp, old, ADV, MASK, loss=loss)
     assert value.item() == pytest.approx(expected, abs=1e-9)
-    torch.testing.assert_close(_grad(value, lp), torch.tensor([[0.0, grad01], [0.0, 0.0]], dtype=torch.float64))
+    expected_grad = torch.tensor([[0.0, grad01], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(_grad(value, lp), expected_grad)
     assert stats["clip_ratio/low_mean"].item() == pytest.approx(1 / 3)
     assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 3)
     assert stats["ratio/min"].item() == pytest.approx(0.5)
@@ -201,17 +208,15 @@ def test_gspo_equals_grpo_for_one_token_sequences():
     kw = dict(clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.1, offpolicy="tis")
     a, _ = policy_loss(lp, old, behaviour, adv, mask, None, ref, loss="gspo", **kw)
     b, _ = policy_loss(lp, old, behaviour, adv, mask, None, ref, loss="grpo", **kw)
-    assert a.item() == pytest.approx(b.item())
-    torch.testing.assert_close(_grad(a, lp), _grad(b, lp))
+    _assert_same_loss(a, b, lp)
 
 
 def test_gspo_token_equals_gspo_with_sequence_advantages():
     lp, old, _, ref, adv, mask, _ = _random_batch(spread=0.2)
     kw = dict(clip_low=0.1, clip_high=0.1, kl_coef=0.05, offpolicy="none")
-    a, sa = policy_loss(lp, old, old, adv, mask, None, ref, loss="gspo", **kw)
-    b, sb = policy_loss(lp, old, old, adv, mask, None, ref, loss="gspo_token", **kw)
-    assert a.item() == pytest.approx(b.item())
-    torch.testing.assert_close(_grad(a, lp), _grad(b, lp))
+    a, _ = policy_loss(lp, old, old, adv, mask, None, ref, loss="gspo", **kw)
+    b, _ = policy_loss(lp, old, old, adv, mask, None, ref, loss="gspo_token", **kw)
+    _assert_same_loss(a, b, lp)
 
 
 def test_equal_lengths_make_token_and_sequence_means_agree():
@@ -236,8 +241,7 @@ def test_micro_batches_sum_to_the_batch_loss(loss):
                     num_sequences=6, num_tokens=tokens, **kw)[0]
         for rows in (slice(0, 2), slice(2, 6))
     )
-    assert parts.item() == pytest.approx(whole.item())
-    torch.testing.assert_close(_grad(parts, lp), _grad(whole, lp))
+    _assert_same_loss(parts, whole, lp)
 
 
 def test_bnpo_normalises_by_the_local_batch():
