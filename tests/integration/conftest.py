@@ -22,6 +22,10 @@ def loop():
     """The session's event loop (the engine's output handler lives on it)."""
     loop = asyncio.new_event_loop()
     yield loop
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
@@ -51,3 +55,4 @@ def engine(loop):
     yield eng
     loop.run_until_complete(eng.wait_idle())
     eng.shutdown()
+    loop.run_until_complete(asyncio.sleep(0.1))  # let the output handler see its cancellation

@@ -1,0 +1,131 @@
+"""The engine wrapper on the real vLLM engine (CPU build, builtin:tiny-math).
+
+Log-probs are checked against an independent computation: the same weights in transformers,
+teacher-forced on the streamed tokens (temperature 1, so the sampling distribution is the
+model's softmax).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from rollover.rollout.engine import (
+    EngineBusyError,
+    EngineSettings,
+    EngineStartError,
+    RolloutEngine,
+    SamplingSettings,
+)
+
+pytestmark = pytest.mark.integration
+
+FORCED = SamplingSettings(temperature=1.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model(engine):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.settings.model, dtype=torch.float32)
+    return model.eval()
+
+
+def reference_logprobs(model, prompt: list[int], response: list[int]) -> list[float]:
+    """log p(response[t] | prompt + response[:t]) from a transformers forward pass."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
+
+
+async def collect(engine, prompt, budget, request_id=None, abort_after=None):
+    """Stream one request; optionally abort it once `abort_after` tokens have arrived."""
+    ids, lps, versions, finish = [], [], [], None
+    async for chunk in engine.stream(prompt, budget, FORCED, request_id=request_id):
+        ids += chunk.token_ids
+        lps += chunk.logprobs
+        versions += [chunk.version] * len(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+        if abort_after is not None and len(ids) >= abort_after and finish is None:
+            await engine.abort([request_id])
+            abort_after = None
+    return ids, lps, versions, finish
+
+
+def test_stream_delivers_every_token_with_its_logprob(engine, run, tokenizer, hf_model):
+    prompt = tokenizer.encode("25+68=")
+    ids, lps, versions, finish = run(collect(engine, prompt, 24))
+    assert finish == "length" and len(ids) == len(lps) == 24
+    assert versions == [engine.policy_version] * 24
+    assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
+    assert engine.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_abort_keeps_streamed_tokens_and_resume_continues_from_ids(engine, run, tokenizer, hf_model):
+    prompt = tokenizer.encode("407+385=")
+    ids, lps, _, finish = run(collect(engine, prompt, 200, request_id="abort-me", abort_after=8))
+    assert finish == "aborted"
+    assert 8 <= len(ids) < 200 and len(lps) == len(ids)
+    assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
+    run(engine.wait_idle(timeout=5))
+    assert engine.num_unfinished() == 0 and not engine.active_requests
+
+    # Resume: prompt + kept tokens, with the remaining budget of a 40-token sample.
+    kept = ids[:10] if len(ids) >= 10 else ids
+    more, more_lps, _, finish = run(collect(engine, prompt + kept, 40 - len(kept)))
+    assert finish == "length" and len(kept) + len(more) == 40
+    full_ref = reference_logprobs(hf_model, prompt, kept + more)
+    assert more_lps == pytest.approx(full_ref[len(kept):], abs=2e-3)
+
+
+def test_zero_budget_request_is_refused(engine, run, tokenizer):
+    with pytest.raises(ValueError):
+        run(collect(engine, tokenizer.encode("1+1="), 0))
+
+
+def test_update_weights_needs_idle_engine_and_stamps_new_version(engine, run, tokenizer, hf_model):
+    prompt = tokenizer.encode("12+34=")
+    original = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    perturbed = {k: v + 0.05 * torch.randn_like(v, generator=torch.Generator().manual_seed(0))
+                 if k.endswith("proj.weight") else v for k, v in original.items()}
+
+    async def busy_update():
+        stream = engine.stream(prompt, 200, FORCED, request_id="busy")
+        await stream.__anext__()  # the request is running now
+        with pytest.raises(EngineBusyError):
+            await engine.update_weights(perturbed)
+        await engine.abort(["busy"])
+        async for _ in stream:
+            pass
+        await engine.wait_idle(timeout=5)
+
+    run(busy_update())
+    before = engine.policy_version
+    assert run(engine.update_weights(perturbed)) == before + 1
+    ids, lps, versions, _ = run(collect(engine, prompt, 16))
+    assert versions == [before + 1] * 16
+    hf_model.load_state_dict(perturbed)
+    try:
+        assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
+    finally:
+        hf_model.load_state_dict(original)
+    # Back to the original weights, with an explicit version (as after a checkpoint restore).
+    assert run(engine.update_weights(original.items(), version=before + 5)) == before + 5
+    ids, lps, versions, _ = run(collect(engine, prompt, 16))
+    assert versions == [before + 5] * 16
+    assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
+    assert run(engine.reset_prefix_cache()) is True
+
+
+def test_engine_that_cannot_start_raises_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(EngineStartError, match="no-such-model"):
+        RolloutEngine(EngineSettings(model=str(missing))).start()
+
+
+def test_abort_of_unknown_or_finished_requests_is_harmless(engine, run):
+    assert run(engine.abort(["never-submitted"])) == 0
+    run(asyncio.sleep(0))
