@@ -234,7 +234,7 @@ class AprilScheduler:
         if not runs:
             return
         ids = set().union(*(r.request_ids for r in runs.values()))
-        counters.requests_aborted += await self.engine.abort(ids)
+        await self.engine.abort(ids)  # streams count their own aborts (finish reason)
         for r in runs.values():
             if r.phase == SCORING:
                 r.task.cancel()

@@ -101,6 +101,7 @@ class RolloutEngine:
         self.policy_version = 0
         self._llm: Any = None
         self._active: set[str] = set()  # request ids whose stream has not ended
+        self._abort_requested: set[str] = set()
         self._prefix_caching = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -213,6 +214,10 @@ class RolloutEngine:
         self._active.add(rid)
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
+                if rid in self._abort_requested and not out.finished:
+                    # The abort may have raced the request's registration: repeat it now.
+                    self._abort_requested.discard(rid)
+                    await self.llm.abort([rid])
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
                 lps = _sampled_logprobs(ids, comp.logprobs)
@@ -221,6 +226,7 @@ class RolloutEngine:
                     yield TokenChunk(ids, lps, version, finish)
         finally:
             self._active.discard(rid)
+            self._abort_requested.discard(rid)
 
     async def generate(
         self,
@@ -253,9 +259,13 @@ class RolloutEngine:
         return set(self._active)
 
     async def abort(self, request_ids: list[str] | set[str]) -> int:
-        """Abort requests; their streams end with `aborted`. Returns how many were open."""
+        """Abort requests; their streams end with `aborted`. Returns how many were open.
+
+        A request whose registration raced the abort is aborted again on its first output.
+        """
         ids = [r for r in request_ids if r in self._active]
         if ids:
+            self._abort_requested.update(ids)
             await self.llm.abort(ids)
         return len(ids)
 

@@ -108,9 +108,11 @@ class GroupRunner:
                 counters.generated_tokens += n
                 if chunk.finish_reason:
                     sample.finish_reason = chunk.finish_reason
+                    counters.requests_aborted += chunk.finish_reason == "aborted"
         finally:
-            if sample.finish_reason is None:
+            if sample.finish_reason is None:  # cancelled, or the stream ended without a reason
                 sample.finish_reason = "aborted"
+                counters.requests_aborted += 1
 
     async def score(self, group: Group) -> None:
         """Score a copy; write the rewards back only if scoring completes."""

@@ -15,7 +15,7 @@ class StepCounters:
 
     generated_tokens: int = 0  # every token streamed this step, aborted requests included
     requests_submitted: int = 0
-    requests_aborted: int = 0
+    requests_aborted: int = 0  # streams that ended `aborted`
     budget_exhausted: int = 0  # samples finished as `length` without a request
     groups_drawn: int = 0
     groups_resumed: int = 0
