@@ -113,6 +113,7 @@ class TrainConfig(Section):
     micro_batch_tokens: int = Field(4096, ge=1)
     eval_every: int = Field(10, ge=1)
     save_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
     output_dir: str | None = None  # default: runs/<recipe>-<timestamp>
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a checkpoint path
     seed: int = 0

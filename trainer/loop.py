@@ -1,0 +1,227 @@
+"""The training loop: APRIL rollout -> rewards -> filters -> advantages -> updates -> weight sync.
+
+`Trainer` holds the parts a run needs (policy, optimizer, engine, scheduler, tracker) and
+`train()` runs steps until `train.steps`, evaluating and checkpointing on schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from statistics import pstdev
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from rollover.algos.advantages import group_advantages
+from rollover.algos.filters import is_informative, overlong_penalty
+from rollover.rollout.april import AprilScheduler
+from rollover.rollout.engine import RolloutEngine
+from rollover.rollout.types import Group
+from rollover.tasks.prompts import prompt_ids
+from rollover.tasks.registry import Task
+from rollover.tasks.rewards import RewardRunner
+from rollover.trainer.batch import rows_from_groups
+from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint
+from rollover.trainer.config import Recipe
+from rollover.trainer.evaluate import evaluate
+from rollover.trainer.policy import Policy
+from rollover.trainer.tracking import Tracker, console, progress_bar
+from rollover.trainer.update import NonFiniteLoss, train_on_batch
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite losses); the last checkpoint is intact."""
+
+
+class PromptStream:
+    """Fresh prompts for the scheduler: uid = draw index, so the cursor is one integer."""
+
+    def __init__(self, task: Task, tokenizer, recipe: Recipe, cursor: int = 0):
+        self.task, self.tokenizer, self.recipe, self.cursor = task, tokenizer, recipe, cursor
+
+    def __call__(self) -> tuple[int, dict[str, Any], list[int]]:
+        uid = self.cursor
+        self.cursor += 1
+        record = self.task.record(uid)
+        return uid, record, prompt_ids(record, self.tokenizer, self.recipe.task.prompt_format,
+                                       self.recipe.task.system_prompt)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, task: Task, rewards: RewardRunner, policy: Policy,
+                 engine: RolloutEngine, tracker: Tracker, output_dir: Path):
+        self.recipe, self.task, self.rewards, self.policy = recipe, task, rewards, policy
+        self.engine, self.tracker, self.output_dir = engine, tracker, output_dir
+        train = recipe.train
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
+                                           weight_decay=train.weight_decay)
+        self.lr_schedule = get_scheduler(
+            "cosine" if train.schedule == "cosine" else "constant_with_warmup", self.optimizer,
+            num_warmup_steps=train.warmup_steps * train.updates_per_batch,
+            num_training_steps=train.steps * train.updates_per_batch)
+        if recipe.algo.kl_coef > 0:
+            policy.enable_reference()
+        self.prompts = PromptStream(task, policy.tokenizer, recipe)
+        self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.score_group,
+                                        self.keep_group if recipe.algo.dynamic_sampling else None)
+        self.eval_records = task.eval_records(recipe.task.eval_size)
+        self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
+                                        recipe.task.system_prompt) for r in self.eval_records]
+        self.step = 0
+        self.bad_steps = 0
+        self.evals: list[dict[str, float]] = []  # {"step", "accuracy", "reward"} per evaluation
+        self.train_seconds = 0.0  # wall time of completed steps, carried across resumes
+
+    # ---- hooks the scheduler calls ------------------------------------------------------------
+
+    def score_group(self, group: Group) -> list[float]:
+        """Decode, score with the recipe's reward functions, add DAPO's overlong term."""
+        algo, max_tokens = self.recipe.algo, self.recipe.rollout.max_tokens
+        completions = [self.policy.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+                       for s in group.samples]
+        rewards = self.rewards.score([group.task["question"]] * len(completions), completions,
+                                     [group.task] * len(completions))
+        if algo.overlong_buffer:
+            lengths = torch.tensor([len(s.response_ids) for s in group.samples])
+            shaping = overlong_penalty(lengths, max_tokens, algo.overlong_buffer, algo.overlong_penalty)
+            rewards = [r + float(p) for r, p in zip(rewards, shaping)]
+        for sample, text in zip(group.samples, completions):
+            sample.text = text
+        return rewards
+
+    @staticmethod
+    def keep_group(group: Group) -> bool:
+        return is_informative(group.rewards)
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "prompt_cursor": self.prompts.cursor,
+                "bad_steps": self.bad_steps, "evals": self.evals, "train_seconds": self.train_seconds,
+                "rewards_failures": dict(self.rewards.failures)}
+
+    async def restore(self, checkpoint: Path) -> None:
+        """Continue from `checkpoint`; the engine already serves its weights (started from it)."""
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.engine.policy_version = state["scheduler"]["policy_version"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.prompts.cursor = state["prompt_cursor"]
+        self.bad_steps, self.evals = state["bad_steps"], state["evals"]
+        self.train_seconds = state["train_seconds"]
+        self.rewards.failures.update(state["rewards_failures"])
+        self.step = state["step"]
+        from rollover.trainer.checkpoint import set_rng_state
+
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.output_dir, self.step, self.policy, self.state(),
+                               self.recipe.train.keep_checkpoints)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    async def run_eval(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = await evaluate(self.engine, self.task, self.rewards, self.eval_records,
+                                self.eval_prompts, self.recipe.rollout.max_tokens)
+        samples = result.pop("samples")
+        self.evals.append({"step": self.step, "accuracy": result["eval/accuracy"],
+                           "reward": result["eval/reward"], "train_seconds": self.train_seconds})
+        result["time/eval"] = time.perf_counter() - started
+        self.tracker.log(self.step, result)
+        self.tracker.log_samples(self.step, samples[: self.recipe.tracking.sample_table_rows])
+        return result
+
+    async def train_step(self) -> dict[str, Any]:
+        recipe = self.recipe
+        started = time.perf_counter()
+        result = await self.scheduler.step()
+        rollout_seconds = time.perf_counter() - started
+        groups = result.groups
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, recipe.algo.advantage_std)
+        rows = rows_from_groups(groups, advantages)
+        train_started = time.perf_counter()
+        try:
+            stats = train_on_batch(self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
+                                   recipe.train, version=self.engine.policy_version,
+                                   max_tokens=recipe.rollout.max_tokens,
+                                   temperature=recipe.rollout.temperature, seed=recipe.train.seed + self.step)
+        except NonFiniteLoss as exc:
+            self.bad_steps += 1
+            console.print(f"[yellow]step {self.step + 1}: {exc}; update skipped "
+                          f"({self.bad_steps}/{recipe.train.max_bad_steps} tolerated)")
+            if self.bad_steps > recipe.train.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} non-finite losses (train.max_bad_steps="
+                                      f"{recipe.train.max_bad_steps}); last checkpoint is intact") from None
+            stats = {"skipped": 1.0}
+        train_seconds = time.perf_counter() - train_started
+        sync_started = time.perf_counter()
+        if "skipped" not in stats:
+            await self.engine.wait_idle()
+            await self.engine.update_weights(self.policy.engine_weights())
+        sync_seconds = time.perf_counter() - sync_started
+        self.step += 1
+        step_seconds = time.perf_counter() - started
+        self.train_seconds += step_seconds
+        metrics = {**result.metrics, **group_metrics(groups, recipe.rollout.max_tokens), **stats,
+                   "kl": stats.get("kl_ref", stats.get("kl_old", 0.0)),
+                   "policy_version": self.engine.policy_version,
+                   "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
+                   "time/rollout": rollout_seconds, "time/train": train_seconds,
+                   "time/weight_sync": sync_seconds, "time/step": step_seconds,
+                   "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
+        self.tracker.log(self.step, metrics)
+        return metrics
+
+    async def train(self) -> dict[str, Any]:
+        train = self.recipe.train
+        if self.step >= train.steps:
+            console.print(f"already at step {self.step} of {train.steps}: nothing to train "
+                          f"(raise train.steps to continue)")
+        elif not self.evals:
+            await self.run_eval()
+        with progress_bar() as bar:
+            last_acc = f"{self.evals[-1]['accuracy']:.0%}" if self.evals else "-"
+            task = bar.add_task("train", total=train.steps, completed=self.step, reward=0.0,
+                                accuracy=last_acc, tokens_per_s=0.0)
+            while self.step < train.steps:
+                metrics = await self.train_step()
+                if self.step % train.eval_every == 0 or self.step == train.steps:
+                    last_acc = f"{(await self.run_eval())['eval/accuracy']:.0%}"
+                if self.step % train.save_every == 0 or self.step == train.steps:
+                    self.save()
+                bar.update(task, completed=self.step, reward=metrics["reward"], accuracy=last_acc,
+                           tokens_per_s=metrics["tokens_per_s"])
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        first, last = self.evals[0], self.evals[-1]
+        return {"steps": self.step, "eval_accuracy_first": first["accuracy"],
+                "eval_accuracy_last": last["accuracy"], "eval_reward_first": first["reward"],
+                "eval_reward_last": last["reward"], "wall_seconds": round(self.train_seconds, 1),
+                "eval_curve": self.evals, "bad_steps": self.bad_steps,
+                "reward_failures": dict(self.rewards.failures),
+                "rollout_drops": dict(self.scheduler.ledger.drop_reasons())}
+
+
+def group_metrics(groups: list[Group], max_tokens: int) -> dict[str, float]:
+    """TRL-named reward and completion statistics of the step's groups."""
+    rewards = [r for g in groups for r in g.rewards]
+    stds = [pstdev(g.rewards) for g in groups]
+    lengths = [len(s.response_ids) for g in groups for s in g.samples]
+    truncated = [s.truncated for g in groups for s in g.samples]
+    return {
+        "reward": sum(rewards) / len(rewards),
+        "reward_std": sum(stds) / len(stds),
+        "frac_reward_zero_std": sum(math.isclose(s, 0.0) for s in stds) / len(stds),
+        "completions/mean_length": sum(lengths) / len(lengths),
+        "completions/max_length": max(lengths),
+        "completions/clipped_ratio": sum(truncated) / len(truncated),
+    }

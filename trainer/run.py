@@ -1,0 +1,122 @@
+"""`run_training`: build the parts a recipe names, train, and write the run's summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rollover.rollout.engine import EngineSettings, EngineStartError, RolloutEngine
+from rollover.tasks.registry import TaskError, build_task
+from rollover.tasks.rewards import RewardRunner
+from rollover.trainer.checkpoint import latest_checkpoint
+from rollover.trainer.config import Recipe, to_yaml
+from rollover.trainer.loop import Trainer, TrainingStopped
+from rollover.trainer.policy import ModelLoadError, Policy
+from rollover.trainer.tracking import Tracker, console
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:
+    if recipe.train.output_dir:
+        return Path(recipe.train.output_dir).expanduser()
+    return Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_point(recipe: Recipe, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from: a given path, or the latest in the run folder."""
+    resume = recipe.train.resume
+    if isinstance(resume, str):
+        return Path(resume).expanduser()
+    if resume:
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            console.print(f"train.resume: no checkpoint in {output_dir}; starting fresh")
+        return found
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_training(recipe: Recipe, recipe_path: str) -> int:
+    """Train as the recipe says; returns the process exit status."""
+    output_dir = output_dir_for(recipe, recipe_path)
+    if isinstance(recipe.train.resume, str) and not recipe.train.output_dir:
+        output_dir = Path(recipe.train.resume).expanduser().resolve().parent.parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"run folder: {output_dir}")
+    seed_everything(recipe.train.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        task = build_task(recipe.task)
+        rewards = RewardRunner.from_config(recipe.task, task)
+        checkpoint = resume_point(recipe, output_dir)
+        policy = Policy(recipe.model, recipe.train.lora)
+        if checkpoint is not None:
+            load_checkpoint_weights(policy, checkpoint)
+    except (TaskError, ModelLoadError) as exc:
+        print(f"rl-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
+    # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
+    settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
+                                           model=str(checkpoint) if checkpoint else policy.path)
+    try:
+        engine = RolloutEngine(settings).start()
+    except EngineStartError as exc:
+        print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
+    trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
+    try:
+        summary = asyncio.run(_train(trainer, checkpoint))
+    except TrainingStopped as exc:
+        print(f"rl-train: stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        trainer.scheduler.close()
+        engine.shutdown()
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.finish({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    first, last = summary["eval_accuracy_first"], summary["eval_accuracy_last"]
+    console.print(f"[bold]done[/]: {summary['steps']} steps in {summary['wall_seconds']:.0f} s; "
+                  f"held-out greedy accuracy {first:.1%} -> {last:.1%} ({(last - first) * 100:+.1f} points); "
+                  f"summary in {output_dir / 'summary.json'}")
+    return 0
+
+
+async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:
+    if checkpoint is not None:
+        await trainer.restore(checkpoint)
+        console.print(f"resumed from {checkpoint} at step {trainer.step}")
+    return await trainer.train()
+
+
+def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:
+    """Put the checkpoint's trained weights into the freshly built policy."""
+    from safetensors.torch import load_file
+
+    if policy.lora:
+        from peft import set_peft_model_state_dict
+        adapter = checkpoint / "adapter"
+        set_peft_model_state_dict(policy.model, load_file(str(adapter / "adapter_model.safetensors")))
+        return
+    state = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = policy.model.load_state_dict(state, strict=False)
+    real_missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if real_missing or unexpected:
+        raise ModelLoadError(f"checkpoint {checkpoint}: weights do not match the model "
+                             f"(missing {real_missing[:3]}, unexpected {unexpected[:3]})")

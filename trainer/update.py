@@ -1,0 +1,114 @@
+"""One training step on a batch: PPO-style mini-batch updates with gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from rollover.algos.filters import drop_truncated
+from rollover.algos.losses import active_mask, loss_options, policy_loss
+from rollover.trainer.batch import Row, collate, gather_response, pack, scatter_response, split_minibatches
+from rollover.trainer.config import AlgoConfig, TrainConfig
+from rollover.trainer.policy import Policy
+
+SUMMED = ("loss", "pg_loss", "kl_loss", "pg_loss/pos_adv", "pg_loss/neg_adv", "tokens/active", "tokens/stale")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient of an update was NaN or infinite; the update was skipped."""
+
+
+def _merge(into: dict[str, list[tuple[float, float]]], stats: dict[str, torch.Tensor], weight: float) -> None:
+    for name, value in stats.items():
+        into[name].append((float(value), weight))
+
+
+def _reduce(collected: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Micro-batch stats to step stats: sums for the loss parts, extremes, else weighted means."""
+    out = {}
+    for name, pairs in collected.items():
+        values = [v for v, _ in pairs]
+        if name in SUMMED:
+            out[name] = sum(values)
+        elif name.endswith("/min"):
+            out[name] = min(values)
+        elif name.endswith("/max"):
+            out[name] = max(values)
+        else:
+            total = sum(w for _, w in pairs)
+            out[name] = sum(v * w for v, w in pairs) / total if total else sum(values) / len(values)
+    return out
+
+
+@torch.no_grad()
+def set_old_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float) -> None:
+    """pi_old for every row, before the first update (needed when there are several updates)."""
+    policy.model.eval()
+    for micro in pack(rows, token_budget):
+        batch = collate(micro, policy.tokenizer.pad_token_id, 0, policy.device)
+        logprobs, _ = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
+        for row, values in zip(micro, scatter_response(logprobs, micro)):
+            row.old_logprobs = values
+
+
+def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, rows: list[Row],
+                   algo: AlgoConfig, train: TrainConfig, *, version: int, max_tokens: int,
+                   temperature: float, seed: int) -> dict[str, float]:
+    """`train.updates_per_batch` optimizer updates over shuffled mini-batches of `rows`.
+
+    With one update, pi_old is the current policy (ratios are exactly 1 and clipping is idle);
+    with several, pi_old is fixed before the first, so later mini-batches see clipped ratios.
+    Raises NonFiniteLoss (after zeroing the gradient) when an update's loss is not finite.
+    """
+    options = loss_options(algo, max_tokens)
+    several = train.updates_per_batch > 1
+    if several:
+        set_old_logprobs(policy, rows, train.micro_batch_tokens, temperature)
+    collected: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    grad_norms = []
+    pad_id = policy.tokenizer.pad_token_id
+    for minibatch in split_minibatches(rows, train.updates_per_batch, seed):
+        policy.model.train()
+        packed_rows = pack(minibatch, train.micro_batch_tokens)
+        micro_batches = [collate(m, pad_id, version, policy.device) for m in packed_rows]
+        masks = [_loss_mask(b, algo) for b in micro_batches]
+        num_tokens = sum(int(active_mask(m, b.stale_mask, algo.offpolicy).sum()) for m, b in zip(masks, micro_batches))
+        for micro_rows, batch, mask in zip(packed_rows, micro_batches, masks):
+            logprobs, entropy = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
+            if several:
+                old = gather_response([r.old_logprobs for r in micro_rows], micro_rows,
+                                      batch.input_ids.shape[1], policy.device)
+            else:
+                old = logprobs.detach()
+            ref = (policy.reference_logprobs(batch.input_ids, batch.attention_mask, temperature)
+                   if algo.kl_coef > 0 else None)
+            loss, stats = policy_loss(
+                logprobs, old, batch.behaviour_logprobs, batch.advantages, mask, batch.stale_mask, ref,
+                entropy=entropy.detach(), num_sequences=len(minibatch), num_tokens=max(num_tokens, 1),
+                **options)
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"loss is {loss.item()}")
+            loss.backward()
+            _merge(collected, stats, float(stats["tokens/active"]) or 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)
+        if not math.isfinite(float(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"gradient norm is {float(norm)}")
+        grad_norms.append(float(norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    out = _reduce(collected)
+    for name in SUMMED[:5]:  # loss parts: the mean over updates of each update's value
+        out[name] = out.get(name, 0.0) / len(grad_norms)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["learning_rate"] = scheduler.get_last_lr()[0]
+    return out
+
+
+def _loss_mask(batch, algo: AlgoConfig) -> torch.Tensor:
+    """Response tokens, less truncated samples' when `algo.mask_truncated` is on."""
+    return drop_truncated(batch.response_mask, batch.truncated) if algo.mask_truncated else batch.response_mask
