@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_config:  # no path checks: a GPU recipe's data may live elsewhere
+            print(to_yaml(recipe), end="")
+            return 0
         check_paths(recipe)
     except RecipeError as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.print_config:
-        print(to_yaml(recipe), end="")
-        return 0
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's own logs, quieter
     from rollover.trainer.run import run_training  # heavy imports only when training
 
     return run_training(recipe, recipe_path=args.recipe)

@@ -126,13 +126,17 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    async def run_eval(self) -> dict[str, Any]:
+    async def run_eval(self, prefix: str = "eval") -> dict[str, Any]:
+        """Evaluate and log under `prefix`; only `eval` results enter the run's curve."""
         started = time.perf_counter()
         result = await evaluate(self.engine, self.task, self.rewards, self.eval_records,
                                 self.eval_prompts, self.recipe.rollout.max_tokens)
         samples = result.pop("samples")
-        self.evals.append({"step": self.step, "accuracy": result["eval/accuracy"],
-                           "reward": result["eval/reward"], "train_seconds": self.train_seconds})
+        if prefix != "eval":
+            result = {k.replace("eval/", f"{prefix}/"): v for k, v in result.items()}
+        else:
+            self.evals.append({"step": self.step, "accuracy": result["eval/accuracy"],
+                               "reward": result["eval/reward"], "train_seconds": self.train_seconds})
         result["time/eval"] = time.perf_counter() - started
         self.tracker.log(self.step, result)
         self.tracker.log_samples(self.step, samples[: self.recipe.tracking.sample_table_rows])
@@ -180,8 +184,10 @@ class Trainer:
         self.tracker.log(self.step, metrics)
         return metrics
 
-    async def train(self) -> dict[str, Any]:
+    async def train(self, resumed: bool = False) -> dict[str, Any]:
         train = self.recipe.train
+        if resumed:  # the engine must serve the checkpoint's weights: this eval shows it
+            await self.run_eval(prefix="resume_eval")
         if self.step >= train.steps:
             console.print(f"already at step {self.step} of {train.steps}: nothing to train "
                           f"(raise train.steps to continue)")

@@ -100,7 +100,7 @@ async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:
     if checkpoint is not None:
         await trainer.restore(checkpoint)
         console.print(f"resumed from {checkpoint} at step {trainer.step}")
-    return await trainer.train()
+    return await trainer.train(resumed=checkpoint is not None)
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:
