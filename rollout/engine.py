@@ -78,6 +78,9 @@ class SamplingSettings:
     top_p: float = 1.0
     ignore_eos: bool = False  # benchmarks: force exact lengths
     seed: int | None = None
+    # Tokens per streamed chunk. >1 wakes the caller less often (less frontend CPU); an abort
+    # still delivers every token the engine produced, in the final chunk.
+    stream_interval: int = 1
 
 
 @dataclass
@@ -187,6 +190,7 @@ class RolloutEngine:
             top_p=sampling.top_p,
             ignore_eos=sampling.ignore_eos,
             seed=sampling.seed,
+            stream_interval=sampling.stream_interval,
             logprobs=0,
             detokenize=False,  # text is decoded once, from the final token ids
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,

@@ -116,7 +116,7 @@ class GroupRunner:
 
     async def score(self, group: Group) -> None:
         """Score a copy; write the rewards back only if scoring completes."""
-        copy = Group.from_state(group.to_state())
+        copy = group.clone()
         if inspect.iscoroutinefunction(self.scorer):
             returned = await self.scorer(copy)
         else:

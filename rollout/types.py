@@ -5,7 +5,8 @@ Token ids are the truth: a resumed sample continues from `response_ids`, never f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "aborted"]
@@ -60,6 +61,15 @@ class Group:
         """The lowest policy version among the group's tokens (None if no tokens yet)."""
         versions = [v for s in self.samples for v in s.versions]
         return min(versions) if versions else None
+
+    def clone(self) -> "Group":
+        """An independent copy (token lists copied; much faster than a state round trip)."""
+        samples = [
+            replace(s, prompt_ids=list(s.prompt_ids), response_ids=list(s.response_ids),
+                    logprobs=list(s.logprobs), versions=list(s.versions))
+            for s in self.samples
+        ]
+        return Group(uid=self.uid, task=copy.deepcopy(self.task), samples=samples)
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,10 +41,10 @@ def reference_logprobs(model, prompt: list[int], response: list[int]) -> list[fl
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
 
 
-async def collect(engine, prompt, budget, request_id=None, abort_after=None):
+async def collect(engine, prompt, budget, request_id=None, abort_after=None, sampling=FORCED):
     """Stream one request; optionally abort it once `abort_after` tokens have arrived."""
     ids, lps, versions, finish = [], [], [], None
-    async for chunk in engine.stream(prompt, budget, FORCED, request_id=request_id):
+    async for chunk in engine.stream(prompt, budget, sampling, request_id=request_id):
         ids += chunk.token_ids
         lps += chunk.logprobs
         versions += [chunk.version] * len(chunk.token_ids)
@@ -64,9 +64,14 @@ def test_stream_delivers_every_token_with_its_logprob(engine, run, tokenizer, hf
     assert engine.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_abort_keeps_streamed_tokens_and_resume_continues_from_ids(engine, run, tokenizer, hf_model):
+@pytest.mark.parametrize("interval", [1, 8])
+def test_abort_keeps_streamed_tokens_and_resume_continues_from_ids(
+    engine, run, tokenizer, hf_model, interval
+):
     prompt = tokenizer.encode("407+385=")
-    ids, lps, _, finish = run(collect(engine, prompt, 200, request_id="abort-me", abort_after=8))
+    sampling = SamplingSettings(temperature=1.0, ignore_eos=True, stream_interval=interval)
+    ids, lps, _, finish = run(collect(engine, prompt, 200, request_id=f"abort-{interval}",
+                                      abort_after=8, sampling=sampling))
     assert finish == "aborted"
     assert 8 <= len(ids) < 200 and len(lps) == len(ids)
     assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
