@@ -1,0 +1,92 @@
+"""The training loop on the shared real engine: failing rewards, non-finite losses, weight sync."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rollover.tasks.registry import build_task
+from rollover.tasks.rewards import RewardRunner
+from rollover.trainer.checkpoint import latest_checkpoint, load_trainer_state
+from rollover.trainer.config import Recipe
+from rollover.trainer.loop import Trainer, TrainingStopped
+from rollover.trainer.policy import Policy
+from rollover.trainer.tracking import Tracker
+
+pytestmark = pytest.mark.integration
+
+
+def small_recipe(tmp_path, **train) -> Recipe:
+    return Recipe.model_validate({
+        "model": {"max_model_len": 256},
+        "task": {"eval_size": 16, "rewards": [{"fn": "correctness"},
+                                              {"fn": "tests.integration.reward_fns:judge_down"}]},
+        "rollout": {"groups_per_step": 3, "group_size": 4, "max_tokens": 40},
+        "algo": {"dynamic_sampling": False},
+        "train": {"output_dir": str(tmp_path), "lr": 1e-4, **train},
+        "tracking": {"wandb": "disabled"},
+    })
+
+
+@pytest.fixture
+def restore_engine(engine, run):
+    """Put the builtin weights and version back, so the shared engine is as other tests expect."""
+    version = engine.policy_version
+    original = Policy(Recipe().model, Recipe().train.lora).engine_weights()
+    yield
+    run(engine.wait_idle())
+    run(engine.update_weights(original, version=version))
+
+
+def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
+    recipe = small_recipe(tmp_path, max_bad_steps=1)
+    task = build_task(recipe.task)
+    rewards = RewardRunner.from_config(recipe.task, task)
+    policy = Policy(recipe.model, recipe.train.lora)
+    tracker = Tracker(recipe.tracking, tmp_path, {}, "test")
+    trainer = Trainer(recipe, task, rewards, policy, engine, tracker, tmp_path)
+    try:
+        start_version = engine.policy_version
+        first = run(trainer.train_step())
+        failed_after_first = rewards.failures["tests.integration.reward_fns:judge_down"]
+        second = run(trainer.train_step())
+        # The judge that raises is scored as failed for every scored sample (at least the 3x4
+        # returned ones), counted in the metrics, and never crashes the run.
+        assert first["reward_failures"] == failed_after_first >= 12
+        assert second["reward_failures"] >= failed_after_first + 12
+        assert engine.policy_version == start_version + 2  # each step's weights reached the engine
+        assert math.isfinite(first["loss"]) and first["time/weight_sync"] > 0
+        checkpoint = trainer.save()
+
+        with torch.no_grad():  # a blown-up weight: the next loss is NaN
+            next(policy.model.parameters()).fill_(float("nan"))
+        run(trainer.train_step())
+        assert trainer.bad_steps == 1 and engine.policy_version == start_version + 2  # skipped, not synced
+        with pytest.raises(TrainingStopped, match="max_bad_steps"):
+            run(trainer.train_step())
+    finally:
+        trainer.scheduler.close()
+    # The checkpoint written before the failure is intact and finite.
+    assert latest_checkpoint(tmp_path) == checkpoint
+    assert load_trainer_state(checkpoint)["step"] == 2
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_lora_engine_weights_are_merged(tmp_path):
+    recipe = Recipe.model_validate({"train": {"lora": {"enabled": True, "r": 4, "alpha": 8}}})
+    policy = Policy(recipe.model, recipe.train.lora)
+    plain = Policy(recipe.model, Recipe().train.lora)
+    with torch.no_grad():  # LoRA's B starts at zero; give it values so the merge shows
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = policy.engine_weights()
+    assert set(merged) == set(plain.model.state_dict())  # checkpoint names, no adapter keys
+    layer = policy.base.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer.weight + (8 / 4) * b @ a  # W + (alpha / r) B A
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected)
+    # The adapter is unmerged again afterwards: the trainable model is unchanged.
+    torch.testing.assert_close(layer.base_layer.weight, plain.base.model.layers[0].self_attn.q_proj.weight)
