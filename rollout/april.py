@@ -49,6 +49,10 @@ class RolloutExhausted(RuntimeError):
     """The prompt source ran dry before N groups were accepted (accepted ones are buffered)."""
 
 
+class StaleEngineError(RuntimeError):
+    """The engine serves weights older than the restored checkpoint (load them first)."""
+
+
 class TooManyRejections(RuntimeError):
     """The filter rejected more groups in one step than `max_rejections_per_step` allows."""
 
@@ -108,6 +112,7 @@ class AprilScheduler:
         self.buffer = PartialBuffer()
         self.ledger = Ledger()
         self.steps = 0
+        self.min_policy_version = 0  # a restored checkpoint's version: the engine must be there
         self.last_metrics: dict[str, Any] = {}
 
     # ---- one step ----------------------------------------------------------------------------
@@ -116,6 +121,12 @@ class AprilScheduler:
         """Run until N groups are accepted; return them with this step's metrics."""
         started = time.perf_counter()
         version = self.engine.policy_version
+        if version < self.min_policy_version:
+            raise StaleEngineError(
+                f"engine is at policy version {version} but the restored checkpoint is at "
+                f"{self.min_policy_version}: load its weights with "
+                f"engine.update_weights(weights, version={self.min_policy_version})"
+            )
         counters = StepCounters()
         for g in self.buffer.take_stale(version, self.max_staleness):
             self._drop(g, "stale", counters)
@@ -173,7 +184,7 @@ class AprilScheduler:
         self.steps += 1
         self.check_conservation()
         self.last_metrics = step_metrics(
-            counters, accepted, time.perf_counter() - started, version, len(self.buffer)
+            counters, accepted, time.perf_counter() - started, version, self.buffer
         )
         return StepResult(accepted, self.last_metrics)
 
@@ -282,16 +293,14 @@ class AprilScheduler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore buffer and ledger. The engine's weights and version are the trainer's job:
-        `engine.update_weights(weights, version=state["policy_version"])`."""
+        """Restore buffer and ledger (between steps). The engine must then serve the
+        checkpoint's weights: `engine.update_weights(weights, version=state["policy_version"])`,
+        before or after this call; `step()` refuses to run on older weights."""
         self.buffer.load_state_dict(state["buffer"])
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
+        self.min_policy_version = int(state["policy_version"])
         self.check_conservation()
-        if self.engine.policy_version != state["policy_version"]:
-            log.warning("engine policy version %s differs from the checkpoint's %s: load the "
-                        "checkpoint weights with update_weights(..., version=%s)",
-                        self.engine.policy_version, state["policy_version"], state["policy_version"])
 
     def close(self) -> None:
         """Release the scoring threads (scorers still running finish in the background)."""

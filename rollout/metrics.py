@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollover.rollout.buffer import PartialBuffer
 from rollover.rollout.types import Group
 
 
@@ -36,7 +37,7 @@ def step_metrics(
     returned: list[Group],
     wall_s: float,
     current_version: int,
-    buffer_size: int,
+    buffer: PartialBuffer,
 ) -> dict[str, Any]:
     """The metrics dict of one step (flat keys, ready for a tracker)."""
     useful = sum(len(s.response_ids) for g in returned for s in g.samples)
@@ -52,11 +53,12 @@ def step_metrics(
         "rollout/requests_submitted": counters.requests_submitted,
         "rollout/requests_aborted": counters.requests_aborted,
         "rollout/budget_exhausted": counters.budget_exhausted,
-        "rollout/buffer_size": buffer_size,
+        "rollout/buffer_size": len(buffer),
+        "rollout/buffer_age_hist": buffer.staleness_histogram(current_version),  # groups by age
         "rollout/groups_drawn": counters.groups_drawn,
         "rollout/groups_resumed": counters.groups_resumed,
         "rollout/offpolicy_token_fraction": off_policy / useful if useful else 0.0,
-        "rollout/staleness_hist": hist,
+        "rollout/staleness_hist": hist,  # returned tokens by age (versions behind)
         "rollout/filter_drops": counters.drops.get("filtered", 0),
         "rollout/staleness_drops": counters.drops.get("stale", 0),
         "rollout/drops": dict(counters.drops),

@@ -144,10 +144,11 @@ def _config(**kw):
     return SimpleNamespace(**base)
 
 
-def _source(lengths: dict[int, int], too_long: set[int] = frozenset(), limit: int | None = None):
+def _source(lengths: dict[int, int], too_long: set[int] = frozenset(), limit: int | None = None,
+            start: int = 0):
     """Prompt uid u -> [u, u]; `lengths[u]` is where its samples stop (default 3)."""
     def items():
-        uid = 0
+        uid = start
         while limit is None or uid < limit:
             yield uid, {"uid": uid}, ([uid] * 70 if uid in too_long else [uid, uid])
             uid += 1
@@ -263,3 +264,29 @@ def test_exhausted_source_and_scorer_errors_lose_nothing():
     sched.check_conservation()
     assert sched.ledger.counts()["in_flight"] == 0 and len(sched.buffer) == sched.ledger.counts()["drawn"]
     assert all(g.finished and not g.scored for g in sched.buffer.groups() if g.finished)
+
+
+def test_restored_checkpoint_refuses_an_engine_on_older_weights():
+    from rollover.rollout.april import StaleEngineError
+
+    lengths = {u: (40 if u % 2 else 2) for u in range(100)}
+    engine = FakeEngine(_stop_by_uid(lengths), tick=0.002)
+    engine.policy_version = 3
+    sched = AprilScheduler(engine, _config(), _source(lengths), _score)
+    _run(sched.step())
+    buffered = sched.buffer.uids()
+    unfinished = {g.uid for g in sched.buffer.groups() if not g.finished}
+    assert unfinished
+    state = json.loads(json.dumps(sched.state_dict()))
+    fresh = FakeEngine(_stop_by_uid(lengths), tick=0.002)  # restarted: version 0, old weights
+    drawn = sched.ledger.counts()["drawn"]
+    restored = AprilScheduler(fresh, _config(), _source(lengths, start=drawn), _score)
+    restored.load_state_dict(state)
+    with pytest.raises(StaleEngineError):
+        _run(restored.step())
+    assert restored.buffer.uids() == buffered  # the refused step lost nothing
+    fresh.policy_version = 3  # what update_weights(weights, version=3) does
+    _run(restored.step())
+    resumed = {r[0].split("-")[0][1:] for r in fresh.requests}
+    assert {str(u) for u in unfinished} <= resumed
+    restored.check_conservation()
