@@ -22,8 +22,11 @@ RewardFn = Callable[..., list[float | None]]
 def correctness_reward(task: Task) -> RewardFn:
     """The task's own verifier as a reward function (scores against the task's answer only)."""
 
-    def correctness(prompts: list[str], completions: list[str], **columns: list[Any]) -> list[float]:
-        records = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    def correctness(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        # Callers such as TRL also pass non-column keywords (trainer_state, log_metric, ...).
+        per_sample = {k: v for k, v in columns.items()
+                      if isinstance(v, list) and len(v) == len(completions)}
+        records = [dict(zip(per_sample, values)) for values in zip(*per_sample.values())]
         return [task.score(c, r) for c, r in zip(completions, records)]
 
     return correctness

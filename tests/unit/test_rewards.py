@@ -59,3 +59,12 @@ def test_raising_slow_and_malformed_functions_are_counted():
     assert runner.score(["p"] * 3, ["c"] * 3, records) == [1.0, 1.0, 1.0]
     assert time.time() - started < 2.5  # the slow judge did not hold the caller
     assert runner.failures == {"boom": 3, "slow": 3, "short": 3, "nan": 3}
+
+
+def test_correctness_ignores_non_column_keywords():
+    # TRL's GRPOTrainer passes trainer_state and logging callbacks beside the dataset columns.
+    task, records = _records()
+    fn = correctness_reward(task)
+    scores = fn(["p"] * 2, [records[0]["solution"], "#0"], answer=[r["answer"] for r in records[:2]],
+                trainer_state=object(), log_metric=print)
+    assert scores == [1.0, 0.0]
