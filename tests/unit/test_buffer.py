@@ -290,3 +290,32 @@ def test_restored_checkpoint_refuses_an_engine_on_older_weights():
     resumed = {r[0].split("-")[0][1:] for r in fresh.requests}
     assert {str(u) for u in unfinished} <= resumed
     restored.check_conservation()
+
+
+def test_slow_scoring_does_not_hold_up_the_step_and_is_redone_on_resume():
+    import threading
+    import time
+
+    calls = {"slow": 0}
+    release = threading.Event()
+
+    def scorer(group):
+        if group.uid == 1 and calls["slow"] == 0:  # a judge that hangs on its first call
+            calls["slow"] += 1
+            release.wait(5)
+        _score(group)
+
+    lengths = {u: (2 if u != 1 else 2) for u in range(50)}
+    engine = FakeEngine(_stop_by_uid(lengths), tick=0.004)
+    sched = AprilScheduler(engine, _config(), _source(lengths), scorer)
+    t0 = time.perf_counter()
+    first = _run(sched.step())
+    assert time.perf_counter() - t0 < 2
+    assert 1 not in {g.uid for g in first.groups}
+    (held,) = [g for g in sched.buffer.groups() if g.uid == 1]
+    assert held.finished and not held.scored  # buffered unscored; the late result is discarded
+    release.set()
+    second = _run(sched.step())
+    (again,) = [g for g in second.groups if g.uid == 1]  # resumed first, scored this time
+    assert again.scored and again.samples[0].reward == 2.0
+    sched.close()
