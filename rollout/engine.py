@@ -25,6 +25,7 @@ from rollover.rollout.weight_sync import NamedTensors, SharedMemoryTransport, We
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
+CPU_BLOCK_SIZE = 32  # see EngineSettings.block_size
 
 
 class EngineStartError(RuntimeError):
@@ -46,7 +47,11 @@ class EngineSettings:
     kv_cache_gib: float = 1.0  # CPU build: VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1)
     gpu_memory_utilization: float = 0.5  # GPU build
     enforce_eager: bool = True
-    enable_prefix_caching: bool | None = None  # None: vLLM's default
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
+    # KV block size. A resumed request re-uses its cached KV only for *full* blocks, so small
+    # blocks matter to APRIL: vLLM's CPU default (128) is longer than most short responses and
+    # made no-tail APRIL ~35% slower here; None picks 32 on CPU and vLLM's default elsewhere.
+    block_size: int | None = None
     # Behaviour log-probs of the distribution actually sampled (temperature, top-p applied).
     logprobs_mode: str = "processed_logprobs"
     max_num_seqs: int | None = None
@@ -121,8 +126,10 @@ class RolloutEngine:
             from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
 
+            block_size = s.block_size
             if current_platform.is_cpu():
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gib))))
+                block_size = block_size or CPU_BLOCK_SIZE
             args = AsyncEngineArgs(
                 model=s.model,
                 dtype=s.dtype,
@@ -133,6 +140,7 @@ class RolloutEngine:
                 enable_prefix_caching=s.enable_prefix_caching,
                 logprobs_mode=s.logprobs_mode,
                 max_num_seqs=s.max_num_seqs,
+                block_size=block_size,
                 disable_log_stats=True,
                 **s.extra,
             )

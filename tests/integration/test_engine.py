@@ -92,7 +92,11 @@ def test_zero_budget_request_is_refused(engine, run, tokenizer):
 
 
 def test_update_weights_needs_idle_engine_and_stamps_new_version(engine, run, tokenizer, hf_model):
-    prompt = tokenizer.encode("12+34=")
+    # A prompt spanning several KV blocks: a prefix cache that survived the weight load
+    # would serve KV from the old weights and the log-probs would not match.
+    prompt = tokenizer.encode("12+34=" * 14)
+    assert engine.prefix_caching
+    run(collect(engine, prompt, 4))  # caches the prompt's blocks under the old weights
     original = {k: v.clone() for k, v in hf_model.state_dict().items()}
     perturbed = {k: v + 0.05 * torch.randn_like(v, generator=torch.Generator().manual_seed(0))
                  if k.endswith("proj.weight") else v for k, v in original.items()}
