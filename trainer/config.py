@@ -117,6 +117,7 @@ class TrainConfig(Section):
     output_dir: str | None = None  # default: runs/<recipe>-<timestamp>
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a checkpoint path
     seed: int = 0
+    cpu_threads: int | None = Field(None, ge=1)  # trainer threads on a CPU-only host; default 1
     max_bad_steps: int = Field(3, ge=0)  # NaN/inf losses tolerated (skipped) before stopping
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

@@ -57,7 +57,10 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"run folder: {output_dir}")
     seed_everything(recipe.train.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not torch.cuda.is_available():
+        # vLLM's CPU build binds its worker to all cores but one; two thread pools on one core
+        # slow each other down (measured: 2 threads 0.70 s/update, 1 thread 0.28 s on 2 cores).
+        torch.set_num_threads(recipe.train.cpu_threads or 1)
     try:
         task = build_task(recipe.task)
         rewards = RewardRunner.from_config(recipe.task, task)
