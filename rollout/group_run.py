@@ -115,7 +115,7 @@ class GroupRunner:
                 counters.requests_aborted += 1
 
     async def score(self, group: Group) -> None:
-        """Score a copy; write the rewards back only if scoring completes."""
+        """Score a copy; write rewards (and text) back only if scoring completes."""
         copy = group.clone()
         if inspect.iscoroutinefunction(self.scorer):
             returned = await self.scorer(copy)
@@ -125,5 +125,6 @@ class GroupRunner:
         rewards = list(returned) if returned is not None else [s.reward for s in copy.samples]
         if len(rewards) != len(group.samples) or any(r is None for r in rewards):
             raise ValueError(f"scorer left rewards unset for group {group.uid}: {rewards}")
-        for s, r in zip(group.samples, rewards):
+        for s, c, r in zip(group.samples, copy.samples, rewards):
             s.reward = float(r)
+            s.text = c.text  # a scorer may re-decode the text its own way
