@@ -80,15 +80,17 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     except EngineStartError as exc:
         print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
-    tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
-    trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
+    trainer = None
     try:
+        tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
+        trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
         summary = asyncio.run(_train(trainer, checkpoint))
     except TrainingStopped as exc:
         print(f"rl-train: stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        trainer.scheduler.close()
+        if trainer is not None:
+            trainer.scheduler.close()
         engine.shutdown()
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.finish({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class Tracker:
         import wandb
 
         id_file = output_dir / "wandb_id"  # the same W&B run continues after a resume
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.project, name=cfg.run_name or run_name, id=run_id, resume="allow",
                               dir=str(output_dir), config=config, mode=mode)
