@@ -22,11 +22,14 @@ def loop():
     """The session's event loop (the engine's output handler lives on it)."""
     loop = asyncio.new_event_loop()
     yield loop
+    asyncio.set_event_loop(loop)  # unit tests' asyncio.run() may have unset it
     pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in pending:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
+    asyncio.set_event_loop(None)
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +56,7 @@ def engine(loop):
     asyncio.set_event_loop(loop)
     eng.start()
     yield eng
+    asyncio.set_event_loop(loop)
     loop.run_until_complete(eng.wait_idle())
     eng.shutdown()
     loop.run_until_complete(asyncio.sleep(0.1))  # let the output handler see its cancellation
