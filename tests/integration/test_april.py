@@ -218,7 +218,8 @@ def test_sync_baseline_runs_to_completion_with_natural_stops(engine, run, tokeni
         assert all(s.finish_reason in ("stop", "length") for g in result.groups for s in g.samples)
     sched.close()
     assert sched.ledger.counts() == {"drawn": 6, "in_flight": 0, "buffered": 0, "returned": 6, "dropped": 0}
-    assert any(s.finish_reason == "stop" for g in result.groups for s in g.samples)
+    stops = [s for g in result.groups for s in g.samples if s.finish_reason == "stop"]
+    assert stops and all(s.response_ids[-1] == tokenizer.eos_token_id for s in stops)  # EOS kept
 
 
 def _weights(engine):
