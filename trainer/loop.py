@@ -174,7 +174,8 @@ class Trainer:
         self.step += 1
         step_seconds = time.perf_counter() - started
         self.train_seconds += step_seconds
-        metrics = {**result.metrics, **group_metrics(groups, recipe.rollout.max_tokens), **stats,
+        metrics = {**result.metrics, **group_metrics(groups, result.metrics.get("rollout/filter_drops", 0)),
+                   **stats,
                    "kl": stats.get("kl_ref", stats.get("kl_old", 0.0)),
                    "policy_version": self.engine.policy_version,
                    "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
@@ -217,8 +218,12 @@ class Trainer:
                 "rollout_drops": dict(self.scheduler.ledger.drop_reasons())}
 
 
-def group_metrics(groups: list[Group], max_tokens: int) -> dict[str, float]:
-    """TRL-named reward and completion statistics of the step's groups."""
+def group_metrics(groups: list[Group], filtered: int) -> dict[str, float]:
+    """TRL-named reward and completion statistics of the step's groups.
+
+    `frac_reward_zero_std` counts the groups dynamic sampling rejected (all rewards equal)
+    among all the groups completed this step, as TRL's does for its (unfiltered) batch.
+    """
     rewards = [r for g in groups for r in g.rewards]
     stds = [pstdev(g.rewards) for g in groups]
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
@@ -226,7 +231,7 @@ def group_metrics(groups: list[Group], max_tokens: int) -> dict[str, float]:
     return {
         "reward": sum(rewards) / len(rewards),
         "reward_std": sum(stds) / len(stds),
-        "frac_reward_zero_std": sum(math.isclose(s, 0.0) for s in stds) / len(stds),
+        "frac_reward_zero_std": (filtered + sum(math.isclose(s, 0.0) for s in stds)) / (filtered + len(stds)),
         "completions/mean_length": sum(lengths) / len(lengths),
         "completions/max_length": max(lengths),
         "completions/clipped_ratio": sum(truncated) / len(truncated),
