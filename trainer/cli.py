@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's own logs, quieter
+    # The engine logs every weight reload ("RotaryEmbedding: Failed to load weights": a layer with
+    # no checkpoint weights, restored as is); keep its log to errors unless the user asks.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from rollover.trainer.run import run_training  # heavy imports only when training
 
     return run_training(recipe, recipe_path=args.recipe)
