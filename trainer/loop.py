@@ -24,7 +24,7 @@ from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.batch import rows_from_groups
-from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint
+from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.policy import Policy
@@ -116,8 +116,6 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         self.rewards.failures.update(state["rewards_failures"])
         self.step = state["step"]
-        from rollover.trainer.checkpoint import set_rng_state
-
         set_rng_state(state["rng"])
 
     def save(self) -> Path:
