@@ -11,9 +11,7 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Offline hub, KV-cache size and W&B mode are set for every test in tests/conftest.py.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # weight loading via collective_rpc
 
 
