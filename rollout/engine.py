@@ -58,18 +58,29 @@ class EngineSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
 
     @classmethod
-    def from_configs(cls, model_cfg: Any, rollout_cfg: Any, **overrides: Any) -> "EngineSettings":
-        """Settings from `trainer.config.ModelConfig` and `RolloutConfig` (builtin paths resolved)."""
-        from rollover.trainer.builtin_model import resolve_model_path
+    def from_configs(cls, model_cfg: Any, rollout_cfg: Any, *, has_cuda: bool | None = None,
+                     **overrides: Any) -> "EngineSettings":
+        """Settings from `trainer.config.ModelConfig` and `RolloutConfig` (builtin paths resolved).
 
+        `has_cuda` (default: detected) decides the GPU-sane defaults: `dtype: auto` is bfloat16
+        and `enforce_eager: null` turns CUDA graphs on with a GPU; float32 and eager on CPU.
+        """
+        from rollover.trainer.builtin_model import resolve_model_path
+        from rollover.trainer.config import resolve_dtype
+
+        if has_cuda is None:
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        eager = rollout_cfg.enforce_eager
         values = dict(
             model=resolve_model_path(model_cfg.path),
-            dtype=model_cfg.dtype,
+            dtype=resolve_dtype(model_cfg.dtype, has_cuda),
             max_model_len=model_cfg.max_model_len,
             seed=rollout_cfg.seed,
             kv_cache_gib=rollout_cfg.kv_cache_gib,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            enforce_eager=rollout_cfg.enforce_eager,
+            enforce_eager=(not has_cuda) if eager is None else eager,
         )
         values.update(overrides)
         return cls(**values)

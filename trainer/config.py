@@ -22,7 +22,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = "builtin:tiny-math"  # a local folder, a hub id, or builtin:tiny-math
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 when CUDA is present, float32 otherwise (`resolve_dtype`).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     max_model_len: int = Field(512, ge=16)  # prompt + response tokens the engine must hold
 
@@ -70,17 +71,23 @@ class RolloutConfig(Section):
     partial: bool = True  # recycle unfinished generations into the next step
     max_staleness: int = Field(4, ge=0)  # drop groups with tokens older than this many versions
     max_tokens: int = Field(64, ge=1)  # response token budget per sample
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)  # > 0: greedy sampling has no log-probs to train on
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # < 1 only with algo.offpolicy: none (see Recipe)
     seed: int = 0
     kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU
+    # Colocated trainer on one GPU: the engine sleeps (frees its weights and KV cache) during
+    # the update and wakes for the next rollout. CUDA only.
+    sleep_mode: bool = False
+    # A step stops with one line once the filter rejects this many groups (None: 50 x N').
+    max_rejections_per_step: int | None = Field(None, ge=1)
 
 
 class AlgoConfig(Section):
     loss: Literal["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gspo_token"] = "grpo"
-    advantage_std: Literal["group", "batch", "none"] = "group"
+    # None: "none" for dr_grpo (the design drops the std term), "group" for every other loss.
+    advantage_std: Literal["group", "batch", "none"] | None = None
     clip_low: float = Field(0.2, ge=0.0)
     clip_high: float = Field(0.2, ge=0.0)
     clip_c: float | None = Field(None, gt=1.0)  # dual clip for negative advantages
@@ -137,6 +144,24 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.rollout.top_p < 1.0 and self.algo.offpolicy != "none":
+            # The engine's behaviour log-probs are of the top-p-truncated distribution, the
+            # trainer's of the full one: importance weights between them would be wrong.
+            raise ValueError(
+                f"rollout.top_p={self.rollout.top_p} needs algo.offpolicy: none (with "
+                f"'{self.algo.offpolicy}' the engine's top-p log-probs would be compared with the "
+                f"trainer's untruncated ones); or set rollout.top_p: 1.0")
+        return self
+
+    @property
+    def advantage_std(self) -> str:
+        """algo.advantage_std with its loss-dependent default filled in."""
+        if self.algo.advantage_std is not None:
+            return self.algo.advantage_std
+        return "none" if self.algo.loss == "dr_grpo" else "group"
+
 
 class RecipeError(Exception):
     """A user mistake in a recipe or an override; its message is one line."""
@@ -166,6 +191,8 @@ def _one_line(error: ValidationError, source: str) -> str:
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections names its keys itself
+        return f"{source}: {msg}"
     return f"{source}: {key}: {msg}{got_text}"
 
 
@@ -211,6 +238,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
         raise RecipeError(_one_line(exc, source)) from None
+
+
+def resolve_dtype(dtype: str, has_cuda: bool) -> str:
+    """model.dtype with `auto` decided: bfloat16 on CUDA, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if has_cuda else "float32"
 
 
 def to_yaml(recipe: Recipe) -> str:

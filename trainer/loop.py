@@ -147,7 +147,7 @@ class Trainer:
         rollout_seconds = time.perf_counter() - started
         groups = result.groups
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = group_advantages(rewards, recipe.algo.advantage_std)
+        advantages = group_advantages(rewards, recipe.advantage_std)
         rows = rows_from_groups(groups, advantages)
         train_started = time.perf_counter()
         try:

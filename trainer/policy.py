@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rollover.kernels.logprobs import chunked_logprobs
 from rollover.trainer.builtin_model import resolve_model_path
-from rollover.trainer.config import LoraConfig, ModelConfig
+from rollover.trainer.config import LoraConfig, ModelConfig, resolve_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +46,8 @@ class Policy:
 
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, self.tokenizer, self.path = load_model(model_cfg.path, model_cfg.dtype, self.device)
+        dtype = resolve_dtype(model_cfg.dtype, self.device.type == "cuda")
+        model, self.tokenizer, self.path = load_model(model_cfg.path, dtype, self.device)
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
