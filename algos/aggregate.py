@@ -10,7 +10,7 @@ from typing import Literal
 
 from torch import Tensor
 
-Reduction = Literal["seq_mean", "token_mean", "local_token_mean", "seq_sum_const"]
+Reduction = Literal["seq_mean", "token_mean", "seq_sum_const"]
 
 #: Each loss's reduction of its per-token (or, for gspo, per-sequence) terms.
 REDUCTION = {
@@ -18,7 +18,10 @@ REDUCTION = {
     "gspo": "seq_mean",
     "gspo_token": "seq_mean",
     "dapo": "token_mean",  # mean over all tokens of the step's batch
-    "bnpo": "local_token_mean",  # mean over the tokens of this (micro-)batch only
+    # BNPO normalises by the tokens of the batch one process sees. With micro-batches that is
+    # still the whole optimiser step's batch (a per-micro-batch mean would scale the loss with
+    # the number of micro-batches); on one process it therefore equals dapo.
+    "bnpo": "token_mean",
     "dr_grpo": "seq_sum_const",  # token sum divided by a constant length, mean over sequences
 }
 
@@ -53,8 +56,6 @@ def aggregate(
     total = (values * weight).sum()
     if reduction == "token_mean":
         return total / (weight.sum().clamp(min=1) if num_tokens is None else num_tokens)
-    if reduction == "local_token_mean":
-        return total / weight.sum().clamp(min=1)
     if reduction == "seq_sum_const":
         if length is None:
             raise ValueError("dr_grpo needs a constant length (algo.dr_grpo_length or rollout.max_tokens)")

@@ -26,6 +26,10 @@ from torch import Tensor
 from rollover.algos.aggregate import REDUCTION, aggregate, masked_mean, sequence_mean
 
 LossName = Literal["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gspo_token"]
+# Log-ratios are clamped to +-MAX_LOG_RATIO before `exp`: a token whose probability moved by
+# e^20 is clipped (or dual-clipped) anyway, and exp of a huge log-ratio is inf, whose gradient
+# through min/where turns into NaN.
+MAX_LOG_RATIO = 20.0
 OffPolicy = Literal["tis", "mask", "none"]
 Count = int | Tensor | None
 
@@ -63,6 +67,7 @@ def clipped_objective(
 
 def k3(log_ratio: Tensor) -> Tensor:
     """Schulman's k3 estimate of KL(q || p) per sample x ~ q, given log p(x) - log q(x)."""
+    log_ratio = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.expm1(log_ratio) - log_ratio
 
 
@@ -130,8 +135,8 @@ def policy_loss(
             seq = masked_mean(log_w, active, dim=-1).detach().unsqueeze(-1)
             log_ratio = torch.where(active, logprobs - logprobs.detach() + seq, 0.0)
         unit_adv, unit_active = adv_tok, active
-    ratio = torch.exp(log_ratio)
-    raw_is = torch.exp(log_is)
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    raw_is = torch.exp(log_is.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     is_weight = raw_is.clamp(max=tis_cap)
     objective, low, high, dual = clipped_objective(ratio, unit_adv, clip_low, clip_high, clip_c)
     per_unit = torch.where(unit_active, -objective * is_weight, 0.0)

@@ -230,7 +230,7 @@ def test_equal_lengths_make_token_and_sequence_means_agree():
         assert values[loss].item() == pytest.approx(values["grpo"].item())
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "gspo", "gspo_token"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_micro_batches_sum_to_the_batch_loss(loss):
     lp, old, behaviour, ref, adv, mask, stale = _random_batch(batch=6)
     kw = dict(loss=loss, kl_coef=0.1, dr_grpo_length=5, offpolicy="mask")
@@ -244,11 +244,34 @@ def test_micro_batches_sum_to_the_batch_loss(loss):
     _assert_same_loss(parts, whole, lp)
 
 
-def test_bnpo_normalises_by_the_local_batch():
-    lp, old, _, _, adv, mask, _ = _random_batch()
-    a, _ = policy_loss(lp, old, old, adv, mask, loss="bnpo", num_tokens=1000)
-    b, _ = policy_loss(lp, old, old, adv, mask, loss="dapo")
-    assert a.item() == pytest.approx(b.item())
+def test_bnpo_over_three_equal_micro_batches_is_the_batch_loss():
+    # Review found 3 equal micro-batches gave 3x the full-batch bnpo loss. Every token below
+    # has ratio 1 and advantage 1 (term -1), so the step's token mean is -1 however it is split.
+    lp = torch.zeros(6, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    adv = torch.ones(6, dtype=torch.float64)
+    parts = sum(
+        policy_loss(lp[rows], lp[rows].detach(), lp[rows].detach(), adv[rows], mask[rows],
+                    loss="bnpo", num_sequences=6, num_tokens=24)[0]
+        for rows in (slice(0, 2), slice(2, 4), slice(4, 6))
+    )
+    assert parts.item() == pytest.approx(-1.0)
+    # d/d lp of -(1/24) * sum(exp(lp - old)) at lp = old is -1/24 per token.
+    torch.testing.assert_close(_grad(parts, lp), torch.full((6, 4), -1 / 24, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_huge_log_ratio_gives_finite_loss_and_gradient(loss):
+    # A token whose log-prob rose by 1000 nats: exp overflows to inf without the clamp.
+    lp = torch.tensor([[1000.0, 0.0], [-1000.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([-1.0, 1.0])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    ref = torch.zeros(2, 2)
+    value, _ = policy_loss(lp, old, old - 500.0, adv, mask, None, ref, loss=loss, kl_coef=0.1,
+                           dr_grpo_length=2, offpolicy="tis")
+    assert torch.isfinite(value)
+    assert torch.isfinite(_grad(value, lp)).all()
 
 
 def test_offpolicy_modes_reduce_to_none_when_nothing_is_off_policy():
