@@ -2,8 +2,10 @@
 
 Why a wrapper: vLLM's abort returns no partial output, so every request is streamed token by
 token (`RequestOutputKind.DELTA`, one log-prob per token) and the caller keeps what arrived.
-Every chunk is stamped with the policy version the engine held when the request was submitted;
-weights only change while the engine is idle, so one request never mixes versions.
+Every chunk is stamped with the policy version the engine held when the request was admitted.
+Weight loads are atomic with respect to that version: while weights load (or the engine
+sleeps) the admission gate is closed, vLLM's scheduler is paused, and the version is bumped
+after the prefix cache is reset, so no request is stamped with one version and served by another.
 
 The class holds no global state and exposes plain async methods, so it can be hosted inside a
 Ray actor unchanged (`stream` is an async generator, which Ray actors support).
@@ -16,16 +18,30 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from rollover.rollout.weight_sync import NamedTensors, SharedMemoryTransport, WeightTransport
+from rollover.rollout.settings import (  # noqa: F401 - re-exported: callers import them from here
+    CPU_BLOCK_SIZE,
+    SLEEP_MODE_NEEDS_CUDA,
+    EngineSettings,
+    SamplingSettings,
+    SleepModeUnavailable,
+)
+from rollover.rollout.weight_sync import (
+    NamedTensors,
+    SharedMemoryTransport,
+    WeightsUntouched,
+    WeightTransport,
+)
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
-CPU_BLOCK_SIZE = 32  # see EngineSettings.block_size
+# vLLM finish reason -> ours. `repetition` (vLLM stopped a repetitive pattern) is a finished
+# sample; `error` is a retryable request-level failure the scheduler counts and retries.
+_FINISH = {"stop": "stop", "length": "length", "abort": "aborted",
+           "repetition": "repetition", "error": "error"}
 
 
 class EngineStartError(RuntimeError):
@@ -33,70 +49,11 @@ class EngineStartError(RuntimeError):
 
 
 class EngineBusyError(RuntimeError):
-    """Weights cannot be loaded while requests are still running."""
+    """Weights cannot be loaded (or the engine put to sleep) while requests are still running."""
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """How to build the engine; `from_configs` maps the recipe's model and rollout sections."""
-
-    model: str
-    dtype: str = "float32"
-    max_model_len: int = 512
-    seed: int = 0
-    kv_cache_gib: float = 1.0  # CPU build: VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1)
-    gpu_memory_utilization: float = 0.5  # GPU build
-    enforce_eager: bool = True
-    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
-    # KV block size. A resumed request re-uses its cached KV only for *full* blocks, so small
-    # blocks matter to APRIL: vLLM's CPU default (128) is longer than most short responses and
-    # made no-tail APRIL ~35% slower here; None picks 32 on CPU and vLLM's default elsewhere.
-    block_size: int | None = None
-    # Behaviour log-probs of the distribution actually sampled (temperature, top-p applied).
-    logprobs_mode: str = "processed_logprobs"
-    max_num_seqs: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
-
-    @classmethod
-    def from_configs(cls, model_cfg: Any, rollout_cfg: Any, *, has_cuda: bool | None = None,
-                     **overrides: Any) -> "EngineSettings":
-        """Settings from `trainer.config.ModelConfig` and `RolloutConfig` (builtin paths resolved).
-
-        `has_cuda` (default: detected) decides the GPU-sane defaults: `dtype: auto` is bfloat16
-        and `enforce_eager: null` turns CUDA graphs on with a GPU; float32 and eager on CPU.
-        """
-        from rollover.trainer.builtin_model import resolve_model_path
-        from rollover.trainer.config import resolve_dtype
-
-        if has_cuda is None:
-            import torch
-
-            has_cuda = torch.cuda.is_available()
-        eager = rollout_cfg.enforce_eager
-        values = dict(
-            model=resolve_model_path(model_cfg.path),
-            dtype=resolve_dtype(model_cfg.dtype, has_cuda),
-            max_model_len=model_cfg.max_model_len,
-            seed=rollout_cfg.seed,
-            kv_cache_gib=rollout_cfg.kv_cache_gib,
-            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            enforce_eager=(not has_cuda) if eager is None else eager,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Per-request sampling knobs (the token budget is passed separately)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ignore_eos: bool = False  # benchmarks: force exact lengths
-    seed: int | None = None
-    # Tokens per streamed chunk. >1 wakes the caller less often (less frontend CPU); an abort
-    # still delivers every token the engine produced, in the final chunk.
-    stream_interval: int = 1
+class WeightLoadError(RuntimeError):
+    """A weight load failed midway: the engine's weights are mixed until the next full load."""
 
 
 @dataclass
@@ -106,11 +63,12 @@ class TokenChunk:
     token_ids: list[int]
     logprobs: list[float]
     version: int  # policy version that produced these tokens
-    finish_reason: str | None = None  # stop | length | aborted, on the last chunk only
+    # On the last chunk only: stop | length | repetition (finished), aborted, error.
+    finish_reason: str | None = None
 
 
 class RolloutEngine:
-    """One vLLM engine: stream requests, abort them, load new weights between steps."""
+    """One vLLM engine: stream requests, abort them, load new weights between steps, sleep."""
 
     def __init__(
         self, settings: EngineSettings, weight_transport: WeightTransport | None = None
@@ -120,8 +78,16 @@ class RolloutEngine:
         self.policy_version = 0
         self._llm: Any = None
         self._active: set[str] = set()  # request ids whose stream has not ended
-        self._abort_requested: set[str] = set()
+        self._abort_requested: set[str] = set()  # asked to abort, stream still open
+        self._reabort: set[str] = set()  # aborts to repeat on the request's first output
         self._prefix_caching = False
+        # Closed while weights load or the engine sleeps: new requests wait here, so each is
+        # stamped with the version that will really serve it.
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._why_closed = ""
+        self._weights_broken: str | None = None  # set when a load failed midway
+        self._asleep = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +103,8 @@ class RolloutEngine:
             from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
 
+            if s.sleep_mode and not current_platform.is_cuda_alike():
+                raise SleepModeUnavailable(SLEEP_MODE_NEEDS_CUDA)
             block_size = s.block_size
             if current_platform.is_cpu():
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gib))))
@@ -152,11 +120,14 @@ class RolloutEngine:
                 logprobs_mode=s.logprobs_mode,
                 max_num_seqs=s.max_num_seqs,
                 block_size=block_size,
+                enable_sleep_mode=s.sleep_mode,
                 disable_log_stats=True,
                 **s.extra,
             )
             started = time.perf_counter()
             self._llm = AsyncLLM.from_engine_args(args)
+        except SleepModeUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure here is a start failure
             raise EngineStartError(
                 f"vLLM engine failed to start for model '{s.model}': {type(exc).__name__}: {exc}"
@@ -193,6 +164,11 @@ class RolloutEngine:
     def prefix_caching(self) -> bool:
         return self._prefix_caching
 
+    @property
+    def asleep(self) -> bool:
+        """True between `sleep()` and `wake_up()` (sleep mode only)."""
+        return self._asleep
+
     def decode(self, token_ids: list[int]) -> str:
         """Token ids to text with the engine's tokenizer (for verifiers and logs)."""
         return self.llm.get_tokenizer().decode(token_ids, skip_special_tokens=True)
@@ -215,6 +191,26 @@ class RolloutEngine:
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
         )
 
+    async def _admit(self, request_id: str) -> int:
+        """Wait until the engine serves, register the request; return the version to stamp.
+
+        No await between the gate check and the registration, so a weight load that closes
+        the gate next sees this request as running.
+        """
+        while not self._serving.is_set():
+            await self._serving.wait()
+        if self._weights_broken:
+            raise WeightLoadError(self._weights_broken)
+        if request_id in self._active:
+            raise ValueError(f"request id {request_id!r} is already running (vLLM would abort both)")
+        self._active.add(request_id)
+        return self.policy_version
+
+    def _release(self, request_id: str) -> None:
+        self._active.discard(request_id)
+        self._abort_requested.discard(request_id)
+        self._reabort.discard(request_id)
+
     async def stream(
         self,
         prompt_ids: list[int],
@@ -224,22 +220,22 @@ class RolloutEngine:
     ) -> AsyncIterator[TokenChunk]:
         """Submit `prompt_ids` with a budget of `max_tokens`; yield tokens as they are sampled.
 
-        The last chunk carries the finish reason (`aborted` after `abort`). Whatever was
-        yielded before an abort is all there is: the caller must keep it.
+        The last chunk carries the finish reason (`aborted` after `abort`, or when vLLM aborted
+        the request itself). Whatever was yielded before an abort is all there is: the caller
+        must keep it.
         """
         from vllm.inputs import TokensPrompt
 
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         rid = request_id or uuid.uuid4().hex
-        version = self.policy_version
         params = self._params(max_tokens, sampling, final_only=False)
-        self._active.add(rid)
+        version = await self._admit(rid)
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
-                if rid in self._abort_requested and not out.finished:
+                if rid in self._reabort and not out.finished:
                     # The abort may have raced the request's registration: repeat it now.
-                    self._abort_requested.discard(rid)
+                    self._reabort.discard(rid)
                     await self.llm.abort([rid])
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
@@ -248,8 +244,7 @@ class RolloutEngine:
                 if ids or finish:
                     yield TokenChunk(ids, lps, version, finish)
         finally:
-            self._active.discard(rid)
-            self._abort_requested.discard(rid)
+            self._release(rid)
 
     async def generate(
         self,
@@ -258,19 +253,18 @@ class RolloutEngine:
         sampling: SamplingSettings = SamplingSettings(),
         request_id: str | None = None,
     ) -> TokenChunk:
-        """One request, no streaming: the whole response at once (the raw-throughput baseline)."""
+        """One request, no streaming: the whole response at once (evaluation, raw throughput)."""
         from vllm.inputs import TokensPrompt
 
         rid = request_id or uuid.uuid4().hex
-        version = self.policy_version
         params = self._params(max_tokens, sampling, final_only=True)
         last = None
-        self._active.add(rid)
+        version = await self._admit(rid)
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
                 last = out
         finally:
-            self._active.discard(rid)
+            self._release(rid)
         comp = last.outputs[0]
         ids = list(comp.token_ids)
         return TokenChunk(ids, _sampled_logprobs(ids, comp.logprobs), version,
@@ -281,7 +275,7 @@ class RolloutEngine:
         """Request ids whose stream is still open."""
         return set(self._active)
 
-    async def abort(self, request_ids: list[str] | set[str]) -> int:
+    async def abort(self, request_ids: Iterable[str]) -> int:
         """Abort requests; their streams end with `aborted`. Returns how many were open.
 
         A request whose registration raced the abort is aborted again on its first output.
@@ -289,63 +283,135 @@ class RolloutEngine:
         ids = [r for r in request_ids if r in self._active]
         if ids:
             self._abort_requested.update(ids)
+            self._reabort.update(ids)
             await self.llm.abort(ids)
         return len(ids)
 
     async def abort_all(self) -> int:
-        """Abort every open request."""
+        """Abort every open request (every caller's: prefer `abort` with your own ids)."""
         return await self.abort(self.active_requests)
 
     def num_unfinished(self) -> int:
         """Requests vLLM itself still tracks (the engine-side view, not ours)."""
         return int(self.llm.get_num_unfinished_requests())
 
-    async def wait_idle(self, timeout: float = 10.0) -> None:
-        """Return once no stream is open and vLLM tracks no request; else EngineBusyError.
+    async def wait_idle(self, timeout: float = 10.0, request_ids: Iterable[str] | None = None) -> None:
+        """Wait until requests are gone; EngineBusyError after `timeout` seconds.
 
-        A request added while an abort was in flight can survive it, so open streams are
-        re-aborted while waiting.
+        With `request_ids` (the caller's own): aborts those still open and waits until their
+        streams close. Without: waits until no stream is open and vLLM tracks no request,
+        repeating only aborts already asked for (an abort can race a request's registration);
+        a request nobody asked to abort (an evaluation beside the scheduler) is waited for,
+        never cut short.
         """
+        mine = None if request_ids is None else set(request_ids)
         deadline = time.monotonic() + timeout
-        while self._active or self.num_unfinished():
+        while True:
+            open_ids = self._active if mine is None else self._active & mine
+            if not open_ids and (mine is not None or not self.num_unfinished()):
+                return
             if time.monotonic() > deadline:
                 raise EngineBusyError(
-                    f"engine not idle after {timeout:.0f} s: {len(self._active)} open streams, "
+                    f"engine not idle after {timeout:.0f} s: {len(open_ids)} open streams, "
                     f"{self.num_unfinished()} unfinished requests"
                 )
-            if self._active:
-                await self.abort(self.active_requests)
+            again = open_ids if mine is not None else open_ids & self._abort_requested
+            if again:
+                await self.abort(again)
             await asyncio.sleep(0.01)
 
-    # ---- weights ---------------------------------------------------------------------------
+    # ---- weights and sleep -----------------------------------------------------------------
+
+    def _close_gate(self, why: str) -> None:
+        if not self._serving.is_set():
+            raise EngineBusyError(f"engine is not serving ({self._why_closed}): cannot {why}")
+        self._serving.clear()
+        self._why_closed = why
+
+    def _open_gate(self) -> None:
+        self._why_closed = ""
+        self._serving.set()
+
+    def _check_idle(self, what: str) -> None:
+        if self._active or self.num_unfinished():
+            raise EngineBusyError(
+                f"{what} needs an idle engine: {len(self._active)} open streams, "
+                f"{self.num_unfinished()} unfinished requests (abort and wait_idle first)"
+            )
 
     async def update_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
         """Load trainer weights (checkpoint names) into the idle engine; bump the policy version.
 
         `version` sets the version explicitly (e.g. after a checkpoint restore); by default it
-        goes up by one. Raises EngineBusyError if requests are still running. Returns the new
-        version. The prefix cache is reset so no KV computed by the old weights is reused.
+        goes up by one. Raises EngineBusyError if requests are still running or the engine is
+        asleep (`wake_up` first). Returns the new version. Atomic: new requests wait, vLLM's
+        scheduler is paused around push, prefix-cache reset and version bump. A transport that
+        fails midway leaves the engine refusing requests (WeightLoadError) until a full load.
         """
-        if self._active or self.num_unfinished():
-            raise EngineBusyError(
-                f"update_weights needs an idle engine: {len(self._active)} open streams, "
-                f"{self.num_unfinished()} unfinished requests (abort and wait_idle first)"
-            )
-        if hasattr(named_tensors, "items"):
-            named_tensors = named_tensors.items()  # type: ignore[assignment]
-        await self.weight_transport.push(self.llm, named_tensors)
-        await self.reset_prefix_cache()
-        self.policy_version = self.policy_version + 1 if version is None else int(version)
+        if self._asleep:
+            raise EngineBusyError("engine is asleep: await wake_up() before update_weights")
+        self._close_gate("load weights")
+        try:
+            self._check_idle("update_weights")
+            if hasattr(named_tensors, "items"):
+                named_tensors = named_tensors.items()  # type: ignore[assignment]
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                try:
+                    await self.weight_transport.push(self.llm, named_tensors)
+                except WeightsUntouched:
+                    raise
+                except BaseException as exc:
+                    self._weights_broken = (
+                        f"the weight load to version {self.policy_version + 1} failed midway "
+                        f"({type(exc).__name__}: {exc}); load a full set of weights again")
+                    raise
+                await self._reset_prefix_cache()
+                self.policy_version = self.policy_version + 1 if version is None else int(version)
+                self._weights_broken = None
+            finally:
+                await self.llm.resume_generation()
+        finally:
+            self._open_gate()
         return self.policy_version
 
     async def reset_prefix_cache(self) -> bool:
-        """Drop cached KV blocks (after a weight load). True if reset or nothing to reset."""
+        """Drop cached KV blocks. True if reset or nothing to reset."""
+        return await self._reset_prefix_cache()
+
+    async def _reset_prefix_cache(self) -> bool:
         if not self._prefix_caching:
             return True
         ok = bool(await self.llm.reset_prefix_cache())
         if not ok:
             raise EngineBusyError("prefix cache reset refused: requests still hold KV blocks")
         return ok
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory for a colocated trainer (no-op without sleep mode).
+
+        Level 1 offloads the weights to CPU memory and drops the KV cache; level 2 drops the
+        weights too (only when a full weight load follows the wake-up). Needs an idle engine;
+        new requests wait until `wake_up()`.
+        """
+        if not self.settings.sleep_mode or self._asleep:
+            return
+        self._close_gate("sleep")
+        try:
+            self._check_idle("sleep")
+            await self.llm.sleep(level)
+        except BaseException:
+            self._open_gate()
+            raise
+        self._asleep = True
+
+    async def wake_up(self) -> None:
+        """Take the GPU memory back and serve again (no-op without sleep mode or when awake)."""
+        if not self._asleep:
+            return
+        await self.llm.wake_up()
+        self._asleep = False
+        self._open_gate()
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:

@@ -3,9 +3,12 @@
 The engine wrapper calls a `WeightTransport`; this file holds the one that works everywhere
 (CPU build included): the trainer's tensors are written as a safetensors file in shared memory
 (/dev/shm) and every vLLM worker is told, through `collective_rpc`, to load that file with the
-model runner's in-place `reload_weights`. Passing tensors as `collective_rpc` arguments does not
+worker's in-place `reload_weights` (the worker's, not the model runner's: it sets the vLLM config
+context that some layers and fp8 need). Passing tensors as `collective_rpc` arguments does not
 work with AsyncLLM (they arrive as lists), and `load_weights` on the live model fails on the CPU
-build, hence the file hop.
+build, hence the file hop. /dev/shm is small in Docker (64 MiB by default): when the weights do
+not fit, the file goes to the temp dir instead, or the load fails in one line before any weight
+is touched.
 
 Seam for GPU transports: a NCCL-broadcast or CUDA-IPC transport implements the same
 `push(llm, named_tensors)` coroutine and is passed to `RolloutEngine(weight_transport=...)`.
@@ -14,6 +17,7 @@ Seam for GPU transports: a NCCL-broadcast or CUDA-IPC transport implements the s
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
@@ -23,6 +27,10 @@ from typing import Any, Protocol
 import torch
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightsUntouched(RuntimeError):
+    """A weight load failed before any weight changed (the engine still serves the old ones)."""
 
 
 class WeightTransport(Protocol):
@@ -36,6 +44,28 @@ def shared_memory_dir() -> Path:
     """/dev/shm when it exists (RAM-backed), else the temp dir."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+# Room left beside the file: safetensors' header, and other users of the same directory.
+SPACE_MARGIN = 1.05
+SPACE_SLACK_BYTES = 1 << 20
+
+
+def pick_weights_dir(nbytes: int, candidates: list[Path]) -> Path:
+    """The first writable directory with room for a `nbytes` weights file; WeightsUntouched if none."""
+    need = int(nbytes * SPACE_MARGIN) + SPACE_SLACK_BYTES
+    seen = []
+    for directory in candidates:
+        if not (directory.is_dir() and os.access(directory, os.W_OK)):
+            continue
+        free = shutil.disk_usage(directory).free
+        if free >= need:
+            return directory
+        seen.append(f"{directory} has {free / 2**20:.0f} MiB free")
+    raise WeightsUntouched(
+        f"no room for the {need / 2**20:.0f} MiB weights file ({'; '.join(seen) or 'no writable dir'}): "
+        f"enlarge /dev/shm (docker run --shm-size=...) or set TMPDIR to a larger disk"
+    )
 
 
 def to_cpu_unshared(named_tensors: NamedTensors) -> dict[str, torch.Tensor]:
@@ -60,27 +90,39 @@ def _reload_from_file(worker: Any, path: str) -> int:
     from safetensors.torch import load_file
 
     tensors = load_file(path, device="cpu")
-    worker.model_runner.reload_weights(
-        weights_iterator=iter(tensors.items()), is_checkpoint_format=True
-    )
+    worker.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
     return len(tensors)
 
 
 class SharedMemoryTransport:
-    """Write a safetensors file to shared memory, have each worker reload from it, delete it."""
+    """Write a safetensors file to shared memory, have each worker reload from it, delete it.
+
+    `directory` forces one place; by default /dev/shm, falling back to the temp dir when the
+    weights do not fit there.
+    """
 
     def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(directory) if directory else shared_memory_dir()
+        self.directory = Path(directory) if directory else None
+
+    def candidates(self) -> list[Path]:
+        if self.directory is not None:
+            return [self.directory]
+        return list(dict.fromkeys([shared_memory_dir(), Path(tempfile.gettempdir())]))
 
     async def push(self, llm: Any, named_tensors: NamedTensors) -> None:
         from safetensors.torch import save_file
 
         tensors = to_cpu_unshared(named_tensors)
         if not tensors:
-            raise ValueError("update_weights got no tensors")
-        path = self.directory / f"rollover-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
+            raise WeightsUntouched("update_weights got no tensors")
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        directory = pick_weights_dir(nbytes, self.candidates())
+        path = directory / f"rollover-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors"
         try:
-            save_file(tensors, str(path))
+            try:
+                save_file(tensors, str(path))
+            except OSError as exc:  # e.g. the directory filled up meanwhile
+                raise WeightsUntouched(f"writing the weights file {path} failed: {exc}") from exc
             loaded = await llm.collective_rpc(_reload_from_file, args=(str(path),))
         finally:
             path.unlink(missing_ok=True)

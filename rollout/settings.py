@@ -1,0 +1,92 @@
+"""How the rollout engine is built (`EngineSettings`) and how each request samples (`SamplingSettings`).
+
+Kept apart from the engine wrapper so the recipe -> engine mapping (GPU-sane defaults, sleep
+mode refused without CUDA) can be read and unit-tested without vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CPU_BLOCK_SIZE = 32  # see EngineSettings.block_size
+
+
+class SleepModeUnavailable(ValueError):
+    """`rollout.sleep_mode: true` on a machine without CUDA."""
+
+
+SLEEP_MODE_NEEDS_CUDA = (
+    "rollout.sleep_mode: true needs a CUDA GPU (vLLM's sleep mode frees GPU memory for a "
+    "colocated trainer); set rollout.sleep_mode: false on this machine"
+)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build the engine; `from_configs` maps the recipe's model and rollout sections."""
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int = 512
+    seed: int = 0
+    kv_cache_gib: float = 1.0  # CPU build: VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1)
+    gpu_memory_utilization: float = 0.5  # GPU build
+    enforce_eager: bool = True
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
+    # KV block size. A resumed request re-uses its cached KV only for *full* blocks, so small
+    # blocks matter to APRIL: vLLM's CPU default (128) is longer than most short responses and
+    # made no-tail APRIL ~35% slower here; None picks 32 on CPU and vLLM's default elsewhere.
+    block_size: int | None = None
+    # Behaviour log-probs of the distribution actually sampled (temperature, top-p applied).
+    logprobs_mode: str = "processed_logprobs"
+    max_num_seqs: int | None = None
+    # vLLM sleep mode (CUDA only): `RolloutEngine.sleep()` frees the engine's GPU memory while
+    # a colocated trainer updates, `wake_up()` takes it back.
+    sleep_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
+
+    @classmethod
+    def from_configs(cls, model_cfg: Any, rollout_cfg: Any, *, has_cuda: bool | None = None,
+                     **overrides: Any) -> "EngineSettings":
+        """Settings from `trainer.config.ModelConfig` and `RolloutConfig` (builtin paths resolved).
+
+        `has_cuda` (default: detected) decides the GPU-sane defaults: `dtype: auto` is bfloat16
+        and `enforce_eager: null` turns CUDA graphs on with a GPU; float32 and eager on CPU.
+        `sleep_mode: true` without CUDA raises `SleepModeUnavailable` (one line).
+        """
+        from rollover.trainer.builtin_model import resolve_model_path
+        from rollover.trainer.config import resolve_dtype
+
+        if has_cuda is None:
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        eager = rollout_cfg.enforce_eager
+        values = dict(
+            model=resolve_model_path(model_cfg.path),
+            dtype=resolve_dtype(model_cfg.dtype, has_cuda),
+            max_model_len=model_cfg.max_model_len,
+            seed=rollout_cfg.seed,
+            kv_cache_gib=rollout_cfg.kv_cache_gib,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            enforce_eager=(not has_cuda) if eager is None else eager,
+            sleep_mode=bool(getattr(rollout_cfg, "sleep_mode", False)),
+        )
+        values.update(overrides)
+        if values["sleep_mode"] and not has_cuda:
+            raise SleepModeUnavailable(SLEEP_MODE_NEEDS_CUDA)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Per-request sampling knobs (the token budget is passed separately)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ignore_eos: bool = False  # benchmarks: force exact lengths
+    seed: int | None = None
+    # Tokens per streamed chunk. >1 wakes the caller less often (less frontend CPU); an abort
+    # still delivers every token the engine produced, in the final chunk.
+    stream_interval: int = 1
