@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -105,8 +105,18 @@ class LoraConfig(Section):
     enabled: bool = False
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Must stay 0: the ratio pi_theta / pi_old needs both log-probs from the same function, so
+    # the policy runs with dropout off (kept as a key so recipes from other tools fail clearly).
+    dropout: float = 0.0
     target_modules: list[str] | str = "all-linear"
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value != 0.0:
+            raise ValueError("must be 0: old and new log-probs must come from the same forward "
+                             "pass, so rollover runs the policy with dropout off")
+        return value
 
 
 class TrainConfig(Section):
@@ -153,6 +163,12 @@ class Recipe(Section):
                 f"rollout.top_p={self.rollout.top_p} needs algo.offpolicy: none (with "
                 f"'{self.algo.offpolicy}' the engine's top-p log-probs would be compared with the "
                 f"trainer's untruncated ones); or set rollout.top_p: 1.0")
+        samples = self.rollout.groups_per_step * self.rollout.group_size
+        if self.train.updates_per_batch > samples:
+            # The LR schedule counts steps x updates_per_batch optimizer updates; a batch cannot
+            # be split into more mini-batches than it has samples.
+            raise ValueError(f"train.updates_per_batch={self.train.updates_per_batch} exceeds the "
+                             f"{samples} samples of a step (groups_per_step x group_size)")
         return self
 
     @property

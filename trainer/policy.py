@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -36,9 +35,67 @@ def load_model(path: str, dtype: str, device: torch.device):
     return model.to(device), tokenizer, resolved
 
 
+# Config attributes that change logits after the LM head; our log-probs go through the head's
+# weight only (the chunked kernel), so models that use them are refused rather than mis-scored.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def check_lm_head(model) -> None:
+    """Refuse, in one line, a causal LM whose logits are not `hidden @ head.weight.T`."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ModelLoadError(f"{type(model).__name__}: no output embedding (LM head) to score tokens with")
+    if getattr(head, "bias", None) is not None:
+        raise ModelLoadError(f"{type(model).__name__}: LM heads with a bias are not supported "
+                             "(log-probs are computed from the head's weight only)")
+    for key, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(model.config, key, None)
+        if value is not None and value != neutral:
+            raise ModelLoadError(f"{type(model).__name__}: config.{key}={value} transforms the logits "
+                                 "after the LM head, which rollover's log-probs do not apply; not supported")
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere, in train mode too: old and new log-probs must come from one function.
+
+    Covers nn.Dropout modules (LoRA's included) and the float `*dropout*` attributes that
+    attention implementations read (e.g. Qwen2's `attention_dropout`), and the config.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in (config.to_dict().items() if config is not None else ()):
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
 def _token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, temperature: float):
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return chunked_logprobs(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:], temperature=temperature)
+    """Next-token log-probs and entropies through the decoder and the chunked LM-head kernel."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings().weight
+    return chunked_logprobs(hidden[:, :-1], head, input_ids[:, 1:], temperature=temperature)
+
+
+def engine_name(name: str) -> str:
+    """A PEFT state-dict or module name in plain checkpoint naming (what vLLM loads)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def merged_lora_weight(base: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                       fan_in_fan_out: bool = False) -> Tensor:
+    """W + scaling * B @ A, computed out of place in float32 and cast to W's dtype.
+
+    Merging into the module and unmerging again is not exact in bfloat16/float16 (the base
+    weights drift a little with every sync); this leaves the module untouched.
+    """
+    delta = lora_b.float() @ lora_a.float() * scaling
+    if fan_in_fan_out:
+        delta = delta.T
+    return (base.float() + delta).to(base.dtype)
 
 
 class Policy:
@@ -48,6 +105,9 @@ class Policy:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype(model_cfg.dtype, self.device.type == "cuda")
         model, self.tokenizer, self.path = load_model(model_cfg.path, dtype, self.device)
+        self.dtype = dtype
+        check_lm_head(model)
+        disable_dropout(model)
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -56,7 +116,7 @@ class Policy:
             from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
             model = get_peft_model(model, PeftLoraConfig(
-                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
         self.model = model
 
@@ -79,9 +139,15 @@ class Policy:
         return _token_logprobs(self.base, input_ids, attention_mask, temperature)
 
     def enable_reference(self) -> None:
-        """Keep the starting policy for the KL penalty (LoRA: the base without the adapter)."""
+        """Keep the starting policy (`model.path`) for the KL penalty; LoRA: the base, adapter off.
+
+        Loaded afresh from `model.path`, never copied from the live model: after a resume the
+        live weights are the checkpoint's, and the reference must stay the starting model.
+        """
         if not self.lora:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            reference, _, _ = load_model(self.path, self.dtype, self.device)
+            disable_dropout(reference)
+            self.reference = reference.eval().requires_grad_(False)
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
@@ -92,20 +158,28 @@ class Policy:
 
     @torch.no_grad()
     def engine_weights(self) -> dict[str, Tensor]:
-        """Full weights in checkpoint naming, as the engine loads them (LoRA merged in)."""
+        """Full weights in checkpoint naming, as the engine loads them (LoRA merged in).
+
+        LoRA layers are merged out of place (`merged_lora_weight`): the module is never touched.
+        """
         if not self.lora:
             return {name: t.detach() for name, t in self.model.state_dict().items()}
-        self.model.merge_adapter()
-        try:
-            merged = {}
-            for name, tensor in self.model.state_dict().items():
-                if "lora_" in name:
-                    continue
-                clean = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                merged[clean] = tensor.detach().clone()
-            return merged
-        finally:
-            self.model.unmerge_adapter()
+        from peft.tuners.lora import LoraLayer
+
+        weights = {engine_name(name): t.detach() for name, t in self.model.state_dict().items()
+                   if "lora_" not in name}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            base = module.get_base_layer().weight
+            merged = base.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    merged = merged_lora_weight(merged, module.lora_A[adapter].weight,
+                                                module.lora_B[adapter].weight, module.scaling[adapter],
+                                                module.fan_in_fan_out)
+            weights[engine_name(f"{name}.weight")] = merged
+        return weights
 
     def save_pretrained(self, folder: Path) -> None:
         """A checkpoint loadable by transformers and vLLM as is (LoRA merged; adapter beside it)."""

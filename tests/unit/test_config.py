@@ -70,3 +70,40 @@ def test_invalid_yaml_names_the_line(tmp_path):
     bad.write_text("rollout:\n  group_size: [1,\n")
     with pytest.raises(RecipeError, match="invalid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["rollout.temperature=0"], "rollout.temperature"),
+        (["rollout.top_p=0.9"], "rollout.top_p=0.9 needs algo.offpolicy: none"),
+        (["rollout.top_p=0.9", "algo.offpolicy=mask"], "needs algo.offpolicy: none"),
+        (["train.lora.dropout=0.1"], "train.lora.dropout: must be 0"),
+        (["train.updates_per_batch=65"], "exceeds the 64 samples"),
+    ],
+)
+def test_settings_that_would_train_wrongly_are_refused(overrides, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(ROOT / "recipes/grpo_math.yaml", overrides)
+
+
+def test_top_p_is_allowed_without_importance_weights():
+    recipe = load_recipe(ROOT / "recipes/grpo_math.yaml", ["rollout.top_p=0.9", "algo.offpolicy=none"])
+    assert recipe.rollout.top_p == 0.9
+
+
+@pytest.mark.parametrize("loss, given, expected", [
+    ("dr_grpo", None, "none"), ("grpo", None, "group"), ("dapo", None, "group"),
+    ("dr_grpo", "group", "group"), ("grpo", "batch", "batch"),
+])
+def test_advantage_std_default_follows_the_loss(loss, given, expected):
+    overrides = [f"algo.loss={loss}", f"algo.advantage_std={given or 'null'}"]
+    assert load_recipe(ROOT / "recipes/grpo_math.yaml", overrides).advantage_std == expected
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
+    from rollover.trainer.config import resolve_dtype
+
+    assert resolve_dtype("auto", has_cuda=True) == "bfloat16"
+    assert resolve_dtype("auto", has_cuda=False) == "float32"
+    assert resolve_dtype("float16", has_cuda=True) == "float16"
