@@ -6,8 +6,16 @@ DESIGN.md, "APRIL semantics", is the specification. Per step:
    (oldest first), then fresh prompts; one replacement per completed or rejected group;
 3. a group that is finished and scored goes through the filter hook: accepted, or dropped as
    `filtered` (and replaced);
-4. once N are accepted, every in-flight request is aborted and pending scoring cancelled; the
-   streamed tokens stay in the samples, and unfinished and surplus groups go to the buffer.
+4. once N are accepted, every in-flight request is aborted and pending scoring left to finish in
+   the background (its result is kept for the group); the streamed tokens stay in the samples,
+   and unfinished and surplus groups go to the buffer.
+
+Failures never lose a group and never kill a step on their own: a group whose scorer or filter
+raised, whose request vLLM finished with `error`, or that vLLM kept aborting, is put back and
+retried in a later step (counted in `rollout/retries`); after `max_group_attempts` failures it is
+dropped as `score_error` or `engine_error`. A step stops with one line only when the engine is
+dead, an abort fails, or more than `max_failures_per_step` groups fail in one step; every group
+is filed (buffer or counted drop) before the error propagates.
 
 `partial: false` turns recycling of *unfinished* generations off: those groups are dropped as
 `unfinished` (counted). With `over_provision: 1` it never happens: no more than N groups are ever
@@ -19,19 +27,22 @@ work beyond that would be thrown away; surplus *finished* groups are still buffe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
-from rollover.rollout.engine import SamplingSettings
-from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner, Scorer
+from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
+from rollover.rollout.scoring import KeptScores, Scorer, ScoringPool
+from rollover.rollout.settings import SamplingSettings
 from rollover.rollout.types import Group, Sample
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,8 @@ STREAM_INTERVAL = 8
 PromptItem = tuple[int, dict[str, Any], list[int]]  # (uid, task record, prompt token ids)
 PromptSource = Callable[[], PromptItem] | Iterator[PromptItem]  # StopIteration: exhausted
 GroupFilter = Callable[[Group], bool]  # True: keep the group for training
+
+SCORE_ERROR, ENGINE_ERROR = "score_error", "engine_error"
 
 
 class RolloutExhausted(RuntimeError):
@@ -57,10 +70,27 @@ class TooManyRejections(RuntimeError):
     """The filter rejected more groups in one step than `max_rejections_per_step` allows."""
 
 
+class TooManyFailures(RuntimeError):
+    """More groups failed (scorer, filter, engine request) in one step than allowed."""
+
+
 @dataclass
 class StepResult:
     groups: list[Group]  # exactly N, finished and scored
     metrics: dict[str, Any]
+
+
+@dataclass
+class _Step:
+    """What one step holds while it runs; every group in here is filed before the step ends."""
+
+    counters: StepCounters
+    runs: dict[int, GroupRun] = field(default_factory=dict)  # in flight
+    accepted: list[Group] = field(default_factory=list)
+    surplus: list[Group] = field(default_factory=list)  # accepted beyond N
+    retry_later: list[Group] = field(default_factory=list)  # failed; buffered at the end
+    rejected: int = 0
+    failed: int = 0
 
 
 def _accept_all(group: Group) -> bool:
@@ -86,6 +116,8 @@ class AprilScheduler:
         group_filter: GroupFilter | None = None,
         *,
         max_rejections_per_step: int | None = None,
+        max_failures_per_step: int | None = None,
+        max_group_attempts: int = 3,
         sampling: SamplingSettings | None = None,
         budget_fn: BudgetFn | None = None,
         scoring_threads: int = 4,
@@ -100,20 +132,30 @@ class AprilScheduler:
         self.max_staleness = int(config.max_staleness)
         self.group_filter = group_filter or _accept_all
         self.max_rejections = max_rejections_per_step or 50 * self.n_in_flight
+        self.max_failures = max_failures_per_step or 2 * self.n_in_flight
+        self.max_group_attempts = max_group_attempts
         self.abort_timeout_s = abort_timeout_s
         self._next_prompt = prompt_source if not hasattr(prompt_source, "__next__") else prompt_source.__next__
-        self._executor = ThreadPoolExecutor(scoring_threads, thread_name_prefix="rollover-score")
+        # Request ids are unique per scheduler (vLLM aborts every request sharing an id): a
+        # random prefix per scheduler, a counter per request.
+        self.request_prefix = uuid.uuid4().hex[:8]
+        self._request_seq = itertools.count()
+        self.pool = ScoringPool(scoring_threads)
+        self.scores = KeptScores(scorer, self.pool)
         sampling = sampling or SamplingSettings(
             temperature=config.temperature, top_p=config.top_p, stream_interval=STREAM_INTERVAL
         )
-        self.runner = GroupRunner(
-            engine, scorer, sampling, int(config.max_tokens), self._executor, budget_fn
-        )
+        self.runner = GroupRunner(engine, self.scores, sampling, int(config.max_tokens),
+                                  self._request_id, budget_fn)
         self.buffer = PartialBuffer()
         self.ledger = Ledger()
+        self.attempts: Counter = Counter()  # uid -> failed attempts so far (scorer, filter, engine)
         self.steps = 0
         self.min_policy_version = 0  # a restored checkpoint's version: the engine must be there
         self.last_metrics: dict[str, Any] = {}
+
+    def _request_id(self, uid: int, index: int) -> str:
+        return f"{self.request_prefix}-g{uid}-s{index}-{next(self._request_seq)}"
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -127,66 +169,62 @@ class AprilScheduler:
                 f"{self.min_policy_version}: load its weights with "
                 f"engine.update_weights(weights, version={self.min_policy_version})"
             )
-        counters = StepCounters()
+        st = _Step(StepCounters())
         for g in self.buffer.take_stale(version, self.max_staleness):
-            self._drop(g, "stale", counters)
-        tag = f"t{self.steps}"
-        runs: dict[int, GroupRun] = {}
-        accepted: list[Group] = []
-        surplus: list[Group] = []
-        rejected = 0
-        exhausted = False
+            self._drop(g, "stale", st.counters)
         try:
-            while len(accepted) < self.n_groups:
-                while self._may_launch(len(runs), len(accepted)) and not exhausted:
-                    group = self._next_group(counters)
-                    if group is None:
-                        exhausted = True
-                        break
-                    run = GroupRun(group)
-                    run.task = asyncio.create_task(self.runner.run(run, counters, tag))
-                    runs[group.uid] = run
-                if not runs:
-                    break
-                done, _ = await asyncio.wait(
-                    [r.task for r in runs.values()], return_when=asyncio.FIRST_COMPLETED
-                )
-                for run in [r for r in runs.values() if r.task in done]:
-                    del runs[run.group.uid]
-                    verdict = self._judge(run, counters)
-                    if verdict == "filtered":
-                        rejected += 1
-                    elif verdict == "accepted" and len(accepted) < self.n_groups:
-                        accepted.append(run.group)
-                    elif verdict == "accepted":
-                        surplus.append(run.group)
-                if rejected > self.max_rejections:
-                    raise TooManyRejections(
-                        f"{rejected} groups rejected by the filter in one step "
-                        f"(limit {self.max_rejections}); is every reward identical?"
-                    )
+            exhausted = await self._collect(st)
         except BaseException:
-            await self._stop(runs, counters)
-            for g in accepted + surplus:
-                self._to_buffer(g)
+            await self._wind_down(st, keep_accepted=False)
             raise
-        await self._stop(runs, counters)
-        for g in surplus:
-            self._to_buffer(g)
-        if len(accepted) < self.n_groups:
-            for g in accepted:
+        abort_error = await self._wind_down(st, keep_accepted=not exhausted)
+        if abort_error is not None:
+            for g in st.accepted:
                 self._to_buffer(g)
+            raise abort_error
+        if exhausted:
             raise RolloutExhausted(
-                f"prompt source exhausted with {len(accepted)}/{self.n_groups} groups accepted"
+                f"prompt source exhausted with {len(st.accepted)}/{self.n_groups} groups accepted"
             )
-        for g in accepted:
-            self.ledger.move(g.uid, RETURNED)
+        for g in st.accepted:
+            self._leave(g, RETURNED)
         self.steps += 1
         self.check_conservation()
         self.last_metrics = step_metrics(
-            counters, accepted, time.perf_counter() - started, version, self.buffer
+            st.counters, st.accepted, time.perf_counter() - started, version, self.buffer
         )
-        return StepResult(accepted, self.last_metrics)
+        return StepResult(st.accepted, self.last_metrics)
+
+    async def _collect(self, st: _Step) -> bool:
+        """Launch and settle groups until N are accepted; True if the source ran dry first."""
+        exhausted = False
+        while len(st.accepted) < self.n_groups:
+            while self._may_launch(len(st.runs), len(st.accepted)) and not exhausted:
+                group = self._next_group(st.counters)
+                if group is None:
+                    exhausted = True
+                    break
+                run = GroupRun(group)
+                run.task = asyncio.create_task(self.runner.run(run, st.counters))
+                st.runs[group.uid] = run
+            if not st.runs:
+                return True
+            done, _ = await asyncio.wait(
+                [r.task for r in st.runs.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+            for run in [r for r in st.runs.values() if r.task in done]:
+                self._settle(st.runs.pop(run.group.uid), st)
+            if st.rejected > self.max_rejections:
+                raise TooManyRejections(
+                    f"{st.rejected} groups rejected by the filter in one step "
+                    f"(limit {self.max_rejections}); is every reward identical?"
+                )
+            if st.failed > self.max_failures:
+                raise TooManyFailures(
+                    f"{st.failed} groups failed in one step (limit {self.max_failures}); "
+                    f"retries so far: {dict(st.counters.retries)}; see the warnings above"
+                )
+        return False
 
     def _may_launch(self, in_flight: int, accepted: int) -> bool:
         if self.partial:
@@ -218,55 +256,102 @@ class AprilScheduler:
                 continue
             return group
 
-    def _judge(self, run: GroupRun, counters: StepCounters) -> str:
-        """A completed group task -> "accepted", "filtered" or "dropped" (ledger updated).
+    def _settle(self, run: GroupRun, st: _Step) -> None:
+        """File a completed group task: accepted, surplus, filtered, or failed (retry or drop).
 
-        Scorer and filter errors, and a dead engine, are raised after the group is buffered
-        (nothing is lost); any other engine error drops just this group, counted.
+        Raises only when the engine is dead or on a non-Exception (KeyboardInterrupt ...),
+        after the group is buffered.
         """
-        group = run.group
-        exc = run.task.exception()
+        group, task = run.group, run.task
+        if task.cancelled():  # cancelled by someone else: nothing is wrong with the group
+            st.retry_later.append(group)
+            return
+        exc = task.exception()
         if exc is not None:
-            if run.phase == SCORING or self.engine.errored:
+            if not isinstance(exc, Exception) or (run.phase != SCORING and self.engine.errored):
                 self._to_buffer(group)
                 raise exc
-            log.warning("group %s failed in the engine: %r; dropped", group.uid, exc)
-            self._drop(group, "engine_error", counters)
-            return "dropped"
-        if not run.task.result():
-            self._to_buffer(group)
-            raise RuntimeError(f"group {group.uid} ended unfinished before the step ended")
+            self._fail(group, SCORE_ERROR if run.phase == SCORING else ENGINE_ERROR, exc, st)
+            return
+        if not task.result():  # unfinished, yet the step did not stop it: vLLM kept aborting it
+            self._fail(group, ENGINE_ERROR, RuntimeError("requests aborted by the engine"), st)
+            return
         try:
             keep = self.group_filter(group)
-        except BaseException:
-            self._to_buffer(group)
-            raise
-        if not keep:
-            self._drop(group, "filtered", counters)
-            return "filtered"
-        return "accepted"
-
-    async def _stop(self, runs: dict[int, GroupRun], counters: StepCounters) -> None:
-        """Abort every in-flight request, cancel pending scoring, and file the groups away."""
-        if not runs:
+        except Exception as filter_exc:  # noqa: BLE001 - a broken filter is a failed attempt
+            self._fail(group, SCORE_ERROR, filter_exc, st)
             return
-        ids = set().union(*(r.request_ids for r in runs.values()))
-        await self.engine.abort(ids)  # streams count their own aborts (finish reason)
-        for r in runs.values():
-            if r.phase == SCORING:
-                r.task.cancel()
-        tasks = [r.task for r in runs.values()]
-        _, pending = await asyncio.wait(tasks, timeout=self.abort_timeout_s)
-        for t in pending:  # cancelling the stream aborts its request too
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for run in runs.values():
-            g = run.group
-            if g.finished or self.partial:
+        if not keep:
+            self._drop(group, "filtered", st.counters)
+            st.rejected += 1
+        elif len(st.accepted) < self.n_groups:
+            st.accepted.append(group)
+        else:
+            st.surplus.append(group)
+
+    def _fail(self, group: Group, reason: str, exc: BaseException, st: _Step) -> None:
+        """A failed attempt: retry the group in a later step, or drop it after too many."""
+        st.failed += 1
+        self.attempts[group.uid] += 1
+        n = self.attempts[group.uid]
+        if n >= self.max_group_attempts:
+            log.warning("group %s dropped as %s after %d failed attempts: %r", group.uid, reason, n, exc)
+            self._drop(group, reason, st.counters)
+        else:
+            log.warning("group %s failed (%s, attempt %d of %d): %r; retried later",
+                        group.uid, reason, n, self.max_group_attempts, exc)
+            st.counters.retries[reason] += 1
+            st.retry_later.append(group)
+
+    async def _wind_down(self, st: _Step, keep_accepted: bool) -> BaseException | None:
+        """Stop what runs and file every group of the step; returns an abort failure, if any."""
+        try:
+            abort_error = await self._stop(st.runs, st.counters)
+        finally:
+            for g in st.surplus + st.retry_later + ([] if keep_accepted else st.accepted):
                 self._to_buffer(g)
-            else:
-                self._drop(g, "unfinished", counters)
-        runs.clear()
+            st.surplus, st.retry_later = [], []
+            if not keep_accepted:
+                st.accepted = []
+        return abort_error
+
+    async def _stop(self, runs: dict[int, GroupRun], counters: StepCounters) -> BaseException | None:
+        """Abort every in-flight request, stop waiting for scoring, file the groups away.
+
+        Every group is filed even if the abort fails or this coroutine is cancelled; a failed
+        abort is returned (the caller raises it once everything is filed).
+        """
+        if not runs:
+            return None
+        tasks = [r.task for r in runs.values()]
+        abort_error = None
+        try:
+            for r in runs.values():
+                r.stopping = True  # a group finishing from here on is buffered, not scored
+            ids = set().union(*(r.request_ids for r in runs.values()))
+            try:
+                await self.engine.abort(ids)  # streams count their own aborts (finish reason)
+            except Exception as exc:  # noqa: BLE001 - cancelling the streams aborts them too
+                log.error("abort failed (%r): cancelling the requests instead", exc)
+                abort_error = exc
+            for r in runs.values():
+                if r.phase == SCORING or abort_error is not None:
+                    r.task.cancel()  # a scorer keeps running; its result is kept for the group
+            _, pending = await asyncio.wait(tasks, timeout=self.abort_timeout_s)
+            for t in pending:  # cancelling the stream aborts its request too
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for t in tasks:
+                t.cancel()  # no-op for finished ones; nothing may keep writing to a filed group
+            for run in runs.values():
+                g = run.group
+                if g.finished or self.partial:
+                    self._to_buffer(g)
+                else:
+                    self._drop(g, "unfinished", counters)
+            runs.clear()
+        return abort_error
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -274,8 +359,14 @@ class AprilScheduler:
         self.buffer.put(group)
         self.ledger.move(group.uid, BUFFERED)
 
+    def _leave(self, group: Group, place: str, reason: str | None = None) -> None:
+        """The group leaves for good (returned or dropped): forget its attempts and kept score."""
+        self.ledger.move(group.uid, place, reason)
+        self.attempts.pop(group.uid, None)
+        self.scores.forget(group.uid)
+
     def _drop(self, group: Group, reason: str, counters: StepCounters) -> None:
-        self.ledger.move(group.uid, DROPPED, reason)
+        self._leave(group, DROPPED, reason)
         counters.drops[reason] += 1
 
     def check_conservation(self) -> None:
@@ -283,13 +374,14 @@ class AprilScheduler:
         self.ledger.check(in_flight=set(), buffered=self.buffer.uids())
 
     def state_dict(self) -> dict[str, Any]:
-        """Buffer + ledger + policy version, for checkpoints (call between steps)."""
+        """Buffer + ledger + policy version + failed attempts, for checkpoints (between steps)."""
         return {
             "format": 1,
             "buffer": self.buffer.state_dict(),
             "ledger": self.ledger.state_dict(),
             "policy_version": self.engine.policy_version,
             "steps": self.steps,
+            "attempts": {str(u): n for u, n in self.attempts.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,9 +391,10 @@ class AprilScheduler:
         self.buffer.load_state_dict(state["buffer"])
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
+        self.attempts = Counter({int(u): int(n) for u, n in state.get("attempts", {}).items()})
         self.min_policy_version = int(state["policy_version"])
         self.check_conservation()
 
     def close(self) -> None:
-        """Release the scoring threads (scorers still running finish in the background)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Release the scoring pool (scorers still running finish in the background)."""
+        self.pool.close()

@@ -5,27 +5,36 @@ Kept apart from the scheduler so the per-group rules read in one place:
   budget, clamped by the engine's context; no budget left -> finished as `length`, no request;
 - every streamed token is appended as it arrives, with its log-prob and policy version, so an
   abort keeps everything generated so far;
-- scoring runs on a copy, off the event loop (thread pool, or awaited if the scorer is async),
-  and only a completed scoring writes rewards back: a cancelled one leaves the group unscored.
+- an abort the scheduler did not ask for (vLLM aborted the request itself: a pause, a sleep) is
+  resumed at once, from the kept tokens, a few times; a request that ends with vLLM's `error`
+  raises `RequestFailed` (the scheduler retries the group in a later step, counted);
+- once the scheduler stops the step, a group that finishes generating is not scored now: it is
+  buffered and scored when resumed, so no judge holds up the step;
+- scoring goes through `KeptScores`: one scorer call per group, kept across steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollover.rollout.engine import SamplingSettings
 from rollover.rollout.metrics import StepCounters
+from rollover.rollout.scoring import KeptScores, Scorer  # noqa: F401 - Scorer re-exported
+from rollover.rollout.settings import SamplingSettings
 from rollover.rollout.types import Group, Sample
 
-Scorer = Callable[[Group], Any]  # fills Sample.reward (or returns the G rewards); may be async
 BudgetFn = Callable[[Group, int], int]  # (group, sample index) -> that sample's max response tokens
+RequestIdFn = Callable[[int, int], str]  # (group uid, sample index) -> a request id never used before
 
 GENERATING, SCORING = "generating", "scoring"
+# Resubmissions of one sample after aborts the scheduler did not ask for, per step.
+MAX_UNASKED_ABORT_RESUMES = 3
+
+
+class RequestFailed(RuntimeError):
+    """vLLM finished a request with `error` (a retryable request-level failure)."""
 
 
 @dataclass
@@ -36,6 +45,7 @@ class GroupRun:
     phase: str = GENERATING
     request_ids: set[str] = field(default_factory=set)
     task: asyncio.Task | None = None
+    stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
 
 
 class GroupRunner:
@@ -44,17 +54,17 @@ class GroupRunner:
     def __init__(
         self,
         engine: Any,
-        scorer: Scorer,
+        scores: KeptScores,
         sampling: SamplingSettings,
         max_tokens: int,
-        executor: Executor | None,
+        request_id: RequestIdFn,
         budget_fn: BudgetFn | None = None,
     ) -> None:
         self.engine = engine
-        self.scorer = scorer
+        self.scores = scores
         self.sampling = sampling
         self.max_tokens = max_tokens
-        self.executor = executor
+        self.request_id = request_id
         self.budget_fn = budget_fn
 
     def budget(self, group: Group, index: int) -> int:
@@ -64,36 +74,46 @@ class GroupRunner:
         context_left = self.engine.max_model_len - len(sample.prompt_ids) - len(sample.response_ids)
         return max(0, min(sample.remaining_budget(limit), context_left))
 
-    async def run(self, run: GroupRun, counters: StepCounters, tag: str) -> bool:
-        """Generate, then score. True when the group is finished and scored; False if aborted."""
+    async def run(self, run: GroupRun, counters: StepCounters) -> bool:
+        """Generate, then score. True when the group is finished and scored; False if stopped."""
         group = run.group
         pending = [(i, s) for i, s in enumerate(group.samples) if not s.finished]
         if pending:
             results = await asyncio.gather(
-                *(self._sample(run, i, s, counters, tag) for i, s in pending),
+                *(self._sample(run, i, s, counters) for i, s in pending),
                 return_exceptions=True,
             )
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
-        if not group.finished:
+        if not group.finished or run.stopping:
             return False
         if not group.scored:
             for s in group.samples:
                 s.text = self.engine.decode(s.response_ids)
             run.phase = SCORING
-            await self.score(group)
+            await self.scores.score(group)
         return True
 
-    async def _sample(
-        self, run: GroupRun, index: int, sample: Sample, counters: StepCounters, tag: str
-    ) -> None:
+    async def _sample(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
+        for attempt in range(MAX_UNASKED_ABORT_RESUMES + 1):
+            if run.stopping:
+                return
+            await self._request(run, index, sample, counters)
+            if sample.finish_reason == "error":
+                sample.finish_reason = "aborted"  # tokens kept; resumable
+                raise RequestFailed(f"group {run.group.uid} sample {index}: vLLM finished the request with error")
+            if sample.finish_reason != "aborted" or run.stopping:
+                return
+            counters.unasked_aborts += 1  # vLLM aborted it on its own: resume from the tokens
+
+    async def _request(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
         budget = self.budget(run.group, index)
         if budget == 0:
             sample.finish_reason = "length"
             counters.budget_exhausted += 1
             return
-        rid = f"g{run.group.uid}-s{index}-{tag}"
+        rid = self.request_id(run.group.uid, index)
         run.request_ids.add(rid)
         counters.requests_submitted += 1
         sample.finish_reason = None
@@ -110,21 +130,6 @@ class GroupRunner:
                     sample.finish_reason = chunk.finish_reason
                     counters.requests_aborted += chunk.finish_reason == "aborted"
         finally:
-            if sample.finish_reason is None:  # cancelled, or the stream ended without a reason
+            if sample.finish_reason is None:  # cancelled, failed, or the stream ended without a reason
                 sample.finish_reason = "aborted"
                 counters.requests_aborted += 1
-
-    async def score(self, group: Group) -> None:
-        """Score a copy; write rewards (and text) back only if scoring completes."""
-        copy = group.clone()
-        if inspect.iscoroutinefunction(self.scorer):
-            returned = await self.scorer(copy)
-        else:
-            loop = asyncio.get_running_loop()
-            returned = await loop.run_in_executor(self.executor, self.scorer, copy)
-        rewards = list(returned) if returned is not None else [s.reward for s in copy.samples]
-        if len(rewards) != len(group.samples) or any(r is None for r in rewards):
-            raise ValueError(f"scorer left rewards unset for group {group.uid}: {rewards}")
-        for s, c, r in zip(group.samples, copy.samples, rewards):
-            s.reward = float(r)
-            s.text = c.text  # a scorer may re-decode the text its own way

@@ -17,10 +17,12 @@ class StepCounters:
     generated_tokens: int = 0  # every token streamed this step, aborted requests included
     requests_submitted: int = 0
     requests_aborted: int = 0  # streams that ended `aborted`
+    unasked_aborts: int = 0  # aborts vLLM started itself; the sample was resumed
     budget_exhausted: int = 0  # samples finished as `length` without a request
     groups_drawn: int = 0
     groups_resumed: int = 0
     drops: Counter = field(default_factory=Counter)  # reason -> groups dropped this step
+    retries: Counter = field(default_factory=Counter)  # reason -> groups put back to retry later
 
 
 def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]:
@@ -53,6 +55,8 @@ def step_metrics(
         "rollout/requests_submitted": counters.requests_submitted,
         "rollout/requests_aborted": counters.requests_aborted,
         "rollout/budget_exhausted": counters.budget_exhausted,
+        "rollout/unasked_aborts": counters.unasked_aborts,
+        "rollout/retries": dict(counters.retries),
         "rollout/buffer_size": len(buffer),
         "rollout/buffer_age_hist": buffer.staleness_histogram(current_version),  # groups by age
         "rollout/groups_drawn": counters.groups_drawn,

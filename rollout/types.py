@@ -9,7 +9,9 @@ import copy
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "aborted"]
+# `repetition`: vLLM stopped a repetitive pattern; the sample is finished like `stop`.
+FinishReason = Literal["stop", "length", "repetition", "aborted"]
+FINISHED = ("stop", "length", "repetition")
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Sample:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason in ("stop", "length")
+        return self.finish_reason in FINISHED
 
     @property
     def truncated(self) -> bool:
