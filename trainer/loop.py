@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from statistics import pstdev
+from statistics import pstdev, stdev
 from typing import Any
 
 import torch
@@ -156,16 +156,14 @@ class Trainer:
                                    max_tokens=recipe.rollout.max_tokens,
                                    temperature=recipe.rollout.temperature, seed=recipe.train.seed + self.step)
         except NonFiniteLoss as exc:
-            self.bad_steps += 1
-            console.print(f"[yellow]step {self.step + 1}: {exc}; update skipped "
-                          f"({self.bad_steps}/{recipe.train.max_bad_steps} tolerated)")
-            if self.bad_steps > recipe.train.max_bad_steps:
-                raise TrainingStopped(f"{self.bad_steps} non-finite losses (train.max_bad_steps="
-                                      f"{recipe.train.max_bad_steps}); last checkpoint is intact") from None
-            stats = {"skipped": 1.0}
+            self._count_bad_step(str(exc))
+            stats = {"updates": 0.0, "nonfinite": 1.0}
+        refused = stats.pop("nonfinite_reason", None)
+        if refused is not None:  # earlier mini-batches were applied: the weights did change
+            self._count_bad_step(f"{refused}; the step's later updates were not applied")
         train_seconds = time.perf_counter() - train_started
         sync_started = time.perf_counter()
-        if "skipped" not in stats:
+        if stats["updates"] > 0:  # any applied update changes the weights the engine must serve
             await self.engine.wait_idle()
             await self.engine.update_weights(self.policy.engine_weights())
         sync_seconds = time.perf_counter() - sync_started
@@ -173,8 +171,7 @@ class Trainer:
         step_seconds = time.perf_counter() - started
         self.train_seconds += step_seconds
         metrics = {**result.metrics, **group_metrics(groups, result.metrics.get("rollout/filter_drops", 0)),
-                   **stats,
-                   "kl": stats.get("kl_ref", stats.get("kl_old", 0.0)),
+                   **stats, **({"kl": stats["kl_ref"]} if "kl_ref" in stats else {}),
                    "policy_version": self.engine.policy_version,
                    "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
                    "time/rollout": rollout_seconds, "time/train": train_seconds,
@@ -182,6 +179,15 @@ class Trainer:
                    "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
         self.tracker.log(self.step, metrics)
         return metrics
+
+    def _count_bad_step(self, reason: str) -> None:
+        """One more non-finite step; stop the run past `train.max_bad_steps`."""
+        max_bad = self.recipe.train.max_bad_steps
+        self.bad_steps += 1
+        console.print(f"[yellow]step {self.step + 1}: {reason} ({self.bad_steps}/{max_bad} tolerated)")
+        if self.bad_steps > max_bad:
+            raise TrainingStopped(f"{self.bad_steps} non-finite losses (train.max_bad_steps="
+                                  f"{max_bad}); last checkpoint is intact")
 
     async def train(self, resumed: bool = False) -> dict[str, Any]:
         train = self.recipe.train
@@ -219,16 +225,17 @@ class Trainer:
 def group_metrics(groups: list[Group], filtered: int) -> dict[str, float]:
     """TRL-named reward and completion statistics of the step's groups.
 
+    `reward_std` is TRL's: the sample standard deviation of all the batch's rewards.
     `frac_reward_zero_std` counts the groups dynamic sampling rejected (all rewards equal)
     among all the groups completed this step, as TRL's does for its (unfiltered) batch.
     """
     rewards = [r for g in groups for r in g.rewards]
-    stds = [pstdev(g.rewards) for g in groups]
+    stds = [pstdev(g.rewards) for g in groups]  # only whether each is zero matters
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
     truncated = [s.truncated for g in groups for s in g.samples]
     return {
         "reward": sum(rewards) / len(rewards),
-        "reward_std": sum(stds) / len(stds),
+        "reward_std": stdev(rewards) if len(rewards) > 1 else 0.0,
         "frac_reward_zero_std": (filtered + sum(math.isclose(s, 0.0) for s in stds)) / (filtered + len(stds)),
         "completions/mean_length": sum(lengths) / len(lengths),
         "completions/max_length": max(lengths),

@@ -17,7 +17,7 @@ SUMMED = ("loss", "pg_loss", "kl_loss", "pg_loss/pos_adv", "pg_loss/neg_adv", "t
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient of an update was NaN or infinite; the update was skipped."""
+    """Every update of a batch was refused (NaN or infinite loss or gradient): nothing changed."""
 
 
 def _merge(into: dict[str, list[tuple[float, float]]], stats: dict[str, torch.Tensor], weight: float) -> None:
@@ -55,19 +55,25 @@ def set_old_logprobs(policy: Policy, rows: list[Row], token_budget: int, tempera
 
 def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, rows: list[Row],
                    algo: AlgoConfig, train: TrainConfig, *, version: int, max_tokens: int,
-                   temperature: float, seed: int) -> dict[str, float]:
+                   temperature: float, seed: int) -> dict[str, float | str]:
     """`train.updates_per_batch` optimizer updates over shuffled mini-batches of `rows`.
 
     With one update, pi_old is the current policy (ratios are exactly 1 and clipping is idle);
     with several, pi_old is fixed before the first, so later mini-batches see clipped ratios.
-    Raises NonFiniteLoss (after zeroing the gradient) when an update's loss is not finite.
+    A mini-batch whose loss or gradient is not finite is not applied, and neither are the ones
+    after it. The returned stats say how many updates were applied (`updates`) and whether one
+    was refused (`nonfinite`, and the reason as the string `nonfinite_reason`, to pop before
+    logging): when `updates` > 0 the weights changed and the engine must get them. Raises
+    NonFiniteLoss only when no update was applied at all.
     """
     options = loss_options(algo, max_tokens)
     several = train.updates_per_batch > 1
     if several:
         set_old_logprobs(policy, rows, train.micro_batch_tokens, temperature)
     collected: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    grad_norms = []
+    grad_norms: list[float] = []
+    learning_rates: list[float] = []
+    refused: str | None = None
     pad_id = policy.tokenizer.pad_token_id
     for minibatch in split_minibatches(rows, train.updates_per_batch, seed):
         policy.model.train()
@@ -75,6 +81,7 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
         micro_batches = [collate(m, pad_id, version, policy.device) for m in packed_rows]
         masks = [_loss_mask(b, algo) for b in micro_batches]
         num_tokens = sum(int(active_mask(m, b.stale_mask, algo.offpolicy).sum()) for m, b in zip(masks, micro_batches))
+        update_stats: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for micro_rows, batch, mask in zip(packed_rows, micro_batches, masks):
             logprobs, entropy = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
             if several:
@@ -89,23 +96,35 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
                 entropy=entropy.detach(), num_sequences=len(minibatch), num_tokens=max(num_tokens, 1),
                 **options)
             if not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(f"loss is {loss.item()}")
+                refused = f"loss is {loss.item()}"
+                break
             loss.backward()
-            _merge(collected, stats, float(stats["tokens/active"]) or 1.0)
-        norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)
-        if not math.isfinite(float(norm)):
+            _merge(update_stats, stats, float(stats["tokens/active"]) or 1.0)
+        if refused is None:
+            norm = float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip))
+            if not math.isfinite(norm):
+                refused = f"gradient norm is {norm}"
+        if refused is not None:  # nothing of this mini-batch is applied, nor of the later ones
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"gradient norm is {float(norm)}")
-        grad_norms.append(float(norm))
+            break
+        learning_rates.append(optimizer.param_groups[0]["lr"])  # the rate this update uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        grad_norms.append(norm)
+        for name, pairs in update_stats.items():
+            collected[name].extend(pairs)
+    if not grad_norms:
+        raise NonFiniteLoss(f"{refused}; no update applied")
     out = _reduce(collected)
     for name in SUMMED[:5]:  # loss parts: the mean over updates of each update's value
         out[name] = out.get(name, 0.0) / len(grad_norms)
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    out["learning_rate"] = scheduler.get_last_lr()[0]
+    out["learning_rate"] = sum(learning_rates) / len(learning_rates)
+    out["updates"] = float(len(grad_norms))
+    out["nonfinite"] = float(refused is not None)
+    if refused is not None:
+        out["nonfinite_reason"] = refused
     return out
 
 

@@ -15,7 +15,9 @@ def test_group_metrics_by_hand():
               Group(1, {}, [sample(2, 1.0), sample(2, 1.0)])]
     m = group_metrics(groups, filtered=2)
     assert m["reward"] == pytest.approx(0.75)
-    assert m["reward_std"] == pytest.approx((0.5 + 0.0) / 2)  # population std per group, averaged
+    # TRL's reward_std: the sample std (n - 1) of all the step's rewards, 1, 0, 1, 1 (mean 0.75):
+    # sqrt((3 * 0.25**2 + 0.75**2) / 3) = sqrt(0.25).
+    assert m["reward_std"] == pytest.approx(0.5)
     assert m["frac_reward_zero_std"] == pytest.approx((2 + 1) / (2 + 2))  # 2 rejected + group 1, of 4
     assert m["completions/mean_length"] == pytest.approx(16 / 4)
     assert m["completions/max_length"] == 8
