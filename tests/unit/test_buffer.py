@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rollover.rollout.april import AprilScheduler, RolloutExhausted
+from rollover.rollout.april import AprilScheduler, RolloutExhausted, TooManyFailures
 from rollover.rollout.buffer import PartialBuffer, group_age
 from rollover.rollout.engine import TokenChunk
 from rollover.rollout.ledger import Ledger, LedgerError
@@ -155,6 +155,12 @@ def _source(lengths: dict[int, int], too_long: set[int] = frozenset(), limit: in
     return items()
 
 
+def _sample_of(request_id: str) -> tuple[int, int]:
+    """(group uid, sample index) from a request id `<scheduler>-g<uid>-s<index>-<n>`."""
+    _, g, s, _ = request_id.split("-")
+    return int(g[1:]), int(s[1:])
+
+
 def _stop_by_uid(lengths):
     return lambda prompt_ids: lengths.get(prompt_ids[0], 3)
 
@@ -241,10 +247,11 @@ def test_partial_on_buffers_unfinished_and_resumes_with_remaining_budget():
         return await sched.step()
     res = _run(later())
     assert [g.uid for g in res.groups][:3] == [3, 4, 5]  # resumed groups first, oldest first
-    sent = {rid: (n, b) for rid, n, b in engine.requests}
+    sent = {_sample_of(rid): (n, b) for rid, n, b in engine.requests}
+    assert len(sent) == len(engine.requests)  # one request per sample in this step
     for uid, lens in kept.items():
         for i, n in enumerate(lens):
-            assert sent[f"g{uid}-s{i}-t1"] == (2 + n, 20 - n)
+            assert sent[(uid, i)] == (2 + n, 20 - n)
     for g in res.groups:
         assert all(len(s.response_ids) == 20 and s.finish_reason == "length" for s in g.samples)
 
@@ -259,8 +266,10 @@ def test_exhausted_source_and_scorer_errors_lose_nothing():
     def broken(group):
         raise ZeroDivisionError("judge down")
     sched = AprilScheduler(FakeEngine(_stop_by_uid(lengths)), _config(), _source(lengths), broken)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(TooManyFailures, match=r"groups failed in one step \(limit 12\)"):  # 2 x N'
         _run(sched.step())
+    assert sched.ledger.counts()["dropped"] == 0  # one failed attempt each: all kept to retry
+    assert set(sched.attempts.values()) == {1}
     sched.check_conservation()
     assert sched.ledger.counts()["in_flight"] == 0 and len(sched.buffer) == sched.ledger.counts()["drawn"]
     assert all(g.finished and not g.scored for g in sched.buffer.groups() if g.finished)
@@ -287,8 +296,8 @@ def test_restored_checkpoint_refuses_an_engine_on_older_weights():
     assert restored.buffer.uids() == buffered  # the refused step lost nothing
     fresh.policy_version = 3  # what update_weights(weights, version=3) does
     _run(restored.step())
-    resumed = {r[0].split("-")[0][1:] for r in fresh.requests}
-    assert {str(u) for u in unfinished} <= resumed
+    resumed = {_sample_of(r[0])[0] for r in fresh.requests}
+    assert unfinished <= resumed
     restored.check_conservation()
 
 
