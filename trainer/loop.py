@@ -66,7 +66,8 @@ class Trainer:
             policy.enable_reference()
         self.prompts = PromptStream(task, policy.tokenizer, recipe)
         self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.score_group,
-                                        self.keep_group if recipe.algo.dynamic_sampling else None)
+                                        self.keep_group if recipe.algo.dynamic_sampling else None,
+                                        max_rejections_per_step=recipe.rollout.max_rejections_per_step)
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
                                         recipe.task.system_prompt) for r in self.eval_records]
@@ -150,6 +151,7 @@ class Trainer:
         advantages = group_advantages(rewards, recipe.advantage_std)
         rows = rows_from_groups(groups, advantages)
         train_started = time.perf_counter()
+        await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
         try:
             stats = train_on_batch(self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
                                    recipe.train, version=self.engine.policy_version,
@@ -163,6 +165,7 @@ class Trainer:
             self._count_bad_step(f"{refused}; the step's later updates were not applied")
         train_seconds = time.perf_counter() - train_started
         sync_started = time.perf_counter()
+        await self.engine.wake_up()
         if stats["updates"] > 0:  # any applied update changes the weights the engine must serve
             await self.engine.wait_idle()
             await self.engine.update_weights(self.policy.engine_weights())

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rollover.rollout.engine import EngineSettings, EngineStartError, RolloutEngine
+from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
+from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
 from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.checkpoint import latest_checkpoint
@@ -22,6 +23,9 @@ from rollover.trainer.policy import ModelLoadError, Policy
 from rollover.trainer.tracking import Tracker, console
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+# Stops the run can meet in normal operation: one line and exit 1, never a traceback.
+EXPECTED_STOPS = (TrainingStopped, TooManyRejections, TooManyFailures, RolloutExhausted,
+                  StaleEngineError, EngineBusyError, WeightLoadError)
 
 
 def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:
@@ -85,8 +89,10 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
         tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
         trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
         summary = asyncio.run(_train(trainer, checkpoint))
-    except TrainingStopped as exc:
-        print(f"rl-train: stopped: {exc}", file=sys.stderr)
+    except EXPECTED_STOPS as exc:
+        step = trainer.step if trainer is not None else 0
+        print(f"rl-train: stopped at step {step}: {str(exc).splitlines()[0]}; "
+              f"{_resume_hint(output_dir, recipe_path)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if trainer is not None:
@@ -99,6 +105,15 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
                   f"held-out greedy accuracy {first:.1%} -> {last:.1%} ({(last - first) * 100:+.1f} points); "
                   f"summary in {output_dir / 'summary.json'}")
     return 0
+
+
+def _resume_hint(output_dir: Path, recipe_path: str) -> str:
+    """Where the run can continue from, as one clause."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        return "no checkpoint was written"
+    return (f"last checkpoint {checkpoint} is intact (continue with: rl-train {recipe_path} "
+            f"train.output_dir={output_dir} train.resume=true)")
 
 
 async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:

@@ -90,3 +90,24 @@ def test_lora_engine_weights_are_merged(tmp_path):
     torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected)
     # The adapter is unmerged again afterwards: the trainable model is unchanged.
     torch.testing.assert_close(layer.base_layer.weight, plain.base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_too_many_rejections_stops_rl_train_in_one_line(tmp_path):
+    """A reward that never varies: every group is rejected, and rl-train stops cleanly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "rollover.trainer.cli", str(root / "recipes/grpo_math.yaml"),
+         f"train.output_dir={tmp_path / 'run'}", "tracking.wandb=disabled", "task.eval_size=8",
+         "rollout.groups_per_step=2", "rollout.group_size=2", "rollout.max_tokens=24",
+         "task.rewards=[{fn: 'tests.integration.reward_fns:constant'}]",
+         "rollout.max_rejections_per_step=3"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("rl-train: stopped at step 0: ") and "rejected" in last
+    assert "no checkpoint was written" in last
