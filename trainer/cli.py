@@ -28,10 +28,12 @@ def check_paths(recipe: Recipe) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="rl-train", description="RL post-training (GRPO/DAPO/GSPO) with Active Partial Rollouts.")
-    parser.add_argument("recipe", help="a YAML recipe, e.g. recipes/grpo_math.yaml")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
+    parser.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. recipes/grpo_math.yaml")
+    parser.add_argument("overrides", nargs="*", help="optional key.sub=value overrides, e.g. train.steps=20")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     args = parser.parse_args(argv)
+    if args.recipe is None:  # argparse would call the optional overrides required too
+        parser.error("a recipe is required, e.g. rl-train recipes/grpo_math.yaml [key.sub=value ...]")
     # `resume=PATH` is short for train.resume=PATH.
     args.overrides = [f"train.{o}" if o.startswith("resume=") else o for o in args.overrides]
     return args

@@ -107,3 +107,32 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
     assert resolve_dtype("auto", has_cuda=True) == "bfloat16"
     assert resolve_dtype("auto", has_cuda=False) == "float32"
     assert resolve_dtype("float16", has_cuda=True) == "float16"
+
+
+def test_a_section_given_twice_is_refused(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  steps: 5\nrollout:\n  group_size: 4\ntrain:\n  lr: 1.0e-5\n")
+    with pytest.raises(RecipeError, match="line 5: key 'train' is given twice"):
+        load_recipe(recipe)
+
+
+def test_a_key_given_twice_in_a_section_is_refused(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("train:\n  steps: 5\n  steps: 6\n")
+    with pytest.raises(RecipeError, match="key 'steps' is given twice"):
+        load_recipe(recipe)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("train:\n  output_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(recipe)
+
+
+def test_no_arguments_shows_usage_with_optional_overrides():
+    result = subprocess.run([sys.executable, "-m", "rollover.trainer.cli"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "usage: rl-train" in result.stderr and "[overrides ...]" in result.stderr
+    assert "a recipe is required" in result.stderr and "overrides" not in result.stderr.splitlines()[-1]
