@@ -20,6 +20,7 @@ from rollover.trainer.checkpoint import latest_checkpoint
 from rollover.trainer.config import Recipe, to_yaml
 from rollover.trainer.loop import Trainer, TrainingStopped
 from rollover.trainer.policy import ModelLoadError, Policy
+from rollover.trainer.run_folder import RunFolder, RunFolderError
 from rollover.trainer.tracking import Tracker, console
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -58,7 +59,21 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     output_dir = output_dir_for(recipe, recipe_path)
     if isinstance(recipe.train.resume, str) and not recipe.train.output_dir:
         output_dir = Path(recipe.train.resume).expanduser().resolve().parent.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(output_dir)
+    try:
+        folder.claim(resuming=bool(recipe.train.resume))
+    except RunFolderError as exc:
+        print(f"rl-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run_in_folder(recipe, recipe_path, folder)
+    finally:
+        folder.release()
+
+
+def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
+    """The run, in its claimed folder; returns the exit status."""
+    output_dir = folder.folder
     console.print(f"run folder: {output_dir}")
     seed_everything(recipe.train.seed)
     if not torch.cuda.is_available():
@@ -75,7 +90,6 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     except (TaskError, ModelLoadError) as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
     # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
     settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
                                            model=str(checkpoint) if checkpoint else policy.path)
@@ -84,6 +98,8 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     except EngineStartError as exc:
         print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
+    folder.started()
+    (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
     trainer = None
     try:
         tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
