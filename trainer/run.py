@@ -20,6 +20,7 @@ from rollover.trainer.checkpoint import latest_checkpoint
 from rollover.trainer.config import Recipe, to_yaml
 from rollover.trainer.loop import Trainer, TrainingStopped
 from rollover.trainer.policy import ModelLoadError, Policy
+from rollover.trainer.resume_check import ResumeMismatch, check_resume
 from rollover.trainer.run_folder import RunFolder, RunFolderError
 from rollover.trainer.tracking import Tracker, console
 
@@ -81,13 +82,16 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
         # slow each other down (measured: 2 threads 0.70 s/update, 1 thread 0.28 s on 2 cores).
         torch.set_num_threads(recipe.train.cpu_threads or 1)
     try:
+        checkpoint = resume_point(recipe, output_dir)
+        if checkpoint is not None:
+            for key, (before, after) in check_resume(output_dir, recipe.model_dump(mode="json")).items():
+                console.print(f"resuming with {key} changed: {before} -> {after}")
         task = build_task(recipe.task)
         rewards = RewardRunner.from_config(recipe.task, task)
-        checkpoint = resume_point(recipe, output_dir)
         policy = Policy(recipe.model, recipe.train.lora)
         if checkpoint is not None:
             load_checkpoint_weights(policy, checkpoint)
-    except (TaskError, ModelLoadError) as exc:
+    except (TaskError, ModelLoadError, ResumeMismatch) as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.

@@ -53,3 +53,19 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
     result = rl_train(f"train.output_dir={out}", "task.rewards=[{fn: 'no_such_module:reward'}]")
     assert "cannot import 'no_such_module:reward'" in one_line_error(result)
     assert not out.exists()
+
+
+def test_resume_refuses_changed_meaning_before_the_engine_starts(tmp_path):
+    out = tmp_path / "run"
+    saved = subprocess.run([sys.executable, "-m", "rollover.trainer.cli", str(ROOT / "recipes/grpo_math.yaml"),
+                            f"train.output_dir={out}", "--print-config"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    checkpoint = out / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    (out / "recipe.yaml").write_text(saved)
+    result = rl_train(f"train.output_dir={out}", "train.resume=true", "rollout.group_size=4",
+                      "train.lora.enabled=true")
+    line = one_line_error(result)
+    assert "rollout.group_size 8 -> 4" in line and "train.lora.enabled false -> true" in line
+    assert (out / "recipe.yaml").read_text() == saved  # not overwritten by the refused run
