@@ -3,11 +3,15 @@
 A checkpoint holds the model in `save_pretrained` format (loadable by transformers and vLLM as
 is), and `trainer_state.pt`: optimizer, scheduler, RNG states, step, policy version, the APRIL
 buffer and dataset cursor, and counters. A crash mid-write leaves only a `.tmp-*` folder, which
-is never read; `latest` names the newest complete checkpoint.
+is never read; `latest` names the newest complete checkpoint. `manifest.json`, written last,
+holds every file's size and SHA-256, so a checkpoint damaged after the fact (a truncated
+safetensors file, a missing file) is detected and skipped on resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 LATEST = "latest"
 
 
@@ -50,6 +55,7 @@ def save_checkpoint(output_dir: Path, step: int, policy, trainer_state: dict[str
     try:
         policy.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / STATE_FILE)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -68,16 +74,70 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and SHA-256 of every file in the checkpoint folder, written last."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is.
+
+    Checkpoints from before manifests existed are accepted on their trainer state alone.
+    """
+    if not (folder / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint under `output_dir`, or None."""
+    """The newest complete checkpoint under `output_dir`, or None (see `find_checkpoint`)."""
+    return find_checkpoint(output_dir)[0]
+
+
+def find_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint or None, the newer ones skipped with their problem).
+
+    `latest` is tried first, then every `step-*` folder from the newest down.
+    """
     root = checkpoint_dir(output_dir)
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    return complete[-1] if complete else None
+    if pointer.is_file() and (root / pointer.read_text().strip()) in candidates:
+        named = root / pointer.read_text().strip()
+        candidates.remove(named)
+        candidates.insert(0, named)
+    skipped = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate, skipped
+        skipped.append((candidate, problem))
+    return None, skipped
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

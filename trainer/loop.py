@@ -117,6 +117,7 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
         self.rewards.failures.update(state["rewards_failures"])
         self.step = state["step"]
+        self.tracker.forget_after(self.step)  # the steps after the checkpoint are trained again
         set_rng_state(state["rng"])
 
     def save(self) -> Path:

@@ -16,7 +16,7 @@ from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFa
 from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
 from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
-from rollover.trainer.checkpoint import latest_checkpoint
+from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint
 from rollover.trainer.config import Recipe, to_yaml
 from rollover.trainer.loop import Trainer, TrainingStopped
 from rollover.trainer.policy import ModelLoadError, Policy
@@ -42,7 +42,9 @@ def resume_point(recipe: Recipe, output_dir: Path) -> Path | None:
     if isinstance(resume, str):
         return Path(resume).expanduser()
     if resume:
-        found = latest_checkpoint(output_dir)
+        found, skipped = find_checkpoint(output_dir)
+        for damaged, problem in skipped:
+            console.print(f"[yellow]warning: skipping damaged checkpoint {damaged} ({problem})")
         if found is None:
             console.print(f"train.resume: no checkpoint in {output_dir}; starting fresh")
         return found

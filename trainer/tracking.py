@@ -49,6 +49,21 @@ class Tracker:
             console.print(f"W&B offline run in {Path(self.run.dir).parent} — upload with: "
                           f"wandb sync {Path(self.run.dir).parent}")
 
+    def forget_after(self, step: int) -> int:
+        """Drop metrics.jsonl lines of steps after `step` (a resume retrains them); returns how many.
+
+        Keeps one line per step whatever checkpoint a run resumes from. Rewritten atomically.
+        """
+        if not self.metrics_path.is_file():
+            return 0
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
+        return len(lines) - len(kept)
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
