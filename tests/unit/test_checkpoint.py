@@ -2,7 +2,6 @@
 
 import json
 
-
 from rollover.trainer.checkpoint import find_checkpoint, save_checkpoint
 from rollover.trainer.config import LoraConfig, ModelConfig, TrackingConfig
 from rollover.trainer.policy import Policy
