@@ -23,6 +23,11 @@ def check_paths(recipe: Recipe) -> None:
     resume = recipe.train.resume
     if isinstance(resume, str) and not Path(resume).expanduser().is_dir():
         raise RecipeError(f"train.resume: checkpoint not found: {resume}")
+    from rollover.trainer.tracking import has_wandb_key
+
+    if recipe.tracking.wandb == "online" and not has_wandb_key():
+        raise RecipeError("tracking.wandb=online needs a W&B API key (set WANDB_API_KEY or run "
+                          "`wandb login`); or use tracking.wandb=auto, which runs offline without one")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,16 +16,21 @@ from rollover.trainer.config import TrackingConfig
 console = Console(stderr=True)
 
 
+def has_wandb_key() -> bool:
+    """An API key is configured: WANDB_API_KEY, or `wandb login`'s entry in the netrc file."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
 def wandb_mode(setting: str) -> str:
     """`auto` means online when an API key is configured (env or netrc), else offline."""
     if setting != "auto":
         return setting
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
+    return "online" if has_wandb_key() else "offline"
 
 
 class Tracker:

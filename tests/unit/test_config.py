@@ -1,5 +1,6 @@
 """The recipe schema and rl-train's handling of bad input (one line, exit status 2)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,15 @@ def test_no_arguments_shows_usage_with_optional_overrides():
     assert result.returncode == 2
     assert "usage: rl-train" in result.stderr and "[overrides ...]" in result.stderr
     assert "a recipe is required" in result.stderr and "overrides" not in result.stderr.splitlines()[-1]
+
+
+def test_wandb_online_without_a_key_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env["NETRC"] = str(tmp_path / "no-netrc")
+    result = subprocess.run(
+        [sys.executable, "-m", "rollover.trainer.cli", str(ROOT / "recipes/grpo_math.yaml"),
+         "tracking.wandb=online", f"train.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("rl-train: error: tracking.wandb=online needs a W&B API key")
+    assert not (tmp_path / "run").exists()
