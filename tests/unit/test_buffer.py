@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -157,8 +158,8 @@ def _source(lengths: dict[int, int], too_long: set[int] = frozenset(), limit: in
 
 def _sample_of(request_id: str) -> tuple[int, int]:
     """(group uid, sample index) from a request id `<scheduler>-g<uid>-s<index>-<n>`."""
-    _, g, s, _ = request_id.split("-")
-    return int(g[1:]), int(s[1:])
+    found = re.search(r"(?:^|-)g(\d+)-s(\d+)-", request_id)
+    return int(found[1]), int(found[2])
 
 
 def _stop_by_uid(lengths):
