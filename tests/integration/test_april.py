@@ -7,8 +7,10 @@ what it handed out, and the filter records what it rejected.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import re
 from collections import defaultdict
 
 import pytest
@@ -43,9 +45,9 @@ class SpyEngine:
             yield chunk
 
     def for_sample(self, uid: int, index: int) -> list[dict]:
-        """This sample's requests in submission order (ids are g<uid>-s<i>-t<step>)."""
-        prefix = f"g{uid}-s{index}-t"
-        keys = sorted((k for k in self.requests if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+        """This sample's requests in submission order (ids are <scheduler>-g<uid>-s<i>-<n>)."""
+        mine = re.compile(rf"-g{uid}-s{index}-(\d+)$")
+        keys = sorted((k for k in self.requests if mine.search(k)), key=lambda k: int(mine.search(k)[1]))
         return [self.requests[k] for k in keys]
 
 
@@ -230,3 +232,30 @@ def _weights(engine):
     for f in Path(engine.settings.model).glob("*.safetensors"):
         tensors.update(load_file(f))
     return tensors
+
+
+def test_aborts_the_engine_starts_itself_resume_the_samples(engine, run, tokenizer):
+    """vLLM's own pause (mode="abort") cuts every request; the step resumes them and finishes."""
+    budget_of = lambda g, i: 40  # noqa: E731
+    spy = SpyEngine(engine)
+    sched = AprilScheduler(spy, config(groups_per_step=2, over_provision=1.0, max_tokens=40),
+                           Source(tokenizer), score, sampling=FORCED, budget_fn=budget_of)
+
+    async def interrupted_step():
+        step = asyncio.create_task(sched.step())
+        while sum(len(r["got"]) for r in spy.requests.values()) < 8:
+            await asyncio.sleep(0.005)
+        await engine.llm.pause_generation(mode="abort", clear_cache=False)  # not the scheduler
+        await asyncio.sleep(0.1)
+        await engine.llm.resume_generation()
+        return await step
+
+    result = run(interrupted_step())
+    sched.close()
+    assert [g.uid for g in result.groups] == [0, 1]
+    unasked = [r for r in spy.requests.values() if r["finish"] == "aborted"]
+    assert unasked and result.metrics["rollout/unasked_aborts"] == len(unasked)
+    for g in result.groups:
+        assert all(len(s.response_ids) == 40 and s.finish_reason == "length" for s in g.samples)
+        check_no_regeneration(spy, g, budget_of)
+    run(engine.wait_idle(timeout=5))

@@ -138,3 +138,68 @@ def test_engine_that_cannot_start_raises_a_clear_error(tmp_path):
 def test_abort_of_unknown_or_finished_requests_is_harmless(engine, run):
     assert run(engine.abort(["never-submitted"])) == 0
     run(asyncio.sleep(0))
+
+
+def test_request_sent_during_a_weight_load_is_served_by_the_new_weights(engine, run, tokenizer, hf_model):
+    prompt = tokenizer.encode("58+27=")
+    original = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    perturbed = {k: v + 0.05 * torch.randn_like(v, generator=torch.Generator().manual_seed(1))
+                 if k.endswith("proj.weight") else v for k, v in original.items()}
+    before = engine.policy_version
+
+    async def load_while_requesting():
+        load = asyncio.create_task(engine.update_weights(perturbed))
+        await asyncio.sleep(0)  # the load has started: the request below arrives in the middle
+        assert not load.done()
+        got = await collect(engine, prompt, 12, request_id="during-load")
+        await load
+        return got
+
+    ids, lps, versions, _ = run(load_while_requesting())
+    assert versions == [before + 1] * 12
+    hf_model.load_state_dict(perturbed)
+    try:
+        assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
+    finally:
+        hf_model.load_state_dict(original)
+    run(engine.update_weights(original, version=before + 2))
+    assert engine.policy_version == before + 2
+
+
+def test_a_request_id_in_use_is_refused(engine, run, tokenizer):
+    prompt = tokenizer.encode("3+4=")
+
+    async def twice():
+        first = engine.stream(prompt, 200, FORCED, request_id="same-id")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already running"):
+            await collect(engine, prompt, 4, request_id="same-id")
+        await engine.abort(["same-id"])
+        finish = None
+        async for chunk in first:
+            finish = chunk.finish_reason or finish
+        return finish
+
+    assert run(twice()) == "aborted"  # the first request was not disturbed by the second
+    run(engine.wait_idle(timeout=5))
+
+
+def test_wait_idle_never_cuts_another_callers_request_short(engine, run, tokenizer):
+    """The scheduler's wait_idle must not abort an evaluation running beside it."""
+    from rollover.rollout.engine import SamplingSettings as S
+
+    prompt = tokenizer.encode("91+9=")
+
+    async def evaluation_beside_the_scheduler():
+        evaluation = asyncio.create_task(engine.generate(prompt, 60, S(temperature=1.0, ignore_eos=True)))
+        mine = engine.stream(prompt, 200, FORCED, request_id="sched-own")
+        await mine.__anext__()
+        await engine.abort(["sched-own"])
+        await engine.wait_idle(timeout=5, request_ids=["sched-own"])  # only the caller's request
+        async for _ in mine:
+            pass
+        await engine.wait_idle(timeout=30)  # the whole engine: waits for the evaluation to end
+        return await evaluation
+
+    out = run(evaluation_beside_the_scheduler())
+    assert out.finish_reason == "length" and len(out.token_ids) == 60
