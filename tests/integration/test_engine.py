@@ -194,10 +194,15 @@ def test_wait_idle_never_cuts_another_callers_request_short(engine, run, tokeniz
         evaluation = asyncio.create_task(engine.generate(prompt, 60, S(temperature=1.0, ignore_eos=True)))
         mine = engine.stream(prompt, 200, FORCED, request_id="sched-own")
         await mine.__anext__()
+
+        async def drain():  # the scheduler's group task, reading its stream to the end
+            async for _ in mine:
+                pass
+
+        reader = asyncio.create_task(drain())
         await engine.abort(["sched-own"])
         await engine.wait_idle(timeout=5, request_ids=["sched-own"])  # only the caller's request
-        async for _ in mine:
-            pass
+        await reader
         await engine.wait_idle(timeout=30)  # the whole engine: waits for the evaluation to end
         return await evaluation
 
