@@ -46,9 +46,8 @@ class SpyEngine:
 
     def for_sample(self, uid: int, index: int) -> list[dict]:
         """This sample's requests in submission order (ids are <scheduler>-g<uid>-s<i>-<n>)."""
-        mine = re.compile(rf"-g{uid}-s{index}-(\d+)$")
-        keys = sorted((k for k in self.requests if mine.search(k)), key=lambda k: int(mine.search(k)[1]))
-        return [self.requests[k] for k in keys]
+        mine = re.compile(rf"-g{uid}-s{index}-\d+$")
+        return [r for k, r in self.requests.items() if mine.search(k)]  # dicts keep insertion order
 
 
 class Source:
