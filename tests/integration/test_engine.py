@@ -41,6 +41,16 @@ def reference_logprobs(model, prompt: list[int], response: list[int]) -> list[fl
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0].tolist()
 
 
+def assert_logprobs_under(model, weights, prompt, ids, lps) -> None:
+    """The streamed log-probs are those of `weights` (loaded into `model` for the check only)."""
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(weights)
+    try:
+        assert lps == pytest.approx(reference_logprobs(model, prompt, ids), abs=2e-3)
+    finally:
+        model.load_state_dict(original)
+
+
 async def collect(engine, prompt, budget, request_id=None, abort_after=None, sampling=FORCED):
     """Stream one request; optionally abort it once `abort_after` tokens have arrived."""
     ids, lps, versions, finish = [], [], [], None
@@ -116,11 +126,7 @@ def test_update_weights_needs_idle_engine_and_stamps_new_version(engine, run, to
     assert run(engine.update_weights(perturbed)) == before + 1
     ids, lps, versions, _ = run(collect(engine, prompt, 16))
     assert versions == [before + 1] * 16
-    hf_model.load_state_dict(perturbed)
-    try:
-        assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
-    finally:
-        hf_model.load_state_dict(original)
+    assert_logprobs_under(hf_model, perturbed, prompt, ids, lps)
     # Back to the original weights, with an explicit version (as after a checkpoint restore).
     assert run(engine.update_weights(original.items(), version=before + 5)) == before + 5
     ids, lps, versions, _ = run(collect(engine, prompt, 16))
@@ -157,11 +163,7 @@ def test_request_sent_during_a_weight_load_is_served_by_the_new_weights(engine, 
 
     ids, lps, versions, _ = run(load_while_requesting())
     assert versions == [before + 1] * 12
-    hf_model.load_state_dict(perturbed)
-    try:
-        assert lps == pytest.approx(reference_logprobs(hf_model, prompt, ids), abs=2e-3)
-    finally:
-        hf_model.load_state_dict(original)
+    assert_logprobs_under(hf_model, perturbed, prompt, ids, lps)
     run(engine.update_weights(original, version=before + 2))
     assert engine.policy_version == before + 2
 

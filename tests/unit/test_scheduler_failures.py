@@ -55,36 +55,29 @@ class FaultyEngine(FakeEngine):
         fault = self.faults((uid, index, self.seen[(uid, index)]))
         self.seen[(uid, index)] += 1
         self.ids.append(request_id)
-        self.requests.append((request_id, len(prompt_ids), max_tokens))
-        self._open.add(request_id)
+        if fault == "raise_start":
+            raise RuntimeError("request rejected")
+        if fault == "dies":
+            self.errored = True
+            raise EngineDead("engine core died")
+        inner = super().stream(prompt_ids, max_tokens, sampling, request_id)
         try:
-            if fault == "raise_start":
-                raise RuntimeError("request rejected")
-            if fault == "dies":
-                self.errored = True
-                raise EngineDead("engine core died")
-            stop, done = self.stop_at(prompt_ids), len(prompt_ids) - 2
-            for i in range(max_tokens):
-                await asyncio.sleep(self.tick)
-                if request_id in self._aborted:
-                    if fault == "stop_on_abort":
-                        yield TokenChunk([7], [-0.5], self.policy_version, "stop")
-                    else:
-                        yield TokenChunk([], [], self.policy_version, "aborted")
+            n = 0
+            async for chunk in inner:
+                n += 1
+                if fault == "stop_on_abort" and chunk.finish_reason == "aborted":
+                    chunk = TokenChunk([7], [-0.5], chunk.version, "stop")
+                elif n == 1 and fault in ("repetition", "error", "unasked_abort"):
+                    reason = "aborted" if fault == "unasked_abort" else fault
+                    yield TokenChunk(chunk.token_ids, chunk.logprobs, chunk.version, reason)
                     return
-                done += 1
-                if i == 1 and fault in ("raise_mid", "cancelled"):
-                    raise RuntimeError("stream broke") if fault == "raise_mid" else asyncio.CancelledError()
-                if i == 0 and fault in ("repetition", "error", "unasked_abort"):
-                    yield TokenChunk([7], [-0.5], self.policy_version,
-                                     "aborted" if fault == "unasked_abort" else fault)
-                    return
-                finish = "stop" if done >= stop else ("length" if i == max_tokens - 1 else None)
-                yield TokenChunk([7], [-0.5], self.policy_version, finish)
-                if finish:
-                    return
+                elif n == 2 and fault == "raise_mid":
+                    raise RuntimeError("stream broke")
+                elif n == 2 and fault == "cancelled":
+                    raise asyncio.CancelledError()
+                yield chunk
         finally:
-            self._open.discard(request_id)
+            await inner.aclose()
 
 
 class LoggedSource:
