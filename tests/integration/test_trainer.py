@@ -52,9 +52,10 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
         failed_after_first = rewards.failures["tests.integration.reward_fns:judge_down"]
         second = run(trainer.train_step())
         # The judge that raises is scored as failed for every scored sample (at least the 3x4
-        # returned ones), counted in the metrics, and never crashes the run.
+        # returned ones per step, each scored once: a buffered group keeps its scores), counted
+        # in the metrics, and never crashes the run.
         assert first["reward_failures"] == failed_after_first >= 12
-        assert second["reward_failures"] >= failed_after_first + 12
+        assert second["reward_failures"] >= 2 * 12 and second["reward_failures"] > failed_after_first
         assert engine.policy_version == start_version + 2  # each step's weights reached the engine
         assert math.isfinite(first["loss"]) and first["time/weight_sync"] > 0
         assert "kl" not in first  # only the reference KL is logged as `kl`, and kl_coef is 0
