@@ -14,6 +14,7 @@ import torch
 
 from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
 from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
+from rollover.rollout.settings import SleepModeUnavailable
 from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint
@@ -96,9 +97,13 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
     except (TaskError, ModelLoadError, ResumeMismatch) as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
-    settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
-                                           model=str(checkpoint) if checkpoint else policy.path)
+    try:
+        # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
+        settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
+                                               model=str(checkpoint) if checkpoint else policy.path)
+    except SleepModeUnavailable as exc:
+        print(f"rl-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         engine = RolloutEngine(settings).start()
     except EngineStartError as exc:

@@ -69,3 +69,10 @@ def test_resume_refuses_changed_meaning_before_the_engine_starts(tmp_path):
     line = one_line_error(result)
     assert "rollout.group_size 8 -> 4" in line and "train.lora.enabled false -> true" in line
     assert (out / "recipe.yaml").read_text() == saved  # not overwritten by the refused run
+
+
+def test_sleep_mode_without_cuda_is_one_line_before_the_engine_starts(tmp_path):
+    out = tmp_path / "run"
+    line = one_line_error(rl_train(f"train.output_dir={out}", "rollout.sleep_mode=true"))
+    assert "rollout.sleep_mode" in line and "CUDA" in line
+    assert not out.exists()
