@@ -67,8 +67,7 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     try:
         folder.claim(resuming=bool(recipe.train.resume))
     except RunFolderError as exc:
-        print(f"rl-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(exc, EXIT_USAGE)
     try:
         return _run_in_folder(recipe, recipe_path, folder)
     finally:
@@ -95,20 +94,17 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
         if checkpoint is not None:
             load_checkpoint_weights(policy, checkpoint)
     except (TaskError, ModelLoadError, ResumeMismatch) as exc:
-        print(f"rl-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(exc, EXIT_USAGE)
     try:
         # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
         settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
                                                model=str(checkpoint) if checkpoint else policy.path)
     except SleepModeUnavailable as exc:
-        print(f"rl-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(exc, EXIT_USAGE)
     try:
         engine = RolloutEngine(settings).start()
     except EngineStartError as exc:
-        print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_FAILED
+        return _error(exc, EXIT_FAILED)
     folder.started()
     (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
     trainer = None
@@ -132,6 +128,12 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
                   f"held-out greedy accuracy {first:.1%} -> {last:.1%} ({(last - first) * 100:+.1f} points); "
                   f"summary in {output_dir / 'summary.json'}")
     return 0
+
+
+def _error(exc: BaseException, status: int) -> int:
+    """Print the first line of `exc` as rl-train's one-line error; return the exit status."""
+    print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return status
 
 
 def _resume_hint(output_dir: Path, recipe_path: str) -> str:
