@@ -67,7 +67,7 @@ def test_resume_refuses_changed_meaning_before_the_engine_starts(tmp_path):
     result = rl_train(f"train.output_dir={out}", "train.resume=true", "rollout.group_size=4",
                       "train.lora.enabled=true")
     line = one_line_error(result)
-    assert "rollout.group_size 8 -> 4" in line and "train.lora.enabled false -> true" in line
+    assert "rollout.group_size 16 -> 4" in line and "train.lora.enabled false -> true" in line
     assert (out / "recipe.yaml").read_text() == saved  # not overwritten by the refused run
 
 

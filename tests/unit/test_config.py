@@ -80,7 +80,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
         (["rollout.top_p=0.9"], "rollout.top_p=0.9 needs algo.offpolicy: none"),
         (["rollout.top_p=0.9", "algo.offpolicy=mask"], "needs algo.offpolicy: none"),
         (["train.lora.dropout=0.1"], "train.lora.dropout: must be 0"),
-        (["train.updates_per_batch=65"], "exceeds the 64 samples"),
+        (["rollout.group_size=8", "train.updates_per_batch=65"], "exceeds the 64 samples"),
     ],
 )
 def test_settings_that_would_train_wrongly_are_refused(overrides, expected):

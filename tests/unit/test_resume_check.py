@@ -25,14 +25,14 @@ def test_frozen_keys_are_listed_and_refused(tmp_path):
     with pytest.raises(ResumeMismatch) as info:
         check_resume(run, current("rollout.group_size=4", "train.lora.enabled=true", "train.steps=500"))
     message = str(info.value)
-    assert "rollout.group_size 8 -> 4" in message and "train.lora.enabled false -> true" in message
+    assert "rollout.group_size 16 -> 4" in message and "train.lora.enabled false -> true" in message
     assert "train.steps" not in message and "\n" not in message
 
 
 def test_allowed_changes_are_returned(tmp_path):
     run = saved_run(tmp_path)
     changes = check_resume(run, current("train.steps=500", "train.lr=1e-5", "train.resume=true"))
-    assert changes == {"train.lr": (3e-5, 1e-5), "train.steps": (300, 500)}
+    assert changes == {"train.lr": (2e-5, 1e-5), "train.steps": (300, 500)}
 
 
 def test_a_changed_model_or_loss_is_refused(tmp_path):
