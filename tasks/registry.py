@@ -6,10 +6,15 @@ to regenerate the record elsewhere (a resumed run, a swarm peer), and never the 
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
 from rollover.tasks import arithmetic
+
+log = logging.getLogger(__name__)
 
 
 class TaskError(ValueError):
@@ -18,6 +23,9 @@ class TaskError(ValueError):
 
 class Task(Protocol):
     name: str
+    # True when `score` runs in bounded time (safe to call in-process, no timeout needed);
+    # otherwise the correctness reward runs in a reward worker that can be killed.
+    bounded_score: bool
 
     def record(self, index: int) -> dict[str, Any]:
         """Training record `index` (deterministic; datasets cycle through epochs)."""
@@ -33,6 +41,7 @@ class ArithmeticTask:
     """Built-in multi-operand addition with a scratchpad (see tasks/arithmetic.py)."""
 
     name = "arithmetic"
+    bounded_score = True  # one linear regex and an int() over the completion
 
     def __init__(self, seed: int, digits_min: int, digits_max: int, operands: int, scratchpad: bool):
         self.seed, self.scratchpad = seed, scratchpad
@@ -58,6 +67,7 @@ class ReasoningGymTask:
     """A reasoning-gym dataset by name, regenerated from (name, seed, index)."""
 
     name = "reasoning_gym"
+    bounded_score = False  # each gym dataset scores with its own code
     SIZE = 100_000  # items are a function of (seed, index); size only bounds the index
 
     def __init__(self, dataset: str, seed: int, config: dict[str, Any]):
@@ -95,40 +105,70 @@ def gold_answer(text: str) -> str:
     return text.split("####")[-1].strip()
 
 
-class DatasetTask:
-    """A local question/answer dataset (JSONL, Parquet, or `save_to_disk` folder), math-verify scored.
+class AnswerVerifier:
+    """math-verify against a record's gold answer: all a `DatasetTask` needs to score.
 
-    The last `eval_size` rows are held out; training cycles through the rest in epochs.
+    Reward workers get this (a few bytes to pickle), never the dataset's rows.
+    """
+
+    def score(self, completion: str, record: dict[str, Any]) -> float:
+        return math_verify_score(completion, record["answer"])
+
+
+class DatasetTask:
+    """A local question/answer dataset (JSONL, JSON, Parquet, or `save_to_disk` folder), math-verify scored.
+
+    Rows without a question or answer are dropped and counted (`dropped_rows`, one warning line);
+    numbers are taken as text; any other value, and any unreadable line, is a `TaskError` naming
+    the row. The last `eval_size` kept rows are held out; training cycles through the rest.
     """
 
     name = "dataset"
+    bounded_score = False  # math-verify's sympy can take unbounded time on adversarial expressions
 
     def __init__(self, path: str, question_key: str, answer_key: str, eval_size: int):
-        rows = load_rows(path)
-        missing = [k for k in (question_key, answer_key) if k not in rows.column_names]
+        where, columns, found = read_rows(path, (question_key, answer_key))
+        missing = [k for k in (question_key, answer_key) if k not in found]
         if missing:
             raise TaskError(f"task.path {path}: missing column(s) {missing} "
-                            f"(has {rows.column_names}); set task.question_key/answer_key")
-        if len(rows) <= eval_size:
-            raise TaskError(f"task.path {path}: {len(rows)} rows, need more than "
+                            f"(has {sorted(found)}); set task.question_key/answer_key")
+        self.questions: list[str] = []
+        self.answers: list[str] = []
+        self.row_numbers: list[int] = []  # each kept row's index among the file's rows
+        for index, (label, question, answer) in enumerate(zip(where, *columns)):
+            question = _as_text(path, label, question_key, question)
+            answer = gold_answer(_as_text(path, label, answer_key, answer))
+            if question.strip() and answer:
+                self.questions.append(question)
+                self.answers.append(answer)
+                self.row_numbers.append(index)
+        self.dropped_rows = len(where) - len(self.answers)
+        if not self.answers:
+            raise TaskError(f"task.path {path}: none of its {len(where)} rows has both a "
+                            f"'{question_key}' and an '{answer_key}'")
+        if self.dropped_rows:
+            log.warning("task.path %s: dropped %d of %d rows without a question or answer",
+                        path, self.dropped_rows, len(where))
+        if len(self.answers) <= eval_size:
+            raise TaskError(f"task.path {path}: {len(self.answers)} usable rows, need more than "
                             f"task.eval_size={eval_size}")
-        self.rows, self.path = rows, path
-        self.question_key, self.answer_key = question_key, answer_key
-        self.train_size = len(rows) - eval_size
+        self.path = path
+        self.verifier = AnswerVerifier()
+        self.train_size = len(self.answers) - eval_size
 
-    def _record(self, row_index: int) -> dict[str, Any]:
-        row = self.rows[row_index]
-        return {"question": row[self.question_key], "answer": gold_answer(str(row[self.answer_key])),
-                "spec": {"task": "dataset", "path": self.path, "row": row_index}}
+    def _record(self, kept_index: int) -> dict[str, Any]:
+        return {"question": self.questions[kept_index], "answer": self.answers[kept_index],
+                "spec": {"task": "dataset", "path": self.path, "row": self.row_numbers[kept_index]}}
 
     def record(self, index: int) -> dict[str, Any]:
         return self._record(index % self.train_size)
 
     def eval_records(self, count: int) -> list[dict[str, Any]]:
-        return [self._record(self.train_size + i) for i in range(min(count, len(self.rows) - self.train_size))]
+        held_out = len(self.answers) - self.train_size
+        return [self._record(self.train_size + i) for i in range(min(count, held_out))]
 
     def score(self, completion: str, record: dict[str, Any]) -> float:
-        return math_verify_score(completion, record["answer"])
+        return self.verifier.score(completion, record)
 
 
 def math_verify_score(completion: str, gold: str) -> float:
@@ -142,21 +182,88 @@ def math_verify_score(completion: str, gold: str) -> float:
     return float(bool(gold_parsed) and verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
-def load_rows(path: str):
-    """Open a local dataset as a `datasets.Dataset`, choosing the reader by what the path is."""
-    import datasets
+def _as_text(path: str, label: str, key: str, value: Any) -> str:
+    """A question or answer as text: numbers are converted, missing values are empty."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):  # NaN: missing
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TaskError(f"task.path {path}: {label}: '{key}' is a {type(value).__name__} "
+                    f"({str(value)[:40]}), expected text or a number")
 
+
+def read_rows(path: str, keys: tuple[str, ...]) -> tuple[list[str], list[list[Any]], set[str]]:
+    """A local dataset's rows: (a label per row for messages, the `keys` columns, all column names).
+
+    JSON files are parsed here, line by line, so a bad line is reported with its number and
+    values keep their JSON types; Parquet files and dataset folders are read with `datasets`.
+    """
     source = Path(path)
     if not source.exists():
         raise TaskError(f"task.path: dataset not found: {path}")
+    if source.suffix in (".jsonl", ".json") and not source.is_dir():
+        rows = _json_rows(path, source)
+        found = {key for _, row in rows for key in row}
+        return [label for label, _ in rows], [[row.get(k) for _, row in rows] for k in keys], found
+    table = load_rows(path)
+    if len(table) == 0:
+        raise TaskError(f"task.path {path}: the dataset has no rows")
+    found = set(table.column_names)
+    return ([f"row {i}" for i in range(len(table))],
+            [table[k] if k in found else [None] * len(table) for k in keys], found)
+
+
+def _json_rows(path: str, source: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(label, object) per row of a JSON Lines file, or of a JSON file holding a list of objects."""
+    data = source.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+    if source.suffix == ".json":
+        try:
+            whole = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None  # perhaps JSON Lines under a .json name: the per-line scan says
+        if whole is not None and not isinstance(whole, list):
+            raise TaskError(f"task.path {path}: expected a JSON list of objects or one object per line")
+        if whole is not None:
+            for i, item in enumerate(whole):
+                if not isinstance(item, dict):
+                    raise TaskError(f"task.path {path}: item {i} is not a JSON object")
+            if not whole:
+                raise TaskError(f"task.path {path}: the file has no rows")
+            return [(f"item {i}", item) for i, item in enumerate(whole)]
+    rows = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+            row = json.loads(line) if line.strip() else None
+        except UnicodeDecodeError:
+            raise TaskError(f"task.path {path}: line {number} is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise TaskError(f"task.path {path}: line {number} is not valid JSON "
+                            f"({exc.msg}, column {exc.colno})") from None
+        if row is None:
+            continue
+        if not isinstance(row, dict):
+            raise TaskError(f"task.path {path}: line {number} is not a JSON object")
+        rows.append((f"line {number}", row))
+    if not rows:
+        raise TaskError(f"task.path {path}: the file has no rows")
+    return rows
+
+
+def load_rows(path: str):
+    """Open a local Parquet file or dataset folder as a `datasets.Dataset`."""
+    import datasets
+
+    source = Path(path)
     try:
         if source.is_dir():
             loaded = datasets.load_from_disk(str(source))
             return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(source.suffix)
-        if kind is None:
+        if source.suffix != ".parquet":
             raise TaskError(f"task.path {path}: expected .jsonl, .json, .parquet or a dataset folder")
-        return datasets.load_dataset(kind, data_files=str(source), split="train")
+        return datasets.load_dataset("parquet", data_files=str(source), split="train")
     except TaskError:
         raise
     except Exception as exc:

@@ -3,9 +3,16 @@
 A checkpoint holds the model in `save_pretrained` format (loadable by transformers and vLLM as
 is), and `trainer_state.pt`: optimizer, scheduler, RNG states, step, policy version, the APRIL
 buffer and dataset cursor, and counters. A crash mid-write leaves only a `.tmp-*` folder, which
-is never read; `latest` names the newest complete checkpoint. `manifest.json`, written last,
-holds every file's size and SHA-256, so a checkpoint damaged after the fact (a truncated
-safetensors file, a missing file) is detected and skipped on resume.
+is never read; `latest` names the newest complete checkpoint and moves only once it is in place.
+`manifest.json`, written last, holds every file's size and SHA-256, so a checkpoint damaged after
+the fact (a truncated safetensors file, a missing file) is detected and skipped on resume.
+
+A step saved again (a resumed run re-trains the steps after its checkpoint; a stop re-saves the
+step it resumed at) replaces its folder in three renames, never a delete first: the old folder is
+moved aside (`.aside-*`), the new one moved in, the aside removed. A kill between the first two
+leaves the step's folder missing; `recover_interrupted_save` (run before resuming) moves the
+aside back. Pruned folders are renamed (`.trash-*`) before they are deleted, so a kill mid-delete
+never leaves a partial `step-*` folder. Leftovers are removed by the next save.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rollover.trainer.failpoints import failpoint
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+TMP, ASIDE, TRASH = ".tmp-", ".aside-", ".trash-"  # never match `step-*`: never read as checkpoints
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -51,21 +61,65 @@ def save_checkpoint(output_dir: Path, step: int, policy, trainer_state: dict[str
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP}{final.name}-"))
     try:
         policy.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / STATE_FILE)
+        failpoint("checkpoint_write", step)  # files written, manifest not yet: a cut checkpoint
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _move_in(tmp, final, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_atomic(root / LATEST, final.name)
+    _remove_leftovers(root)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _move_in(tmp: Path, final: Path, step: int) -> None:
+    """Put the complete folder `tmp` at `final`; an existing `final` is moved aside first."""
+    aside = final.with_name(f"{ASIDE}{final.name}")
+    if final.exists():
+        _remove(aside)
+        os.replace(final, aside)
+        failpoint("checkpoint_replace", step)  # the step's folder is missing right now
+    os.replace(tmp, final)
+    _remove(aside)
+
+
+def _remove(folder: Path) -> None:
+    """Rename, then delete: a kill mid-delete leaves a `.trash-*` folder, never a partial
+    `step-*` or `.aside-*` one (so an aside is always a complete checkpoint)."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f"{TRASH}{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Folders of interrupted saves and deletes (this process holds the run folder's lock)."""
+    for leftover in list(root.glob(".*")):
+        if leftover.is_dir() and leftover.name.startswith((TMP, TRASH, ASIDE)):
+            if not leftover.name.startswith(ASIDE):
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif (root / leftover.name[len(ASIDE):]).is_dir():  # else the only copy of its step,
+                _remove(leftover)  # which recover_interrupted_save moves back
+
+
+def recover_interrupted_save(output_dir: Path) -> list[Path]:
+    """Move back steps a kill left aside mid-replace (see the module doc); returns them."""
+    root = checkpoint_dir(output_dir)
+    recovered = []
+    for aside in sorted(root.glob(f"{ASIDE}step-*")):
+        final = root / aside.name[len(ASIDE):]
+        if aside.is_dir() and not final.exists():
+            os.replace(aside, final)
+            recovered.append(final)
+    return recovered
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
+from rollover.trainer.console import finish_capture, start_capture
+from rollover.trainer.stopping import GracefulStop, StopRequested, exit_code
 
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -36,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. recipes/grpo_math.yaml")
     parser.add_argument("overrides", nargs="*", help="optional key.sub=value overrides, e.g. train.steps=20")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the engine's and libraries' output on the console "
+                             "(it always goes to rl-train.log in the run folder)")
     args = parser.parse_args(argv)
     if args.recipe is None:  # argparse would call the optional overrides required too
         parser.error("a recipe is required, e.g. rl-train recipes/grpo_math.yaml [key.sub=value ...]")
@@ -55,12 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # The engine logs every weight reload ("RotaryEmbedding: Failed to load weights": a layer with
-    # no checkpoint weights, restored as is); keep its log to errors unless the user asks.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    from rollover.trainer.run import run_training  # heavy imports only when training
+    # The engine's log goes to rl-train.log, not the console: keep its startup and reload lines
+    # there. (Its warning at every weight reload, "RotaryEmbedding: Failed to load weights", is
+    # harmless: a layer with no checkpoint weights, restored as is.)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    # Third-party output, the heavy modules' import-time notices included, goes to the log file.
+    start_capture(verbose=args.verbose)
+    # SIGINT/SIGTERM stop gracefully from here on (a Ctrl-C during the heavy imports included);
+    # run_training reuses this handler.
+    GracefulStop().install()
+    status = EXIT_FAILED
+    try:
+        from rollover.trainer.run import run_training  # heavy imports only when training
 
-    return run_training(recipe, recipe_path=args.recipe)
+        status = run_training(recipe, recipe_path=args.recipe)
+    except StopRequested as exc:  # stopped before the run began: nothing to save
+        status = exit_code(exc.signum)
+    finally:
+        finish_capture(failed=status == EXIT_FAILED)
+    return status
 
 
 if __name__ == "__main__":

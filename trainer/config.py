@@ -53,7 +53,9 @@ class TaskConfig(Section):
     system_prompt: str | None = None
     eval_size: int = Field(64, ge=1)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()])
-    reward_timeout: float = Field(10.0, gt=0)
+    reward_timeout: float = Field(10.0, gt=0)  # seconds per call; an overrunning call is killed
+    # Stop the run when a reward function fails on every sample for this many steps in a row.
+    max_reward_failure_steps: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":

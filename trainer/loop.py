@@ -28,7 +28,9 @@ from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.policy import Policy
+from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
 from rollover.trainer.tracking import Tracker, console, progress_bar
+from rollover.trainer.uid_log import forget_trained_after, log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
 
@@ -103,7 +105,7 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "prompt_cursor": self.prompts.cursor,
                 "bad_steps": self.bad_steps, "evals": self.evals, "train_seconds": self.train_seconds,
-                "rewards_failures": dict(self.rewards.failures)}
+                "rewards": self.rewards.state_dict()}
 
     async def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`; the engine already serves its weights (started from it)."""
@@ -115,7 +117,8 @@ class Trainer:
         self.prompts.cursor = state["prompt_cursor"]
         self.bad_steps, self.evals = state["bad_steps"], state["evals"]
         self.train_seconds = state["train_seconds"]
-        self.rewards.failures.update(state["rewards_failures"])
+        # Checkpoints written before per-step reward accounting hold only the failure totals.
+        self.rewards.load_state_dict(state.get("rewards", {"failures": state.get("rewards_failures", {})}))
         self.step = state["step"]
         self.tracker.forget_after(self.step)  # the steps after the checkpoint are trained again
         set_rng_state(state["rng"])
@@ -145,7 +148,7 @@ class Trainer:
     async def train_step(self) -> dict[str, Any]:
         recipe = self.recipe
         started = time.perf_counter()
-        result = await self.scheduler.step()
+        result = await stoppable(self.scheduler.step())  # a stop files every group in the buffer
         rollout_seconds = time.perf_counter() - started
         groups = result.groups
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
@@ -178,10 +181,15 @@ class Trainer:
                    **stats, **({"kl": stats["kl_ref"]} if "kl_ref" in stats else {}),
                    "policy_version": self.engine.policy_version,
                    "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
+                   **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
                    "time/rollout": rollout_seconds, "time/train": train_seconds,
                    "time/weight_sync": sync_seconds, "time/step": step_seconds,
                    "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
         self.tracker.log(self.step, metrics)
+        log_trained(self.output_dir, self.step, [g.uid for g in groups])
+        stop = self.rewards.stop_reason()  # a reward that fails on every sample is a bug
+        if stop is not None:
+            raise TrainingStopped(stop)
         return metrics
 
     def _count_bad_step(self, reason: str) -> None:
@@ -194,22 +202,33 @@ class Trainer:
                                   f"{max_bad}); last checkpoint is intact")
 
     async def train(self, resumed: bool = False) -> dict[str, Any]:
+        """Train to `train.steps`, evaluating and saving on schedule.
+
+        On SIGINT/SIGTERM (trainer/stopping.py) the rollout or evaluation under way is cut short
+        and an update, weight sync or save under way finishes; StopAtSafePoint then leaves with
+        the state between steps, for the caller to save.
+        """
         train = self.recipe.train
         if resumed:  # the engine must serve the checkpoint's weights: this eval shows it
-            await self.run_eval(prefix="resume_eval")
+            forget_trained_after(self.output_dir, self.step)  # as the tracker's forget_after
+            await stoppable(self.run_eval(prefix="resume_eval"))
+        missed = self.evals and self.evals[-1]["step"] < self.step and (  # a stop cut it short
+            self.step % train.eval_every == 0 or self.step >= train.steps)
+        if not self.evals or missed:
+            await stoppable(self.run_eval())
         if self.step >= train.steps:
             console.print(f"already at step {self.step} of {train.steps}: nothing to train "
                           f"(raise train.steps to continue)")
-        elif not self.evals:
-            await self.run_eval()
         with progress_bar() as bar:
             last_acc = f"{self.evals[-1]['accuracy']:.0%}" if self.evals else "-"
             task = bar.add_task("train", total=train.steps, completed=self.step, reward=0.0,
                                 accuracy=last_acc, tokens_per_s=0.0)
             while self.step < train.steps:
+                if stop_requested():  # the update, sync or save the signal came in has finished
+                    raise StopAtSafePoint()
                 metrics = await self.train_step()
                 if self.step % train.eval_every == 0 or self.step == train.steps:
-                    last_acc = f"{(await self.run_eval())['eval/accuracy']:.0%}"
+                    last_acc = f"{(await stoppable(self.run_eval()))['eval/accuracy']:.0%}"
                 if self.step % train.save_every == 0 or self.step == train.steps:
                     self.save()
                 bar.update(task, completed=self.step, reward=metrics["reward"], accuracy=last_acc,
@@ -223,6 +242,7 @@ class Trainer:
                 "eval_reward_last": last["reward"], "wall_seconds": round(self.train_seconds, 1),
                 "eval_curve": self.evals, "bad_steps": self.bad_steps,
                 "reward_failures": dict(self.rewards.failures),
+                "dataset_dropped_rows": getattr(self.task, "dropped_rows", 0),
                 "rollout_drops": dict(self.scheduler.ledger.drop_reasons())}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sys
+import shlex
 import time
 from pathlib import Path
 
@@ -17,12 +17,16 @@ from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStart
 from rollover.rollout.settings import SleepModeUnavailable
 from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
-from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint
-from rollover.trainer.config import Recipe, to_yaml
+from rollover.trainer import failpoints, watchdog
+from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
+from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
+from rollover.trainer.console import LOG_FILE, error_line, log_to
 from rollover.trainer.loop import Trainer, TrainingStopped
 from rollover.trainer.policy import ModelLoadError, Policy
-from rollover.trainer.resume_check import ResumeMismatch, check_resume
+from rollover.trainer.resume_check import ResumeMismatch, check_resume, recipe_changes
 from rollover.trainer.run_folder import RunFolder, RunFolderError
+from rollover.trainer.stopping import (
+    GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code)
 from rollover.trainer.tracking import Tracker, console
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -43,6 +47,8 @@ def resume_point(recipe: Recipe, output_dir: Path) -> Path | None:
     if isinstance(resume, str):
         return Path(resume).expanduser()
     if resume:
+        for step in recover_interrupted_save(output_dir):
+            console.print(f"checkpoint {step.name}: restored from before an interrupted save")
         found, skipped = find_checkpoint(output_dir)
         for damaged, problem in skipped:
             console.print(f"[yellow]warning: skipping damaged checkpoint {damaged} ({problem})")
@@ -68,13 +74,23 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
         folder.claim(resuming=bool(recipe.train.resume))
     except RunFolderError as exc:
         return _error(exc, EXIT_USAGE)
+    log_to(output_dir / LOG_FILE)  # third-party output (the engine's too) from here on
+    stop = current() or GracefulStop().install()  # SIGINT/SIGTERM: see trainer/stopping.py
+    watchdog.start(stderr=getattr(console, "file", None))  # before the engine: it dies with us
     try:
-        return _run_in_folder(recipe, recipe_path, folder)
+        return _run_in_folder(recipe, recipe_path, folder, stop)
+    except StopRequested as exc:  # before training started: nothing to save
+        watchdog.stop_descendants()  # a half-started engine (multiprocessing joins it at exit)
+        error_line(f"rl-train: stopped by {exc} before training started; "
+                   f"{_resume_hint(recipe, recipe_path, output_dir)}")
+        return exit_code(exc.signum)
     finally:
+        stop.phase = "finishing"
         folder.release()
+        watchdog.clean_end()
 
 
-def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
+def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: GracefulStop) -> int:
     """The run, in its claimed folder; returns the exit status."""
     output_dir = folder.folder
     console.print(f"run folder: {output_dir}")
@@ -102,7 +118,8 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
     except SleepModeUnavailable as exc:
         return _error(exc, EXIT_USAGE)
     try:
-        engine = RolloutEngine(settings).start()
+        # SIGINT blocked: the engine's processes ignore a terminal's Ctrl-C (rl-train stops them).
+        engine = call_with_sigint_blocked(RolloutEngine(settings).start)
     except EngineStartError as exc:
         return _error(exc, EXIT_FAILED)
     folder.started()
@@ -111,13 +128,24 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
     try:
         tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
         trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
+        failpoints.arm(trainer)  # ROLLOVER_FAILPOINT (the kill test) only
+        stop.phase = "training"
         summary = asyncio.run(_train(trainer, checkpoint))
-    except EXPECTED_STOPS as exc:
+        stop.phase = "finishing"
+    except RunStopped as exc:
+        error_line(f"rl-train: stopped by {stop.name} at step {exc.step}; checkpoint {exc.checkpoint} "
+                   f"written; continue with: {resume_command(recipe, recipe_path, output_dir)}")
+        return exit_code(stop.signum)
+    except Exception as exc:
+        if not isinstance(exc, EXPECTED_STOPS) and not stop.requested:
+            raise
         step = trainer.step if trainer is not None else 0
-        print(f"rl-train: stopped at step {step}: {str(exc).splitlines()[0]}; "
-              f"{_resume_hint(output_dir, recipe_path)}", file=sys.stderr)
-        return EXIT_FAILED
+        why = f"stopped by {stop.name} at step {step} ({_first_line(exc)})" if stop.requested else \
+            f"stopped at step {step}: {_first_line(exc)}"
+        error_line(f"rl-train: {why}; {_resume_hint(recipe, recipe_path, output_dir)}")
+        return exit_code(stop.signum) if stop.requested else EXIT_FAILED
     finally:
+        stop.phase = "finishing"
         if trainer is not None:
             trainer.scheduler.close()
         engine.shutdown()
@@ -130,26 +158,53 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder) -> int:
     return 0
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _error(exc: BaseException, status: int) -> int:
     """Print the first line of `exc` as rl-train's one-line error; return the exit status."""
-    print(f"rl-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    error_line(f"rl-train: error: {_first_line(exc)}")
     return status
 
 
-def _resume_hint(output_dir: Path, recipe_path: str) -> str:
+def resume_command(recipe: Recipe, recipe_path: str, output_dir: Path) -> str:
+    """The command that continues this run: the recipe, the overrides it was given, resume."""
+    try:
+        changed = recipe_changes(load_recipe(recipe_path).model_dump(mode="json"),
+                                 recipe.model_dump(mode="json"))
+    except RecipeError:  # the recipe file changed or went away meanwhile
+        changed = {}
+    overrides = [f"{key}={_override_value(value)}" for key, (_, value) in changed.items()]
+    words = ["rl-train", recipe_path, *overrides, f"train.output_dir={output_dir}", "train.resume=true"]
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def _override_value(value: object) -> str:
+    """`value` as an override's right-hand side, which is parsed back as YAML."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("...").strip()
+
+
+def _resume_hint(recipe: Recipe, recipe_path: str, output_dir: Path) -> str:
     """Where the run can continue from, as one clause."""
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return "no checkpoint was written"
-    return (f"last checkpoint {checkpoint} is intact (continue with: rl-train {recipe_path} "
-            f"train.output_dir={output_dir} train.resume=true)")
+    return (f"last checkpoint {checkpoint} is intact (continue with: "
+            f"{resume_command(recipe, recipe_path, output_dir)})")
 
 
 async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:
-    if checkpoint is not None:
-        await trainer.restore(checkpoint)
-        console.print(f"resumed from {checkpoint} at step {trainer.step}")
-    return await trainer.train(resumed=checkpoint is not None)
+    """Restore, train; a stop at a safe point saves the state between steps (RunStopped)."""
+    try:
+        if checkpoint is not None:
+            await trainer.restore(checkpoint)
+            console.print(f"resumed from {checkpoint} at step {trainer.step}")
+        return await trainer.train(resumed=checkpoint is not None)
+    except StopAtSafePoint:
+        raise RunStopped(trainer.step, trainer.save()) from None
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:

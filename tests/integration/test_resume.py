@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rollover.trainer.uid_log import read_trained
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +88,11 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path):
     assert sum(p == "returned" for p in after.values()) == 4 * GROUPS
     assert sorted(after) == list(range(final["prompt_cursor"]))
     assert final["prompt_cursor"] >= saved["prompt_cursor"]
+    # The uids trained per step: one entry per step although step 3 may have been trained (and
+    # logged) before the kill, and exactly the groups the ledger says were returned.
+    log = read_trained(out)
+    assert [step for step, _ in log] == [1, 2, 3, 4]
+    assert sorted(u for _, uids in log for u in uids) == sorted(u for u, p in after.items() if p == "returned")
     resumed_groups = {u for u in buffered_before if after[u] != "buffered"}
     assert resumed_groups, "the partial buffer saved at step 2 was not used after the resume"
     # The engine serves the checkpoint's weights: greedy eval right after the resume matches the

@@ -15,13 +15,14 @@ from rollover.trainer.policy import Policy
 from rollover.trainer.tracking import Tracker
 
 pytestmark = pytest.mark.integration
+JUDGE = "tests.integration.reward_fns:judge_down"
 
 
 def small_recipe(tmp_path, **train) -> Recipe:
     return Recipe.model_validate({
         "model": {"max_model_len": 256},
-        "task": {"eval_size": 16, "rewards": [{"fn": "correctness"},
-                                              {"fn": "tests.integration.reward_fns:judge_down"}]},
+        "task": {"eval_size": 16, "rewards": [{"fn": "correctness"}, {"fn": JUDGE}],
+                 "max_reward_failure_steps": 10},  # the judge fails every step of this test
         "rollout": {"groups_per_step": 3, "group_size": 4, "max_tokens": 40},
         "algo": {"dynamic_sampling": False},
         "train": {"output_dir": str(tmp_path), "lr": 1e-4, **train},
@@ -49,12 +50,15 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
     try:
         start_version = engine.policy_version
         first = run(trainer.train_step())
-        failed_after_first = rewards.failures["tests.integration.reward_fns:judge_down"]
+        failed_after_first = rewards.failures[JUDGE]
         second = run(trainer.train_step())
         # The judge that raises is scored as failed for every scored sample (at least the 3x4
         # returned ones per step, each scored once: a buffered group keeps its scores), counted
         # in the metrics, and never crashes the run.
         assert first["reward_failures"] == failed_after_first >= 12
+        # Per step and function too (scoring still running at a step's end counts in the next).
+        assert first[f"reward_failures/{JUDGE}"] >= 12 and second[f"reward_failures/{JUDGE}"] >= 12
+        assert first["reward_failures/correctness"] == second["reward_failures/correctness"] == 0
         assert second["reward_failures"] >= 2 * 12 and second["reward_failures"] > failed_after_first
         assert engine.policy_version == start_version + 2  # each step's weights reached the engine
         assert math.isfinite(first["loss"]) and first["time/weight_sync"] > 0
@@ -69,6 +73,7 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
             run(trainer.train_step())
     finally:
         trainer.scheduler.close()
+        rewards.close()
     # The checkpoint written before the failure is intact and finite.
     assert latest_checkpoint(tmp_path) == checkpoint
     assert load_trainer_state(checkpoint)["step"] == 2
@@ -113,3 +118,34 @@ def test_too_many_rejections_stops_rl_train_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("rl-train: stopped at step 0: ") and "rejected" in last
     assert "no checkpoint was written" in last
+
+
+def test_a_reward_failing_every_sample_stops_rl_train_in_one_line(tmp_path):
+    """A reward that always raises is a bug: its first failure is shown, and the run stops."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fn = "tests.integration.reward_fns:divides_by_zero"
+    result = subprocess.run(
+        [sys.executable, "-m", "rollover.trainer.cli", str(root / "recipes/grpo_math.yaml"),
+         f"train.output_dir={tmp_path / 'run'}", "tracking.wandb=disabled", "task.eval_size=8",
+         "rollout.groups_per_step=2", "rollout.group_size=2", "rollout.max_tokens=24",
+         "algo.dynamic_sampling=false", "train.steps=10",
+         f"task.rewards=[{{fn: correctness}}, {{fn: '{fn}'}}]", "task.max_reward_failure_steps=2"],
+        capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    first = (f"reward {fn} failed: ZeroDivisionError: division by zero "
+             f"(later failures are counted in reward_failures/{fn})")
+    assert result.stderr.count(first) == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"rl-train: stopped at step 2: reward {fn} failed on every sample for 2 steps in "
+                    f"a row (task.max_reward_failure_steps=2); last error: ZeroDivisionError: division "
+                    f"by zero; no checkpoint was written"), result.stderr
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "loss" in s]
+    assert [s["step"] for s in trained] == [1, 2]
+    assert all(s[f"reward_failures/{fn}"] >= 4 and s["reward_failures/correctness"] == 0 for s in trained)

@@ -50,3 +50,93 @@ def test_resume_keeps_one_metrics_line_per_step(tmp_path):
     tracker.log(3, {"loss": 30.0})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["loss"]) for m in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+# ---- kills mid-save (ROLLOVER_FAILPOINT makes the saving process SIGKILL itself there) ---------
+
+SAVE = """
+import sys
+from pathlib import Path
+from rollover.trainer.checkpoint import save_checkpoint
+
+class Weights:  # a policy stand-in: save_checkpoint only calls save_pretrained
+    def save_pretrained(self, folder):
+        Path(folder, "model.safetensors").write_bytes(b"w" * 4096)
+
+out, note = Path(sys.argv[1]), sys.argv[3]
+save_checkpoint(out, int(sys.argv[2]), Weights(), {"note": note}, keep=3)
+"""
+
+
+def save_in_process(out, step, note, failpoint=None):
+    """Save checkpoint `step` in a fresh process; returns its exit status (-9: killed itself)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ROLLOVER_FAILPOINT"}
+    if failpoint:
+        env["ROLLOVER_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-c", SAVE, str(out), str(step), note], env=env).returncode
+
+
+def note_of(checkpoint):
+    from rollover.trainer.checkpoint import load_trainer_state
+
+    return load_trainer_state(checkpoint)["note"]
+
+
+def test_a_checkpoint_cut_mid_write_is_never_taken(tmp_path):
+    assert save_in_process(tmp_path, 2, "two") == 0
+    assert save_in_process(tmp_path, 3, "three", failpoint="checkpoint_write:3") == -9
+    root = tmp_path / "checkpoints"
+    cut = list(root.glob(".tmp-step-000003-*"))
+    assert len(cut) == 1 and (cut[0] / "trainer_state.pt").exists()  # written, no manifest
+    assert (root / "latest").read_text() == "step-000002"
+    assert find_checkpoint(tmp_path) == (root / "step-000002", [])
+    assert save_in_process(tmp_path, 3, "three again") == 0
+    assert not list(root.glob(".tmp-*"))  # the next save removes what the kill left
+    assert note_of(find_checkpoint(tmp_path)[0]) == "three again"
+
+
+def test_a_kill_while_a_step_is_saved_again_keeps_its_checkpoint(tmp_path):
+    """Saving an existing step: the old folder is moved aside, never deleted before the new one
+    is in place (the old code's rmtree-then-rename lost the checkpoint `latest` named)."""
+    from rollover.trainer.checkpoint import recover_interrupted_save
+
+    assert save_in_process(tmp_path, 2, "two") == 0
+    assert save_in_process(tmp_path, 4, "four") == 0
+    assert save_in_process(tmp_path, 4, "four again", failpoint="checkpoint_replace:4") == -9
+    root = tmp_path / "checkpoints"
+    assert not (root / "step-000004").exists() and (root / ".aside-step-000004").is_dir()
+    assert recover_interrupted_save(tmp_path) == [root / "step-000004"]
+    found, skipped = find_checkpoint(tmp_path)
+    assert (found, skipped) == (root / "step-000004", [])
+    assert note_of(found) == "four"
+    assert save_in_process(tmp_path, 4, "four again") == 0
+    assert note_of(find_checkpoint(tmp_path)[0]) == "four again"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004"]
+
+
+def test_pruned_folders_are_renamed_before_they_are_deleted(tmp_path):
+    for step in (1, 2, 3):
+        assert save_in_process(tmp_path, step, str(step)) == 0
+    root = tmp_path / "checkpoints"
+    half_deleted = root / ".trash-step-000001"  # what a kill mid-delete leaves
+    half_deleted.mkdir()
+    (half_deleted / "trainer_state.pt").write_bytes(b"x")
+    assert find_checkpoint(tmp_path) == (root / "step-000003", [])
+    assert save_in_process(tmp_path, 4, "4") == 0  # keep=3: step 1 pruned
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000003", "step-000004"]
+
+
+def test_the_uid_log_keeps_one_line_per_step_across_a_resume(tmp_path):
+    from rollover.trainer.uid_log import UID_LOG, forget_trained_after, log_trained, read_trained
+
+    for step in (1, 2, 3):
+        log_trained(tmp_path, step, [10 * step, 10 * step + 1])
+    with (tmp_path / UID_LOG).open("a") as log:
+        log.write('{"step": 4, "ui')  # a line cut by a crash
+    assert forget_trained_after(tmp_path, 2) == 2  # step 3 and the cut line
+    log_trained(tmp_path, 3, [99])
+    assert read_trained(tmp_path) == [(1, [10, 11]), (2, [20, 21]), (3, [99])]

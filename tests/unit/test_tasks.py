@@ -1,6 +1,7 @@
 """Tasks: deterministic records, their verifiers, and local datasets."""
 
 import json
+import logging
 
 import pytest
 
@@ -93,3 +94,109 @@ def test_dataset_errors(tmp_path):
     path.write_text("\n".join(json.dumps({"q": "x", "a": "1"}) for _ in range(5)))
     with pytest.raises(TaskError, match="missing column"):
         DatasetTask(str(path), "question", "answer", 1)
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_rows_without_an_answer_are_dropped_and_counted(tmp_path, caplog):
+    good = [json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) for i in range(6)]
+    no_answer = [json.dumps({"question": "a?", "answer": None}), json.dumps({"question": "b?"}),
+                 json.dumps({"question": "c?", "answer": ""}), json.dumps({"question": "d?", "answer": "  "}),
+                 json.dumps({"question": "e?", "answer": "working...\n####"}),
+                 json.dumps({"question": None, "answer": "3"})]
+    path = _jsonl(tmp_path / "d.jsonl", [good[0], no_answer[0], good[1], *no_answer[1:], *good[2:]])
+    with caplog.at_level(logging.WARNING, logger="rollover.tasks.registry"):
+        task = DatasetTask(path, "question", "answer", eval_size=2)
+    assert task.dropped_rows == 6
+    assert [r.getMessage() for r in caplog.records] == [
+        f"task.path {path}: dropped 6 of 12 rows without a question or answer"]
+    # The kept rows, in file order: 4 to train on, 2 held out; none answers "None".
+    assert [task.record(i)["answer"] for i in range(4)] == ["0", "2", "4", "6"]
+    assert [r["answer"] for r in task.eval_records(5)] == ["8", "10"]
+    assert task.record(1)["spec"]["row"] == 2  # the row's place in the file, blank rows skipped
+
+
+def test_numbers_are_text_and_other_values_are_refused(tmp_path):
+    rows = [{"question": 7, "answer": 42}, {"question": "half of 5?", "answer": 2.5},
+            {"question": "q", "answer": "#### 3"}]
+    task = DatasetTask(_jsonl(tmp_path / "n.jsonl", [json.dumps(r) for r in rows]), "question", "answer", 1)
+    assert task.record(0)["question"] == "7" and task.record(0)["answer"] == "42"
+    assert task.record(1)["answer"] == "2.5" and task.eval_records(1)[0]["answer"] == "3"
+    assert task.score("the answer is 42", task.record(0)) == 1.0
+    for bad, shown in [([1, 2], "list ([1, 2])"), ({"a": 1}, "dict ({'a': 1})"), (True, "bool (True)")]:
+        lines = [json.dumps(rows[0]), json.dumps({"question": "q", "answer": bad}), json.dumps(rows[1])]
+        path = _jsonl(tmp_path / "bad.jsonl", lines)
+        with pytest.raises(TaskError) as caught:
+            DatasetTask(path, "question", "answer", 1)
+        assert str(caught.value) == (f"task.path {path}: line 2: 'answer' is a {shown}, "
+                                     f"expected text or a number")
+
+
+def test_parquet_rows_are_checked_the_same_way(tmp_path):
+    import datasets
+
+    rows = [{"question": f"q{i}", "answer": None if i == 1 else str(i)} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    task = DatasetTask(str(tmp_path / "d.parquet"), "question", "answer", eval_size=1)
+    assert task.dropped_rows == 1 and [task.record(i)["answer"] for i in range(3)] == ["0", "2", "3"]
+    nested = [{"question": "q", "answer": [1]}, {"question": "q", "answer": [2, 3]}]
+    datasets.Dataset.from_list(nested).to_parquet(str(tmp_path / "n.parquet"))
+    with pytest.raises(TaskError, match=r"n.parquet: row 0: 'answer' is a list \(\[1\]\)"):
+        DatasetTask(str(tmp_path / "n.parquet"), "question", "answer", eval_size=1)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.jsonl", "", "the file has no rows"),
+    ("blank.jsonl", "\n  \n", "the file has no rows"),
+    ("empty.json", "[]", "the file has no rows"),
+    ("nothing.jsonl", '{"question": "q", "answer": null}\n{"question": "", "answer": "1"}\n',
+     "none of its 2 rows has both a 'question' and an 'answer'"),
+    ("broken.jsonl", '{"question": "q", "answer": "1"}\n\n{"question": "q", "answer": "1"}\n'
+     '{"question": "q", "answer": \n', "line 4 is not valid JSON (Expecting value, column 29)"),
+    ("array.jsonl", '{"question": "q", "answer": "1"}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ("latin1.jsonl", '{"question": "q", "answer": "1"}\n{"question": "caf\xe9", "answer": "1"}\n',
+     "line 2 is not UTF-8 text"),
+    ("object.json", '{"question": ["q"], "answer": ["1"]}', "expected a JSON list of objects"),
+])
+def test_unusable_files_fail_in_one_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(TaskError) as caught:
+        DatasetTask(str(path), "question", "answer", eval_size=1)
+    assert str(caught.value).startswith(f"task.path {path}: {message}")
+    assert "\n" not in str(caught.value)
+
+
+def test_json_list_and_json_lines_under_a_json_name(tmp_path):
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(3)]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("list.json", "lines.json"):
+        task = DatasetTask(str(tmp_path / name), "question", "answer", eval_size=1)
+        assert [task.record(i)["answer"] for i in range(2)] == ["0", "1"]
+
+
+def test_rl_train_refuses_a_malformed_dataset_before_the_engine_starts(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = _jsonl(tmp_path / "d.jsonl", [json.dumps({"question": "q", "answer": "1"})] * 3 + ["{oops"])
+    root = Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "rollover.trainer.cli", str(root / "recipes/grpo_math.yaml"),
+         "task.name=dataset", f"task.path={data}", f"train.output_dir={tmp_path / 'run'}",
+         "tracking.wandb=disabled"],
+        capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"rl-train: error: task.path {data}: line 4 is not valid JSON "
+        f"(Expecting property name enclosed in double quotes, column 2)")
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # written once the engine has started
+    assert time.monotonic() - started < 60  # imports only; the engine alone takes ~25 s to start
