@@ -149,6 +149,7 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
         if trainer is not None:
             trainer.scheduler.close()
         engine.shutdown()
+        rewards.close()  # the reward workers (atexit would too; this is at a known moment)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.finish({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
     first, last = summary["eval_accuracy_first"], summary["eval_accuracy_last"]
