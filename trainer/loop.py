@@ -120,7 +120,9 @@ class Trainer:
         # Checkpoints written before per-step reward accounting hold only the failure totals.
         self.rewards.load_state_dict(state.get("rewards", {"failures": state.get("rewards_failures", {})}))
         self.step = state["step"]
-        self.tracker.forget_after(self.step)  # the steps after the checkpoint are trained again
+        # The steps after the checkpoint are trained again: their old lines go.
+        self.tracker.forget_after(self.step)
+        forget_trained_after(self.output_dir, self.step)
         set_rng_state(state["rng"])
 
     def save(self) -> Path:
@@ -210,7 +212,6 @@ class Trainer:
         """
         train = self.recipe.train
         if resumed:  # the engine must serve the checkpoint's weights: this eval shows it
-            forget_trained_after(self.output_dir, self.step)  # as the tracker's forget_after
             await stoppable(self.run_eval(prefix="resume_eval"))
         missed = self.evals and self.evals[-1]["step"] < self.step and (  # a stop cut it short
             self.step % train.eval_every == 0 or self.step >= train.steps)

@@ -69,15 +69,7 @@ class Tracker:
 
         Keeps one line per step whatever checkpoint a run resumes from. Rewritten atomically.
         """
-        if not self.metrics_path.is_file():
-            return 0
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, self.metrics_path)
-        return len(lines) - len(kept)
+        return forget_steps_after(self.metrics_path, step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as out:
@@ -103,6 +95,29 @@ class Tracker:
         if self.run is not None:
             self.run.summary.update(summary)
             self.run.finish()
+
+
+def forget_steps_after(path: Path, step: int) -> int:
+    """Drop the lines of a per-step JSONL file whose step is after `step`; returns how many.
+
+    A resume trains the steps after its checkpoint again: trimming their old lines keeps one line
+    per step. A line cut by a crash (not JSON) is dropped too. Rewritten atomically.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def format_duration(seconds: float) -> str:

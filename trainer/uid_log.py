@@ -9,8 +9,9 @@ tracker does for `metrics.jsonl`): the log keeps exactly one line per step.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from rollover.trainer.tracking import forget_steps_after
 
 UID_LOG = "trained_uids.jsonl"
 
@@ -33,17 +34,8 @@ def _entries(path: Path) -> list[dict]:
 
 
 def forget_trained_after(output_dir: Path, step: int) -> int:
-    """Drop the lines of steps after `step` (rewritten atomically); returns how many."""
-    path = output_dir / UID_LOG
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    kept = [e for e in _entries(path) if e["step"] <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{UID_LOG}.tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        os.replace(tmp, path)
-    return len(lines) - len(kept)
+    """Drop the lines of steps after `step`; returns how many."""
+    return forget_steps_after(output_dir / UID_LOG, step)
 
 
 def read_trained(output_dir: Path) -> list[tuple[int, list[int]]]:
