@@ -17,6 +17,14 @@ dropped as `score_error` or `engine_error`. A step stops with one line only when
 dead, an abort fails, or more than `max_failures_per_step` groups fail in one step; every group
 is filed (buffer or counted drop) before the error propagates.
 
+Running ahead (`rollout.max_async`, DESIGN.md "Pipelined steps"): a step may run while the
+trainer updates. `interrupt(action)` then aborts the step's in-flight requests (their groups are
+buffered with every token streamed so far), runs `action` (a weight load) on the idle engine,
+and the step goes on, resuming those groups from their token ids under the new version. A step
+is told the version its batch will be trained at (`train_version`), so groups whose oldest
+token would then be too stale are dropped before it starts. `give_back` returns finished
+batches the trainer has not used to the buffer (for a checkpoint between steps).
+
 `partial: false` turns recycling of *unfinished* generations off: those groups are dropped as
 `unfinished` (counted). With `over_provision: 1` it never happens: no more than N groups are ever
 started, so every group runs to completion (the synchronous baseline, through the same code).
@@ -29,11 +37,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,7 @@ from rollover.rollout.buffer import PartialBuffer
 from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
+from rollover.rollout.provision import make_provision
 from rollover.rollout.scoring import KeptScores, Scorer, ScoringPool
 from rollover.rollout.settings import SamplingSettings
 from rollover.rollout.types import Group, Sample
@@ -91,6 +99,15 @@ class _Step:
     retry_later: list[Group] = field(default_factory=list)  # failed; buffered at the end
     rejected: int = 0
     failed: int = 0
+    already_finished: set[int] = field(default_factory=set)  # launched finished (surplus before)
+
+
+@dataclass
+class _Interrupt:
+    """An action to run on an idle engine in the middle of a step, and its outcome."""
+
+    action: Callable[[], Awaitable[Any]]
+    done: asyncio.Future
 
 
 def _accept_all(group: Group) -> bool:
@@ -127,12 +144,13 @@ class AprilScheduler:
         self.config = config
         self.n_groups = int(config.groups_per_step)
         self.group_size = int(config.group_size)
-        self.n_in_flight = max(self.n_groups, math.ceil(config.over_provision * self.n_groups))
         self.partial = bool(config.partial)
         self.max_staleness = int(config.max_staleness)
+        self.provision = make_provision(config.over_provision, self.n_groups, self.group_size,
+                                        int(config.max_tokens), self.max_staleness)
+        self.n_in_flight = self.provision.in_flight(PartialBuffer(), 0)  # N', set again each step
         self.group_filter = group_filter or _accept_all
-        self.max_rejections = max_rejections_per_step or 50 * self.n_in_flight
-        self.max_failures = max_failures_per_step or 2 * self.n_in_flight
+        self._max_rejections, self._max_failures = max_rejections_per_step, max_failures_per_step
         self.max_group_attempts = max_group_attempts
         self.abort_timeout_s = abort_timeout_s
         self._next_prompt = prompt_source if not hasattr(prompt_source, "__next__") else prompt_source.__next__
@@ -153,14 +171,30 @@ class AprilScheduler:
         self.steps = 0
         self.min_policy_version = 0  # a restored checkpoint's version: the engine must be there
         self.last_metrics: dict[str, Any] = {}
+        self._live: _Step | None = None  # the step running now, if any
+        self._interrupts: deque[_Interrupt] = deque()
+        self._wake = asyncio.Event()  # set when an interrupt waits for the running step
+
+    @property
+    def max_rejections(self) -> int:
+        return self._max_rejections or 50 * self.n_in_flight
+
+    @property
+    def max_failures(self) -> int:
+        return self._max_failures or 2 * self.n_in_flight
 
     def _request_id(self, uid: int, index: int) -> str:
         return f"{self.request_prefix}-g{uid}-s{index}-{next(self._request_seq)}"
 
     # ---- one step ----------------------------------------------------------------------------
 
-    async def step(self) -> StepResult:
-        """Run until N groups are accepted; return them with this step's metrics."""
+    async def step(self, train_version: int | None = None) -> StepResult:
+        """Run until N groups are accepted; return them with this step's metrics.
+
+        `train_version`: the policy version the batch will be trained at (default: the
+        engine's); a group whose oldest token would then be more than `max_staleness` versions
+        old is dropped as `stale` before the step starts.
+        """
         started = time.perf_counter()
         version = self.engine.policy_version
         if version < self.min_policy_version:
@@ -170,14 +204,21 @@ class AprilScheduler:
                 f"engine.update_weights(weights, version={self.min_policy_version})"
             )
         st = _Step(StepCounters())
-        for g in self.buffer.take_stale(version, self.max_staleness):
+        target = version if train_version is None else max(version, int(train_version))
+        for g in self.buffer.take_stale(target, self.max_staleness):
             self._drop(g, "stale", st.counters)
+        self.n_in_flight = self.provision.in_flight(self.buffer, target)
+        self._live = st
         try:
-            exhausted = await self._collect(st)
-        except BaseException:
-            await self._wind_down(st, keep_accepted=False)
-            raise
-        abort_error = await self._wind_down(st, keep_accepted=not exhausted)
+            try:
+                exhausted = await self._collect(st)
+            except BaseException:
+                await self._wind_down(st, keep_accepted=False)
+                raise
+            abort_error = await self._wind_down(st, keep_accepted=not exhausted)
+        finally:
+            self._live = None
+            await self._run_interrupts()  # asked for while the step wound down: the engine is idle
         if abort_error is not None:
             for g in st.accepted:
                 self._to_buffer(g)
@@ -190,30 +231,84 @@ class AprilScheduler:
             self._leave(g, RETURNED)
         self.steps += 1
         self.check_conservation()
+        self.provision.observe(st.counters, self.buffer, target)
         self.last_metrics = step_metrics(
-            st.counters, st.accepted, time.perf_counter() - started, version, self.buffer
+            st.counters, st.accepted, time.perf_counter() - started, target, self.buffer
         )
+        self.last_metrics["rollout/in_flight_groups"] = self.n_in_flight
         return StepResult(st.accepted, self.last_metrics)
+
+    # ---- running ahead of the trainer ---------------------------------------------------------
+
+    async def interrupt(self, action: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `action` (a weight load) with none of this scheduler's requests in flight.
+
+        Between steps it runs at once. During a step, the step's requests are aborted (their
+        groups buffered with their tokens), `action` runs, and the step resumes them; the
+        caller gets `action`'s result or exception either way.
+        """
+        if self._live is None:
+            return await action()
+        request = _Interrupt(action, asyncio.get_running_loop().create_future())
+        self._interrupts.append(request)
+        self._wake.set()
+        return await request.done
+
+    async def _run_interrupts(self) -> None:
+        """Run the waiting interrupt actions in order; their outcomes go to their callers."""
+        self._wake.clear()
+        while self._interrupts:
+            request = self._interrupts.popleft()
+            try:
+                request.done.set_result(await request.action())
+            except BaseException as exc:  # noqa: BLE001 - the caller of interrupt() gets it
+                request.done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _pause_for_interrupts(self, st: _Step) -> None:
+        """Abort the step's requests, buffer their groups, run the interrupt actions."""
+        st.counters.interrupts += 1
+        abort_error = await self._stop(st.runs, st.counters)
+        if abort_error is not None:
+            raise abort_error
+        await self._run_interrupts()
+
+    def give_back(self, groups: list[Group]) -> None:
+        """Finished batches the trainer will not use now go back to the buffer (scored, kept)."""
+        for g in groups:
+            self.ledger.move(g.uid, BUFFERED, returned_back=True)
+            self.buffer.put(g)
 
     async def _collect(self, st: _Step) -> bool:
         """Launch and settle groups until N are accepted; True if the source ran dry first."""
         exhausted = False
         while len(st.accepted) < self.n_groups:
+            if self._wake.is_set():
+                await self._pause_for_interrupts(st)
             while self._may_launch(len(st.runs), len(st.accepted)) and not exhausted:
                 group = self._next_group(st.counters)
                 if group is None:
                     exhausted = True
                     break
                 run = GroupRun(group)
+                if group.finished:
+                    st.already_finished.add(group.uid)  # its lengths were observed when it finished
                 run.task = asyncio.create_task(self.runner.run(run, st.counters))
                 st.runs[group.uid] = run
             if not st.runs:
                 return True
-            done, _ = await asyncio.wait(
-                [r.task for r in st.runs.values()], return_when=asyncio.FIRST_COMPLETED
-            )
+            wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    [r.task for r in st.runs.values()] + [wake], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                wake.cancel()
             for run in [r for r in st.runs.values() if r.task in done]:
                 self._settle(st.runs.pop(run.group.uid), st)
+                if run.group.finished and run.group.uid not in st.already_finished:
+                    st.counters.finished_lengths += [len(s.response_ids) for s in run.group.samples]
             if st.rejected > self.max_rejections:
                 raise TooManyRejections(
                     f"{st.rejected} groups rejected by the filter in one step "

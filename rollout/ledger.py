@@ -38,13 +38,20 @@ class Ledger:
             raise LedgerError(f"uid {uid} drawn twice (it is {self._place[uid]})")
         self._place[uid] = IN_FLIGHT
 
-    def move(self, uid: int, place: str, reason: str | None = None) -> None:
-        """Move a drawn uid; drops need a reason."""
+    def move(self, uid: int, place: str, reason: str | None = None, *, returned_back: bool = False) -> None:
+        """Move a drawn uid; drops need a reason.
+
+        `returned_back`: a returned group the trainer never trained on goes back to the buffer
+        (a batch produced ahead of the trainer, given back before a checkpoint).
+        """
         if place not in PLACES:
             raise LedgerError(f"unknown place {place!r}")
         current = self._place.get(uid)
         if current is None:
             raise LedgerError(f"uid {uid} was never drawn")
+        if returned_back and current == RETURNED and place == BUFFERED:
+            self._place[uid] = place
+            return
         if place not in _LEGAL[current]:
             raise LedgerError(f"uid {uid}: illegal move {current} -> {place}")
         if place == DROPPED:

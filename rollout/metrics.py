@@ -23,6 +23,8 @@ class StepCounters:
     groups_resumed: int = 0
     drops: Counter = field(default_factory=Counter)  # reason -> groups dropped this step
     retries: Counter = field(default_factory=Counter)  # reason -> groups put back to retry later
+    interrupts: int = 0  # times the step stopped its requests for a weight load (running ahead)
+    finished_lengths: list[int] = field(default_factory=list)  # response lengths of groups finished now
 
 
 def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]:
@@ -56,6 +58,7 @@ def step_metrics(
         "rollout/requests_aborted": counters.requests_aborted,
         "rollout/budget_exhausted": counters.budget_exhausted,
         "rollout/unasked_aborts": counters.unasked_aborts,
+        "rollout/interrupts": counters.interrupts,
         "rollout/retries": dict(counters.retries),
         "rollout/buffer_size": len(buffer),
         "rollout/buffer_age_hist": buffer.staleness_histogram(current_version),  # groups by age

@@ -39,7 +39,9 @@ class TaskConfig(Section):
     # arithmetic
     digits_min: int = Field(1, ge=1, le=12)
     digits_max: int = Field(3, ge=1, le=12)
-    operands: int = Field(2, ge=2, le=6)
+    operands: int = Field(2, ge=2, le=6)  # numbers per problem; the fewest with operands_max
+    # None: every problem has `operands` numbers; else each draws its count from operands..this.
+    operands_max: int | None = Field(None, ge=2, le=6)
     scratchpad: bool = True
     # reasoning_gym
     gym_dataset: str = "basic_arithmetic"
@@ -61,6 +63,8 @@ class TaskConfig(Section):
     def _check(self) -> "TaskConfig":
         if self.digits_min > self.digits_max:
             raise ValueError("digits_min must not exceed digits_max")
+        if self.operands_max is not None and self.operands_max < self.operands:
+            raise ValueError("operands_max must not be less than operands")
         if self.name == "dataset" and not self.path:
             raise ValueError("task.path is required when task.name is 'dataset'")
         return self
@@ -69,11 +73,21 @@ class TaskConfig(Section):
 class RolloutConfig(Section):
     groups_per_step: int = Field(8, ge=1)  # N: groups handed to the trainer each step
     group_size: int = Field(8, ge=1)  # G: samples per prompt
-    over_provision: float = Field(2.0, ge=1.0)  # N'/N: groups kept in flight
+    # N'/N: groups kept in flight; `auto` chooses N' each step from the observed completion
+    # lengths and the buffer (rollout/provision.py).
+    over_provision: float | Literal["auto"] = 2.0
     partial: bool = True  # recycle unfinished generations into the next step
     max_staleness: int = Field(4, ge=0)  # drop groups with tokens older than this many versions
+    # Steps the rollout may run ahead of the trainer: 0 = rollout, update, weight sync in turn;
+    # k > 0 keeps generating while the trainer updates (at most k finished batches wait).
+    max_async: int = Field(0, ge=0)
+    # How a weight load meets in-flight requests when rollout runs ahead (max_async > 0):
+    # `abort` stops them and resumes them from their token ids under the new weights; `keep`
+    # freezes them in vLLM (pause mode keep) and lets them continue under the new weights.
+    interrupt: Literal["abort", "keep"] = "abort"
     max_tokens: int = Field(64, ge=1)  # response token budget per sample
-    temperature: float = Field(1.0, gt=0.0)  # > 0: greedy sampling has no log-probs to train on
+    # > 0: greedy sampling has no log-probs to train on; <= 2: vLLM refuses hotter sampling.
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # < 1 only with algo.offpolicy: none (see Recipe)
     seed: int = 0
     kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
@@ -84,6 +98,34 @@ class RolloutConfig(Section):
     sleep_mode: bool = False
     # A step stops with one line once the filter rejects this many groups (None: 50 x N').
     max_rejections_per_step: int | None = Field(None, ge=1)
+
+    @field_validator("over_provision", mode="before")
+    @classmethod
+    def _over_provision(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number >= 1.0:
+            raise ValueError("must be a number >= 1 (N'/N groups in flight) or 'auto'")
+        return number
+
+    @model_validator(mode="after")
+    def _check_async(self) -> "RolloutConfig":
+        if self.max_async > self.max_staleness:
+            # A batch produced k steps ahead is trained k versions later: its newest tokens
+            # would already be too stale to train on.
+            raise ValueError(f"max_async={self.max_async} exceeds max_staleness={self.max_staleness}: "
+                             "tokens generated ahead would be dropped as stale")
+        if self.max_async > 0 and self.sleep_mode:
+            raise ValueError("max_async > 0 needs sleep_mode: false (the engine keeps generating "
+                             "while the trainer updates)")
+        if self.max_async > 0 and not self.partial:
+            raise ValueError("max_async > 0 needs partial: true (a weight load interrupts "
+                             "generations, which must resume)")
+        return self
 
 
 class AlgoConfig(Section):

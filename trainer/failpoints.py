@@ -73,10 +73,10 @@ def arm(trainer: Any) -> None:
     if at["rollout"] is not None:
         step = trainer.scheduler.step
 
-        async def rollout_then_fire() -> Any:
+        async def rollout_then_fire(*args: Any, **kwargs: Any) -> Any:
             if now() != at["rollout"]:
-                return await step()
-            running = asyncio.ensure_future(step())
+                return await step(*args, **kwargs)
+            running = asyncio.ensure_future(step(*args, **kwargs))
             while not trainer.engine.active_requests and not running.done():
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)  # some tokens streamed

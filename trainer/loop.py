@@ -2,10 +2,16 @@
 
 `Trainer` holds the parts a run needs (policy, optimizer, engine, scheduler, tracker) and
 `train()` runs steps until `train.steps`, evaluating and checkpointing on schedule.
+
+Batches come from `RolloutAhead`: with `rollout.max_async: 0` each is rolled out when asked
+for; with k > 0 the engine generates the next ones while the update runs (in a worker thread,
+so the event loop keeps streaming), and the new weights are loaded as soon as they are ready.
+Evaluations and checkpoints settle the pipeline first, so they happen between steps as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ from transformers import get_scheduler
 
 from rollover.algos.advantages import group_advantages
 from rollover.algos.filters import is_informative, overlong_penalty
+from rollover.rollout.ahead import RolloutAhead
 from rollover.rollout.april import AprilScheduler
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
@@ -70,6 +77,7 @@ class Trainer:
         self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.score_group,
                                         self.keep_group if recipe.algo.dynamic_sampling else None,
                                         max_rejections_per_step=recipe.rollout.max_rejections_per_step)
+        self.ahead = RolloutAhead(self.scheduler, recipe.rollout.max_async, recipe.rollout.interrupt)
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
                                         recipe.task.system_prompt) for r in self.eval_records]
@@ -125,7 +133,9 @@ class Trainer:
         forget_trained_after(self.output_dir, self.step)
         set_rng_state(state["rng"])
 
-    def save(self) -> Path:
+    async def save(self) -> Path:
+        """Checkpoint between steps: batches rolled out ahead go back to the buffer first."""
+        await self.ahead.settle()
         return save_checkpoint(self.output_dir, self.step, self.policy, self.state(),
                                self.recipe.train.keep_checkpoints)
 
@@ -133,6 +143,7 @@ class Trainer:
 
     async def run_eval(self, prefix: str = "eval") -> dict[str, Any]:
         """Evaluate and log under `prefix`; only `eval` results enter the run's curve."""
+        await self.ahead.settle()  # the engine evaluates alone, and no rollout runs off the clock
         started = time.perf_counter()
         result = await evaluate(self.engine, self.task, self.rewards, self.eval_records,
                                 self.eval_prompts, self.recipe.rollout.max_tokens)
@@ -150,31 +161,38 @@ class Trainer:
     async def train_step(self) -> dict[str, Any]:
         recipe = self.recipe
         started = time.perf_counter()
-        result = await stoppable(self.scheduler.step())  # a stop files every group in the buffer
+        result = await stoppable(self.ahead.next_batch())  # a stop files every group in the buffer
         rollout_seconds = time.perf_counter() - started
         groups = result.groups
+        token_age = oldest_token_age(groups, self.engine.policy_version)
+        if token_age > recipe.rollout.max_staleness:
+            raise RuntimeError(f"a batch holds a token {token_age} versions old (rollout.max_staleness="
+                               f"{recipe.rollout.max_staleness}): a scheduler bug")
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = group_advantages(rewards, recipe.advantage_std)
         rows = rows_from_groups(groups, advantages)
         train_started = time.perf_counter()
         await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
-        try:
-            stats = train_on_batch(self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
-                                   recipe.train, version=self.engine.policy_version,
-                                   max_tokens=recipe.rollout.max_tokens,
-                                   temperature=recipe.rollout.temperature, seed=recipe.train.seed + self.step)
+        self.ahead.trainer_busy.start()
+        try:  # in a thread: the event loop keeps streaming the rollout running ahead
+            stats = await asyncio.to_thread(
+                train_on_batch, self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
+                recipe.train, version=self.engine.policy_version, max_tokens=recipe.rollout.max_tokens,
+                temperature=recipe.rollout.temperature, seed=recipe.train.seed + self.step)
         except NonFiniteLoss as exc:
             self._count_bad_step(str(exc))
             stats = {"updates": 0.0, "nonfinite": 1.0}
+        finally:
+            self.ahead.trainer_busy.stop()
         refused = stats.pop("nonfinite_reason", None)
         if refused is not None:  # earlier mini-batches were applied: the weights did change
             self._count_bad_step(f"{refused}; the step's later updates were not applied")
         train_seconds = time.perf_counter() - train_started
         sync_started = time.perf_counter()
         await self.engine.wake_up()
-        if stats["updates"] > 0:  # any applied update changes the weights the engine must serve
-            await self.engine.wait_idle()
-            await self.engine.update_weights(self.policy.engine_weights())
+        # Any applied update changes the weights the engine must serve.
+        weights = self.policy.engine_weights() if stats["updates"] > 0 else None
+        await self.ahead.load_weights(None if weights is None else lambda: self._load(weights))
         sync_seconds = time.perf_counter() - sync_started
         self.step += 1
         step_seconds = time.perf_counter() - started
@@ -186,6 +204,7 @@ class Trainer:
                    **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
                    "time/rollout": rollout_seconds, "time/train": train_seconds,
                    "time/weight_sync": sync_seconds, "time/step": step_seconds,
+                   "pipeline/max_token_age": token_age, **self.ahead.window_metrics(),
                    "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
         self.tracker.log(self.step, metrics)
         log_trained(self.output_dir, self.step, [g.uid for g in groups])
@@ -193,6 +212,16 @@ class Trainer:
         if stop is not None:
             raise TrainingStopped(stop)
         return metrics
+
+    async def _load(self, weights) -> None:
+        """Put new weights into the engine: in place under running requests (`interrupt: keep`
+        while rolling out ahead), else into the idle engine."""
+        rollout = self.recipe.rollout
+        if rollout.max_async > 0 and rollout.interrupt == "keep":
+            await self.engine.update_weights(weights, keep_requests=True)
+        else:
+            await self.engine.wait_idle()
+            await self.engine.update_weights(weights)
 
     def _count_bad_step(self, reason: str) -> None:
         """One more non-finite step; stop the run past `train.max_bad_steps`."""
@@ -231,7 +260,7 @@ class Trainer:
                 if self.step % train.eval_every == 0 or self.step == train.steps:
                     last_acc = f"{(await stoppable(self.run_eval()))['eval/accuracy']:.0%}"
                 if self.step % train.save_every == 0 or self.step == train.steps:
-                    self.save()
+                    await self.save()
                 bar.update(task, completed=self.step, reward=metrics["reward"], accuracy=last_acc,
                            tokens_per_s=metrics["tokens_per_s"])
         return self.summary()
@@ -245,6 +274,12 @@ class Trainer:
                 "reward_failures": dict(self.rewards.failures),
                 "dataset_dropped_rows": getattr(self.task, "dropped_rows", 0),
                 "rollout_drops": dict(self.scheduler.ledger.drop_reasons())}
+
+
+def oldest_token_age(groups: list[Group], version: int) -> int:
+    """Versions between the batch's oldest token and `version` (the one it is trained at)."""
+    oldest = min((v for g in groups for s in g.samples for v in s.versions), default=version)
+    return version - oldest
 
 
 def group_metrics(groups: list[Group], filtered: int) -> dict[str, float]:

@@ -205,7 +205,7 @@ async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:
             console.print(f"resumed from {checkpoint} at step {trainer.step}")
         return await trainer.train(resumed=checkpoint is not None)
     except StopAtSafePoint:
-        raise RunStopped(trainer.step, trainer.save()) from None
+        raise RunStopped(trainer.step, await trainer.save()) from None
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:

@@ -58,3 +58,16 @@ def engine(loop):
     loop.run_until_complete(eng.wait_idle())
     eng.shutdown()
     loop.run_until_complete(asyncio.sleep(0.1))  # let the output handler see its cancellation
+
+
+@pytest.fixture
+def restore_engine(engine, run):
+    """Put the builtin weights and version back, so the shared engine is as other tests expect."""
+    from rollover.trainer.config import Recipe
+    from rollover.trainer.policy import Policy
+
+    version = engine.policy_version
+    original = Policy(Recipe().model, Recipe().train.lora).engine_weights()
+    yield
+    run(engine.wait_idle())
+    run(engine.update_weights(original, version=version))

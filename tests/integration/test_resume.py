@@ -47,9 +47,11 @@ def places(ledger: dict) -> dict[int, str]:
     return {int(uid): place for uid, place in ledger["place"].items()}
 
 
-def test_sigkill_after_checkpoint_then_resume(tmp_path):
+@pytest.mark.parametrize("max_async", [0, 2])
+def test_sigkill_after_checkpoint_then_resume(tmp_path, max_async):
     out = tmp_path / "run"
-    first = rl_train(out, "train.steps=20")
+    pipeline = f"rollout.max_async={max_async}"  # 2: the kill lands while batches run ahead
+    first = rl_train(out, "train.steps=20", pipeline)
     pointer = out / "checkpoints" / "latest"
     deadline = time.time() + 400
     while not (pointer.is_file() and pointer.read_text().strip() == "step-000002"):
@@ -68,7 +70,7 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path):
     assert {g["uid"] for g in saved["scheduler"]["buffer"]["groups"]} == buffered_before
     eval_before = [m for m in metrics(out) if m["step"] == 2 and "eval/accuracy" in m][0]
 
-    resumed = rl_train(out, "train.steps=4", "train.resume=true")
+    resumed = rl_train(out, "train.steps=4", "train.resume=true", pipeline)
     log, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, log[-3000:]
     assert "resumed from" in log and "step 2" in log

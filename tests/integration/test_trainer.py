@@ -30,16 +30,6 @@ def small_recipe(tmp_path, **train) -> Recipe:
     })
 
 
-@pytest.fixture
-def restore_engine(engine, run):
-    """Put the builtin weights and version back, so the shared engine is as other tests expect."""
-    version = engine.policy_version
-    original = Policy(Recipe().model, Recipe().train.lora).engine_weights()
-    yield
-    run(engine.wait_idle())
-    run(engine.update_weights(original, version=version))
-
-
 def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
     recipe = small_recipe(tmp_path, max_bad_steps=1)
     task = build_task(recipe.task)
@@ -63,7 +53,7 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
         assert engine.policy_version == start_version + 2  # each step's weights reached the engine
         assert math.isfinite(first["loss"]) and first["time/weight_sync"] > 0
         assert "kl" not in first  # only the reference KL is logged as `kl`, and kl_coef is 0
-        checkpoint = trainer.save()
+        checkpoint = run(trainer.save())
 
         with torch.no_grad():  # a blown-up weight: the next loss is NaN
             next(policy.model.parameters()).fill_(float("nan"))

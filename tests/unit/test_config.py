@@ -81,6 +81,12 @@ def test_invalid_yaml_names_the_line(tmp_path):
         (["rollout.top_p=0.9", "algo.offpolicy=mask"], "needs algo.offpolicy: none"),
         (["train.lora.dropout=0.1"], "train.lora.dropout: must be 0"),
         (["rollout.group_size=8", "train.updates_per_batch=65"], "exceeds the 64 samples"),
+        (["rollout.temperature=2.5"], "rollout.temperature"),  # vLLM refuses it on every request
+        (["rollout.over_provision=0.5"], "rollout.over_provision: must be a number >= 1"),
+        (["rollout.over_provision=lots"], "rollout.over_provision: must be a number >= 1 .* or 'auto'"),
+        (["rollout.max_async=5"], "max_async=5 exceeds max_staleness=4"),
+        (["rollout.max_async=1", "rollout.partial=false"], "max_async > 0 needs partial: true"),
+        (["rollout.interrupt=pause"], "rollout.interrupt"),
     ],
 )
 def test_settings_that_would_train_wrongly_are_refused(overrides, expected):
@@ -149,3 +155,10 @@ def test_wandb_online_without_a_key_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("rl-train: error: tracking.wandb=online needs a W&B API key")
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_and_auto_provisioning_settings_parse():
+    recipe = load_recipe(ROOT / "recipes/grpo_math.yaml", [
+        "rollout.over_provision=auto", "rollout.max_async=2", "rollout.interrupt=keep"])
+    assert (recipe.rollout.over_provision, recipe.rollout.max_async, recipe.rollout.interrupt) == ("auto", 2, "keep")
+    assert load_recipe(ROOT / "recipes/grpo_math.yaml", ["rollout.over_provision=3"]).rollout.over_provision == 3.0
