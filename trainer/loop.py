@@ -36,7 +36,7 @@ from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.policy import Policy
 from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
-from rollover.trainer.tracking import Tracker, console, progress_bar
+from rollover.trainer.tracking import Tracker, busy_text, console, progress_bar
 from rollover.trainer.uid_log import forget_trained_after, log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
@@ -252,7 +252,7 @@ class Trainer:
         with progress_bar() as bar:
             last_acc = f"{self.evals[-1]['accuracy']:.0%}" if self.evals else "-"
             task = bar.add_task("train", total=train.steps, completed=self.step, reward=0.0,
-                                accuracy=last_acc, tokens_per_s=0.0)
+                                accuracy=last_acc, tokens_per_s=0.0, busy="")
             while self.step < train.steps:
                 if stop_requested():  # the update, sync or save the signal came in has finished
                     raise StopAtSafePoint()
@@ -262,7 +262,8 @@ class Trainer:
                 if self.step % train.save_every == 0 or self.step == train.steps:
                     await self.save()
                 bar.update(task, completed=self.step, reward=metrics["reward"], accuracy=last_acc,
-                           tokens_per_s=metrics["tokens_per_s"])
+                           tokens_per_s=metrics["tokens_per_s"],
+                           busy=busy_text(metrics["pipeline/engine_busy"], metrics["pipeline/trainer_busy"]))
         return self.summary()
 
     def summary(self) -> dict[str, Any]:

@@ -130,10 +130,17 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def step_line(step: int, total: int, reward: float, accuracy: str, tokens_per_s: float, elapsed: float) -> str:
-    """The plain progress line: `step 20/300  reward 0.41  accuracy 52%  tokens/s 812  elapsed 41 s`."""
+def step_line(step: int, total: int, reward: float, accuracy: str, tokens_per_s: float, elapsed: float,
+              busy: str = "") -> str:
+    """The plain progress line: `step 20/300  reward 0.41  accuracy 52%  tokens/s 812  elapsed 41 s`,
+    then `busy` (where the time went: `engine 85% trainer 97%`) when given."""
     return (f"step {step}/{total}  reward {reward:.2f}  accuracy {accuracy}  "
-            f"tokens/s {tokens_per_s:.0f}  elapsed {format_duration(elapsed)}")
+            f"tokens/s {tokens_per_s:.0f}  elapsed {format_duration(elapsed)}" + (f"  {busy}" if busy else ""))
+
+
+def busy_text(engine_busy: float, trainer_busy: float) -> str:
+    """How busy the engine and the trainer were over the last step (the pipeline's effect)."""
+    return f"engine {engine_busy:.0%} trainer {trainer_busy:.0%}"
 
 
 def eval_line(name: str, step: int, accuracy: float, reward: float) -> str:
@@ -184,7 +191,8 @@ class PlainProgress:
         self.last_line = now
         f = self.fields
         self.out.print(step_line(completed, self.total, f.get("reward", 0.0), f.get("accuracy", "-"),
-                                 f.get("tokens_per_s", 0.0), now - self.started), markup=False, highlight=False)
+                                 f.get("tokens_per_s", 0.0), now - self.started, f.get("busy", "")),
+                       markup=False, highlight=False)
 
 
 def progress_bar() -> Progress | PlainProgress:
@@ -194,7 +202,7 @@ def progress_bar() -> Progress | PlainProgress:
     return Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
         TextColumn("reward {task.fields[reward]:.2f} acc {task.fields[accuracy]} "
-                   "{task.fields[tokens_per_s]:.0f} tok/s"),
+                   "{task.fields[tokens_per_s]:.0f} tok/s {task.fields[busy]}"),
         TimeRemainingColumn(), console=console, transient=False,
         # Python-level writes to sys.stdout/stderr are third-party output for the log file, not
         # lines to print above the bar (rich's default).

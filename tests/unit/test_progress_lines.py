@@ -5,13 +5,19 @@ import io
 import pytest
 from rich.console import Console
 
-from rollover.trainer.tracking import PlainProgress, eval_line, format_duration, line_every, step_line
+from rollover.trainer.tracking import PlainProgress, busy_text, eval_line, format_duration, line_every, step_line
 
 
 def test_step_line_reads_as_one_plain_line():
     assert step_line(20, 300, 0.4149, "52%", 812.4, 41.7) == (
         "step 20/300  reward 0.41  accuracy 52%  tokens/s 812  elapsed 41 s")
     assert step_line(1, 3, 0.0, "-", 0.0, 0.2) == "step 1/3  reward 0.00  accuracy -  tokens/s 0  elapsed 0 s"
+
+
+def test_step_line_says_where_the_time_went():
+    assert busy_text(0.846, 0.97) == "engine 85% trainer 97%"
+    assert step_line(2, 3, 0.5, "50%", 10.0, 1.0, busy="engine 85% trainer 97%") == (
+        "step 2/3  reward 0.50  accuracy 50%  tokens/s 10  elapsed 1 s  engine 85% trainer 97%")
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0 s"), (59.9, "59 s"), (60, "1 min 00 s"), (725, "12 min 05 s"),
@@ -85,6 +91,6 @@ def test_the_terminal_bar_leaves_third_party_writes_to_the_log(monkeypatch):
     assert console.is_terminal
     stdout, stderr = sys.stdout, sys.stderr
     with progress_bar() as bar:
-        bar.add_task("train", total=2, reward=0.0, accuracy="-", tokens_per_s=0.0)
+        bar.add_task("train", total=2, reward=0.0, accuracy="-", tokens_per_s=0.0, busy="")
         assert not isinstance(bar, PlainProgress)
         assert sys.stdout is stdout and sys.stderr is stderr
