@@ -91,6 +91,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # < 1 only with algo.offpolicy: none (see Recipe)
     seed: int = 0
     kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
+    # CPU only: cores for the engine's worker ("1", "2-7"); the trainer is pinned to the rest.
+    # None: vLLM's choice (all cores but one), the trainer unpinned (trainer/cpu_split.py).
+    engine_cpus: str | None = None
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
     enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU
     # Colocated trainer on one GPU: the engine sleeps (frees its weights and KV cache) during
@@ -111,6 +114,16 @@ class RolloutConfig(Section):
         if not number >= 1.0:
             raise ValueError("must be a number >= 1 (N'/N groups in flight) or 'auto'")
         return number
+
+    @field_validator("engine_cpus", mode="before")
+    @classmethod
+    def _engine_cpus(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        from rollover.trainer.cpu_split import parse_cpu_list
+
+        parse_cpu_list(str(value))  # YAML reads `1` as a number
+        return str(value)
 
     @model_validator(mode="after")
     def _check_async(self) -> "RolloutConfig":

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
+from rollover.trainer.cpu_split import bind_engine, pin_trainer
 from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
 from rollover.rollout.settings import SleepModeUnavailable
 from rollover.tasks.registry import TaskError, build_task
@@ -117,11 +118,19 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
                                                model=str(checkpoint) if checkpoint else policy.path)
     except SleepModeUnavailable as exc:
         return _error(exc, EXIT_USAGE)
+    trainer_cores = None
+    if recipe.rollout.engine_cpus and not torch.cuda.is_available():
+        try:
+            trainer_cores = bind_engine(recipe.rollout.engine_cpus)
+        except ValueError as exc:
+            return _error(ValueError(f"rollout.engine_cpus: {exc}"), EXIT_USAGE)
     try:
         # SIGINT blocked: the engine's processes ignore a terminal's Ctrl-C (rl-train stops them).
         engine = call_with_sigint_blocked(RolloutEngine(settings).start)
     except EngineStartError as exc:
         return _error(exc, EXIT_FAILED)
+    if trainer_cores:
+        pin_trainer(trainer_cores)
     folder.started()
     (output_dir / "recipe.yaml").write_text(to_yaml(recipe))
     trainer = None
