@@ -6,6 +6,10 @@ Every chunk is stamped with the policy version the engine held when the request 
 Weight loads are atomic with respect to that version: while weights load (or the engine
 sleeps) the admission gate is closed, vLLM's scheduler is paused, and the version is bumped
 after the prefix cache is reset, so no request is stamped with one version and served by another.
+An in-flight load (`update_weights(..., keep_requests=True)`) changes the weights under running
+requests: their chunks from then on are `provisional`, and the last chunk of every request
+carries the exact version of each of its tokens (`TokenChunk.versions`, from vLLM's
+weight-version spans; see engine_control).
 
 The class holds no global state and exposes plain async methods, so it can be hosted inside a
 Ray actor unchanged (`stream` is an async generator, which Ray actors support).
@@ -33,6 +37,7 @@ from rollover.rollout.engine_control import (  # noqa: F401 - re-exported
     EngineBusyError,
     EngineControl,
     WeightLoadError,
+    token_versions,
 )
 from rollover.rollout.weight_sync import SharedMemoryTransport, WeightTransport
 
@@ -54,9 +59,17 @@ class TokenChunk:
 
     token_ids: list[int]
     logprobs: list[float]
-    version: int  # policy version that produced these tokens
+    # Policy version at the request's admission: the version of these tokens unless `provisional`.
+    version: int
     # On the last chunk only: stop | length | repetition (finished), aborted, error.
     finish_reason: str | None = None
+    # On the last chunk only: the exact version of every token of the request (all its chunks,
+    # this one included, in order). Callers that keep the tokens restamp them with it.
+    versions: list[int] | None = None
+    # An in-flight weight load started since the admission: these tokens may be of a newer
+    # version than `version`. Only the last chunk's `versions` settles them; a stream that ends
+    # without a last chunk (cancelled) leaves them unknown, so they must be dropped.
+    provisional: bool = False
 
 
 class RolloutEngine(EngineControl):
@@ -79,6 +92,7 @@ class RolloutEngine(EngineControl):
         self._serving.set()
         self._why_closed = ""
         self._weights_broken: str | None = None  # set when a load failed midway
+        self._keep_loads = 0  # in-flight (keep_requests) weight loads started so far
         self._asleep = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -213,8 +227,8 @@ class RolloutEngine(EngineControl):
         """Submit `prompt_ids` with a budget of `max_tokens`; yield tokens as they are sampled.
 
         The last chunk carries the finish reason (`aborted` after `abort`, or when vLLM aborted
-        the request itself). Whatever was yielded before an abort is all there is: the caller
-        must keep it.
+        the request itself) and the exact version of every token of the request (`versions`).
+        Whatever was yielded before an abort is all there is: the caller must keep it.
         """
         from vllm.inputs import TokensPrompt
 
@@ -223,6 +237,8 @@ class RolloutEngine(EngineControl):
         rid = request_id or uuid.uuid4().hex
         params = self._params(max_tokens, sampling, final_only=False)
         version = await self._admit(rid)
+        loads = self._keep_loads  # read with the admission (no await between)
+        sent = 0
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
                 if rid in self._reabort and not out.finished:
@@ -233,8 +249,12 @@ class RolloutEngine(EngineControl):
                 ids = list(comp.token_ids)
                 lps = _sampled_logprobs(ids, comp.logprobs)
                 finish = _FINISH.get(comp.finish_reason, comp.finish_reason) if out.finished else None
+                versions = self._versions(comp, sent + len(ids), version, loads) if out.finished else None
                 if ids or finish:
-                    yield TokenChunk(ids, lps, version, finish)
+                    # New weights compute tokens only after a keep load bumped the count, so a
+                    # chunk received before that holds admission-version tokens only.
+                    yield TokenChunk(ids, lps, version, finish, versions, self._keep_loads != loads)
+                    sent += len(ids)
         finally:
             self._release(rid)
 
@@ -252,6 +272,7 @@ class RolloutEngine(EngineControl):
         params = self._params(max_tokens, sampling, final_only=True)
         last = None
         version = await self._admit(rid)
+        loads = self._keep_loads
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
                 last = out
@@ -260,7 +281,12 @@ class RolloutEngine(EngineControl):
         comp = last.outputs[0]
         ids = list(comp.token_ids)
         return TokenChunk(ids, _sampled_logprobs(ids, comp.logprobs), version,
-                          _FINISH.get(comp.finish_reason, comp.finish_reason))
+                          _FINISH.get(comp.finish_reason, comp.finish_reason),
+                          self._versions(comp, len(ids), version, loads), self._keep_loads != loads)
+
+    def _versions(self, comp: Any, n_tokens: int, version: int, loads: int) -> list[int]:
+        """Exact per-token versions of a finished request (admitted at `version`, `loads`)."""
+        return token_versions(comp.weight_versions, n_tokens, version, loads, self._keep_loads)
 
     @property
     def active_requests(self) -> set[str]:

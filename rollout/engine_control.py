@@ -1,14 +1,78 @@
 """Weight loads and sleep for `RolloutEngine`: the moments the engine stops serving.
 
 Both close the engine's admission gate (new requests wait, so each is stamped with the version
-that really serves it) and need an idle engine. A weight load pauses vLLM's scheduler around
-push, prefix-cache reset and version bump; sleep (CUDA only) frees the engine's GPU memory for
-a colocated trainer until `wake_up`.
+that really serves it). A weight load pauses vLLM's scheduler around push, prefix-cache reset and
+version bump; sleep (CUDA only) frees the engine's GPU memory for a colocated trainer until
+`wake_up`. Sleep and the default weight load need an idle engine.
+
+In-flight loads (`update_weights(..., keep_requests=True)`, PipelineRL-style): vLLM freezes the
+running requests with their KV cache (`pause_generation(mode="keep")`), the weights change, the
+requests continue under the new weights. One request then spans versions, so each keep load also
+sets vLLM's engine-side weight label (`AsyncLLM.update_weight_version`) to a label unique to that
+load; vLLM attaches the label to every output batch and reports, on a request's final output,
+which output tokens were computed under which label (`CompletionOutput.weight_versions`). The
+label changes only while the engine is paused, so the spans are exact; `token_versions` turns
+them into one policy version per token. Idle loads leave the label alone (no request can span
+them): a label set before a request was admitted means "the version at admission".
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from typing import Any
+
 from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched
+
+log = logging.getLogger(__name__)
+
+# vLLM's engine-side weight label set by keep load number k (1, 2, ...) to policy version v.
+_KEEP_LABEL = re.compile(r"rollover-keep-(\d+)-v(-?\d+)")
+
+
+def keep_label(load: int, version: int) -> str:
+    """The label keep load number `load` gives vLLM: unique per load, so every load starts a span."""
+    return f"rollover-keep-{load}-v{version}"
+
+
+def label_version(label: str, admitted_version: int, admitted_loads: int) -> int:
+    """Policy version of tokens vLLM labelled `label`, for a request admitted at `admitted_version`
+    when `admitted_loads` keep loads had started.
+
+    A label set by a keep load that started after the admission names its own version; any other
+    label (vLLM's initial one, or an older keep load's) was in force at admission: no weight load
+    can happen between then and a later keep load while the request runs (idle loads need an
+    idle engine), so those tokens are of the admission version.
+    """
+    m = _KEEP_LABEL.fullmatch(label)
+    if m is not None and int(m.group(1)) > admitted_loads:
+        return int(m.group(2))
+    return admitted_version
+
+
+def token_versions(spans: Any, n_tokens: int, admitted_version: int, admitted_loads: int,
+                   loads_now: int) -> list[int]:
+    """One policy version per output token of a finished request, from vLLM's weight spans.
+
+    `spans` is the final `CompletionOutput.weight_versions` (None when vLLM reported no label).
+    Without spans the admission version is exact only if no keep load started meanwhile; else,
+    as for spans that do not tile the output, this raises rather than guess.
+    """
+    if spans is None:
+        if loads_now == admitted_loads:
+            return [admitted_version] * n_tokens
+        raise RuntimeError("vLLM reported no weight-version spans for a request that ran across "
+                           "an in-flight weight load: its per-token versions are unknown")
+    versions: list[int] = []
+    for span in spans:
+        if span.start != len(versions) or span.end < span.start:
+            raise RuntimeError(f"vLLM's weight-version spans do not tile the output: {spans}")
+        version = label_version(span.version, admitted_version, admitted_loads)
+        versions += [version] * (span.end - span.start)
+    if len(versions) != n_tokens:
+        raise RuntimeError(f"vLLM's weight-version spans cover {len(versions)} tokens, "
+                           f"the request has {n_tokens}: {spans}")
+    return versions
 
 
 class EngineBusyError(RuntimeError):
@@ -39,41 +103,103 @@ class EngineControl:
                 f"{self.num_unfinished()} unfinished requests (abort and wait_idle first)"
             )
 
-    async def update_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
-        """Load trainer weights (checkpoint names) into the idle engine; bump the policy version.
+    async def update_weights(self, named_tensors: NamedTensors, version: int | None = None,
+                             keep_requests: bool = False, recompute_kv: bool = False) -> int:
+        """Load trainer weights (checkpoint names); bump the policy version; return it.
 
         `version` sets the version explicitly (e.g. after a checkpoint restore); by default it
-        goes up by one. Raises EngineBusyError if requests are still running or the engine is
-        asleep (`wake_up` first). Returns the new version. Atomic: new requests wait, vLLM's
-        scheduler is paused around push, prefix-cache reset and version bump. A transport that
-        fails midway leaves the engine refusing requests (WeightLoadError) until a full load.
+        goes up by one. Raises EngineBusyError if the engine is asleep (`wake_up` first) or, by
+        default, if requests are still running. Atomic: new requests wait, vLLM's scheduler is
+        paused around push, prefix-cache reset and version bump. A transport that fails midway
+        leaves the engine refusing requests (WeightLoadError) until a full load.
+
+        `keep_requests=True` loads under running requests: they freeze, keep their KV cache and
+        continue under the new weights (no abort); their tokens get exact per-token versions
+        (`TokenChunk.versions` on the last chunk). The KV they hold was computed by the old
+        weights, and so was every other cached block: vLLM refuses a prefix-cache reset while
+        requests hold blocks, so the old blocks stay cached (new requests may hit them) until a
+        reset succeeds (every load tries). `recompute_kv=True` drops every KV block instead: the
+        frozen requests are preempted and recompute their prompt and tokens under the new weights
+        (a prefill of each), so no later token attends to old-weight KV. A keep load that fails
+        midway aborts the frozen requests (their tokens so far keep the old version).
         """
         if self._asleep:
             raise EngineBusyError("engine is asleep: await wake_up() before update_weights")
+        if recompute_kv and not keep_requests:
+            raise ValueError("recompute_kv applies to keep_requests=True loads only")
         self._close_gate("load weights")
         try:
-            self._check_idle("update_weights")
+            if not keep_requests:
+                self._check_idle("update_weights")
             if hasattr(named_tensors, "items"):
                 named_tensors = named_tensors.items()  # type: ignore[assignment]
             await self.llm.pause_generation(mode="keep", clear_cache=False)
             try:
-                try:
-                    await self.weight_transport.push(self.llm, named_tensors)
-                except WeightsUntouched:
-                    raise
-                except BaseException as exc:
-                    self._weights_broken = (
-                        f"the weight load to version {self.policy_version + 1} failed midway "
-                        f"({type(exc).__name__}: {exc}); load a full set of weights again")
-                    raise
-                await self._reset_prefix_cache()
-                self.policy_version = self.policy_version + 1 if version is None else int(version)
-                self._weights_broken = None
+                if keep_requests:
+                    await self._load_keeping_requests(named_tensors, version, recompute_kv)
+                else:
+                    await self._load_idle(named_tensors, version)
             finally:
                 await self.llm.resume_generation()
         finally:
             self._open_gate()
         return self.policy_version
+
+    async def _load_idle(self, named_tensors: NamedTensors, version: int | None) -> None:
+        """Push, reset the prefix cache, bump the version (paused, no request running)."""
+        await self._push(named_tensors)
+        await self._reset_prefix_cache()
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+        self._weights_broken = None
+
+    async def _load_keeping_requests(self, named_tensors: NamedTensors, version: int | None,
+                                     recompute_kv: bool) -> None:
+        """Push under frozen requests, label the new weights in vLLM, bump the version (paused).
+
+        The keep-load count goes up first, so a request admitted later never takes this load's
+        label for its admission version, even if the load fails after setting it. Any failure
+        after the weights may have changed aborts the frozen requests before the resume: they
+        must not go on under weights whose version is unknown.
+        """
+        new_version = self.policy_version + 1 if version is None else int(version)
+        self._keep_loads += 1
+        label = keep_label(self._keep_loads, new_version)
+        try:
+            await self._push(named_tensors)
+            await self._drop_old_kv(recompute_kv)
+            await self.llm.update_weight_version(label)
+        except WeightsUntouched:
+            raise
+        except BaseException as exc:
+            self._weights_broken = self._weights_broken or (
+                f"the in-flight weight load to version {new_version} failed "
+                f"({type(exc).__name__}: {exc}); load a full set of weights again")
+            await self.abort(self.active_requests)
+            raise
+        self.policy_version = new_version
+        self._weights_broken = None
+
+    async def _push(self, named_tensors: NamedTensors) -> None:
+        """The transport's push; a failure that may have touched weights marks them broken."""
+        try:
+            await self.weight_transport.push(self.llm, named_tensors)
+        except WeightsUntouched:
+            raise
+        except BaseException as exc:
+            self._weights_broken = (
+                f"the weight load to version {self.policy_version + 1} failed midway "
+                f"({type(exc).__name__}: {exc}); load a full set of weights again")
+            raise
+
+    async def _drop_old_kv(self, recompute_kv: bool) -> None:
+        """Keep load: reset the prefix cache, preempting the frozen requests if asked to."""
+        if not self._prefix_caching and not recompute_kv:
+            return
+        if recompute_kv:
+            if not await self.llm.reset_prefix_cache(reset_running_requests=True):
+                raise RuntimeError("vLLM refused to drop the KV cache of the frozen requests")
+        elif not await self.llm.reset_prefix_cache():
+            log.debug("prefix cache kept across an in-flight weight load: requests hold KV blocks")
 
     async def reset_prefix_cache(self) -> bool:
         """Drop cached KV blocks. True if reset or nothing to reset."""

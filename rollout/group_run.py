@@ -4,7 +4,10 @@ Kept apart from the scheduler so the per-group rules read in one place:
 - a sample resumes from `prompt_ids + response_ids` (token ids, never text) with the remaining
   budget, clamped by the engine's context; no budget left -> finished as `length`, no request;
 - every streamed token is appended as it arrives, with its log-prob and policy version, so an
-  abort keeps everything generated so far;
+  abort keeps everything generated so far; a request's last chunk restamps all its tokens with
+  their exact versions (an in-flight weight load can change the version mid-request), and a
+  stream that ends without one (cancelled, failed) drops the tokens whose version it never
+  learnt (`TokenChunk.provisional`): the sample resumes from the tokens it is sure of;
 - an abort the scheduler did not ask for (vLLM aborted the request itself: a pause, a sleep) is
   resumed at once, from the kept tokens, a few times; a request that ends with vLLM's `error`
   raises `RequestFailed` (the scheduler retries the group in a later step, counted);
@@ -117,6 +120,7 @@ class GroupRunner:
         run.request_ids.add(rid)
         counters.requests_submitted += 1
         sample.finish_reason = None
+        start = settled = len(sample.response_ids)  # this request's tokens; those of known version
         try:
             async for chunk in self.engine.stream(
                 sample.prompt_ids + sample.response_ids, budget, self.sampling, request_id=rid
@@ -126,6 +130,10 @@ class GroupRunner:
                 sample.logprobs.extend(chunk.logprobs)
                 sample.versions.extend([chunk.version] * n)
                 counters.generated_tokens += n
+                if chunk.versions is not None:
+                    _restamp(sample, start, chunk.versions)
+                if chunk.versions is not None or not chunk.provisional:
+                    settled = len(sample.response_ids)
                 if chunk.finish_reason:
                     sample.finish_reason = chunk.finish_reason
                     counters.requests_aborted += chunk.finish_reason == "aborted"
@@ -133,3 +141,17 @@ class GroupRunner:
             if sample.finish_reason is None:  # cancelled, failed, or the stream ended without a reason
                 sample.finish_reason = "aborted"
                 counters.requests_aborted += 1
+                _drop_from(sample, settled)
+
+
+def _restamp(sample: Sample, start: int, versions: list[int]) -> None:
+    """Stamp one request's tokens (from `start` on) with the exact versions its stream reported."""
+    if len(versions) != len(sample.response_ids) - start:
+        raise RuntimeError(f"the engine reported {len(versions)} token versions for a request "
+                           f"that streamed {len(sample.response_ids) - start} tokens")
+    sample.versions[start:] = versions
+
+
+def _drop_from(sample: Sample, keep: int) -> None:
+    """Forget the tokens from `keep` on (their policy version is unknown); the sample resumes."""
+    del sample.response_ids[keep:], sample.logprobs[keep:], sample.versions[keep:]

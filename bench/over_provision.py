@@ -1,0 +1,304 @@
+"""Adaptive over-provisioning (`over_provision: auto`) against fixed ratios, on the real engine.
+
+Workloads are those of `april_throughput.py` (same length sampler, prompts and scheduler
+construction): the long tail (log-normal lengths by default) and the no-tail one (every length
+the long tail's mean). On top, a dynamic-sampling-like filter rejects a fixed fraction of the
+groups (default 30%, deterministic per uid, so every mode rejects the same prompts), as training
+sees. Per workload the modes are APRIL with N' = ceil(r x N) for each `--ratios` r, and `auto`;
+all stepped in turn on one engine as `april_steps.interleaved` does, every step ending with a
+weight sync that bumps the policy version, so buffers age and staleness drops happen as in
+training.
+
+Metric: useful (returned) tokens per second of rollout + weight sync. Also per mode: wasted
+tokens (dropped as stale or unfinished), tokens of filtered groups (the filter's cost, not the
+provisioning's, reported apart), the off-policy share of returned tokens, and the N' used.
+`ratio_auto_over_best_fixed` per workload: auto's rate over the best fixed ratio's rate of the
+same repetition, median (min-max) over repetitions.
+
+    python bench/over_provision.py                 # 3 reps x 20 steps, ~10 min on 2 cores
+    python bench/over_provision.py --reps 1 --steps 3 --warmup 1 --groups 2 --out /tmp/op.json
+    python bench/over_provision.py --table-from bench/results/over_provision.json
+
+Writes bench/results/over_provision.json (or --out) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from april_steps import SchedulerMode, buffer_tokens, interleaved, summarize  # noqa: E402
+from april_throughput import (  # noqa: E402
+    length_sampler,
+    load_weights,
+    machine_info,
+    make_scheduler,
+    profile_stats,
+    spread,
+)
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "over_provision.json"
+WORKLOADS = ("long_tail", "no_tail")
+
+
+# ---- the filter and the measured mode ----------------------------------------------------------
+
+
+def rejects(uid: int, fraction: float, seed: int) -> bool:
+    """Whether the filter rejects prompt `uid`: the same answer in every mode."""
+    return random.Random(f"filter:{seed}:{uid}").random() < fraction
+
+
+class FilteredMode(SchedulerMode):
+    """`SchedulerMode` with the uid filter. The step accounting is its own: `SchedulerMode`
+    takes every buffered group that left the ledger for a stale drop, but here a resumed group
+    may also be filtered. Records also carry filtered tokens, N' and off-policy tokens."""
+
+    def __init__(self, scheduler: Any, fraction: float, seed: int) -> None:
+        super().__init__(scheduler)
+        self.fraction, self.seed = fraction, seed
+        self.rejected: dict[int, int] = {}  # uid -> tokens, this step
+        scheduler.group_filter = self._filter  # make_scheduler builds it without a filter
+
+    def _filter(self, group) -> bool:
+        if rejects(group.uid, self.fraction, self.seed):
+            self.rejected[group.uid] = sum(len(s.response_ids) for s in group.samples)
+            return False
+        return True
+
+    async def rollout(self) -> dict[str, Any]:
+        from rollover.rollout.ledger import DROPPED
+
+        s, self.rejected = self.scheduler, {}
+        before = buffer_tokens(s)
+        started = time.perf_counter()
+        result = await s.step()
+        rollout_s = time.perf_counter() - started
+        after = buffer_tokens(s)
+        m = s.last_metrics
+        lengths = [len(x.response_ids) for g in result.groups for x in g.samples]
+        stale_uids = [u for u in before if s.ledger.place(u) == DROPPED and u not in self.rejected]
+        if len(stale_uids) != m["rollout/staleness_drops"]:
+            raise RuntimeError(f"{len(stale_uids)} buffered groups dropped unfiltered, the scheduler "
+                               f"counts {m['rollout/staleness_drops']} stale drops: accounting broken")
+        stale, filtered = sum(before[u] for u in stale_uids), sum(self.rejected.values())
+        dropped = sum(before.values()) + m["rollout/generated_tokens"] - sum(lengths) - sum(after.values())
+        rec = {"rollout_s": rollout_s, "useful_tokens": sum(lengths),
+               "generated_tokens": m["rollout/generated_tokens"], "stale_tokens": stale,
+               "unfinished_tokens": dropped - stale - filtered, "filtered_tokens": filtered,
+               "buffered_tokens": sum(after.values()), "groups_returned": len(result.groups),
+               "buffer_size": m["rollout/buffer_size"], "drops": m["rollout/drops"],
+               "n_in_flight": m["rollout/in_flight_groups"],
+               "offpolicy_tokens": round(m["rollout/offpolicy_token_fraction"] * sum(lengths)),
+               "lengths": lengths}
+        plan = getattr(s.provision, "last_plan", None)
+        if plan is not None:
+            rec["plan"] = asdict(plan)
+        return rec
+
+
+def mode_name(ratio: float | str) -> str:
+    return "auto" if ratio == "auto" else f"fixed_{ratio:g}"
+
+
+def summarize_mode(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`april_steps.summarize` plus the filter's tokens, off-policy share and N' used."""
+    out = summarize(records)
+    filtered = sum(r["filtered_tokens"] for r in records)
+    offpolicy = sum(r["offpolicy_tokens"] for r in records)
+    ns = [r["n_in_flight"] for r in records]
+    out.update(filtered_tokens=filtered,
+               filtered_token_fraction=filtered / out["generated_tokens"] if out["generated_tokens"] else 0.0,
+               offpolicy_token_fraction=offpolicy / out["useful_tokens"] if out["useful_tokens"] else 0.0,
+               n_in_flight={"median": statistics.median(ns), "min": min(ns), "max": max(ns)})
+    return out
+
+
+# ---- one repetition ----------------------------------------------------------------------------
+
+
+async def repetition(engine, tokenizer, weights, args: argparse.Namespace, rep: int, log) -> dict:
+    """Both workloads, every mode interleaved; per workload the summaries and auto's ratios."""
+    seed = args.seed + rep
+    long_len = length_sampler(args, seed)
+    mean_len = max(1, round(profile_stats(long_len)["mean"]))
+    lengths = {"long_tail": long_len, "no_tail": lambda uid, i: mean_len}
+    result: dict[str, Any] = {"rep": rep, "seed": seed, "no_tail_length": mean_len}
+    for workload in WORKLOADS:
+        modes = {}
+        for ratio in [*args.ratios, "auto"]:
+            sched = make_scheduler(engine, tokenizer, args, lengths[workload], seed, groups=args.groups,
+                                   over_provision=ratio, partial=True, max_staleness=args.staleness)
+            modes[mode_name(ratio)] = FilteredMode(sched, args.reject, seed)
+        log(f"rep {rep} (seed {seed}): {workload}")
+        recs = await interleaved(engine, weights, modes, args.warmup, args.steps, log)
+        for m in modes.values():
+            m.close()
+        summary = {name: summarize_mode(r) for name, r in recs.items()}
+        rate = {name: s["useful_tokens_per_s"] for name, s in summary.items()}
+        fixed = {name: v for name, v in rate.items() if name != "auto"}
+        best = max(fixed, key=fixed.get)
+        result[workload] = {
+            "modes": summary,
+            "best_fixed": best,
+            "ratio_auto_over_best_fixed": rate["auto"] / fixed[best],
+            "ratio_auto_over": {name: rate["auto"] / v for name, v in fixed.items()},
+        }
+        log(f"rep {rep} {workload}: auto / best fixed ({best}) = "
+            f"{result[workload]['ratio_auto_over_best_fixed']:.3f}")
+    return result
+
+
+# ---- aggregation and the table -----------------------------------------------------------------
+
+
+def aggregate(reps: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """Medians (min-max) over repetitions, per workload and mode."""
+    out: dict[str, Any] = {"ratio_auto_over_best_fixed": {}, "workloads": {}}
+    names = [mode_name(r) for r in [*args.ratios, "auto"]]
+    for w in WORKLOADS:
+        per = lambda name, key: [r[w]["modes"][name][key] for r in reps]  # noqa: E731
+        keys = ("useful_tokens_per_s", "wasted_token_fraction", "wasted_tokens",
+                "filtered_token_fraction", "offpolicy_token_fraction")
+        modes = {name: {**{k: spread(per(name, k)) for k in keys},
+                        "n_in_flight_median": spread([n["median"] for n in per(name, "n_in_flight")])}
+                 for name in names}
+        ratios = [r[w]["ratio_auto_over_best_fixed"] for r in reps]
+        out["workloads"][w] = {
+            "modes": modes,
+            "best_fixed": max((n for n in names if n != "auto"),
+                              key=lambda n: modes[n]["useful_tokens_per_s"]["median"]),
+            "ratio_auto_over_best_fixed": spread(ratios),
+            "ratio_auto_over": {n: spread([r[w]["ratio_auto_over"][n] for r in reps])
+                                for n in names if n != "auto"},
+        }
+        out["ratio_auto_over_best_fixed"][w] = statistics.median(ratios)
+    out["workload"] = {"long_tail": profile_stats(length_sampler(args, args.seed)),
+                       "no_tail_length": reps[0]["no_tail_length"]}
+    out["repetitions"] = reps
+    return out
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """A Markdown table of a result JSON."""
+    cfg, w = result["config"], result["workload"]["long_tail"]
+    def rng(d: dict, f: str = "{:.0f}") -> str:
+        return f"{f.format(d['median'])} ({f.format(d['min'])}-{f.format(d['max'])})"
+
+    pct = lambda d: f"{100 * d['median']:.1f}%"  # noqa: E731
+    lines = [
+        f"{cfg['model']}, N={cfg['groups']} x G={cfg['group_size']}, max_staleness={cfg['staleness']}, "
+        f"{100 * cfg['reject']:.0f}% of groups rejected by the filter; {cfg['reps']} repetitions x "
+        f"{cfg['steps']} measured steps per mode after {cfg['warmup']} warm-up, interleaved, every "
+        "step followed by a weight sync. Tokens/s: rollout + weight sync; median (min-max).",
+        "",
+        "| workload | mode | N' (median) | useful tokens/s | auto / this | wasted | filtered | off-policy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("long_tail", f"long tail ({cfg['dist']}, median {w['median']}, p99 {w['p99']})"),
+                        ("no_tail", f"no tail (all {result['workload']['no_tail_length']})")):
+        part = result["workloads"][name]
+        for mode, s in part["modes"].items():
+            vs = part["ratio_auto_over"].get(mode)
+            lines.append(f"| {label} | {mode} | {s['n_in_flight_median']['median']:g} | "
+                         f"{rng(s['useful_tokens_per_s'])} | {rng(vs, '{:.2f}') if vs else ''} | "
+                         f"{pct(s['wasted_token_fraction'])} | {pct(s['filtered_token_fraction'])} | "
+                         f"{pct(s['offpolicy_token_fraction'])} |")
+        lines.append(f"| {label} | **auto / best fixed ({part['best_fixed']})** | | | "
+                     f"**{rng(part['ratio_auto_over_best_fixed'], '{:.2f}')}** | | | |")
+    return "\n".join(lines)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # workload: the options april_throughput's length sampler reads
+    p.add_argument("--dist", default="lognormal",
+                   choices=["lognormal", "pareto", "exponential", "uniform", "constant"])
+    p.add_argument("--lengths-file", help="one response length per line, replayed in order")
+    p.add_argument("--median", type=int, default=32, help="median response length (tokens)")
+    p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma")
+    p.add_argument("--alpha", type=float, default=1.5, help="Pareto shape")
+    p.add_argument("--max-len", type=int, default=448, help="length cap (context is 512)")
+    p.add_argument("--groups", type=int, default=8, help="N groups per step")
+    p.add_argument("--group-size", type=int, default=8, help="G samples per group")
+    p.add_argument("--ratios", default="1.5,2,3", help="fixed over-provision ratios to compare")
+    p.add_argument("--staleness", type=int, default=None,
+                   help="max_staleness (default: the recipe default)")
+    p.add_argument("--reject", type=float, default=0.3, help="fraction of groups the filter rejects")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per mode and repetition")
+    p.add_argument("--warmup", type=int, default=4, help="warm-up steps per mode (auto's cold start)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="builtin:tiny-math")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--table-from", type=Path, metavar="JSON",
+                   help="print the Markdown table of an existing result and exit")
+    args = p.parse_args(argv)
+    args.ratios = list(dict.fromkeys(float(r) for r in args.ratios.split(",") if r.strip()))
+    if args.staleness is None:
+        from rollover.trainer.config import RolloutConfig
+
+        args.staleness = RolloutConfig.model_fields["max_staleness"].default
+    if (not args.ratios or min(args.ratios) < 1 or args.reps < 1 or args.steps < 1
+            or args.staleness < 0 or not 0 <= args.reject < 1):
+        p.error("need --ratios >= 1, --reps >= 1, --steps >= 1, --staleness >= 0, 0 <= --reject < 1")
+    return args
+
+
+async def bench(engine, weights, args: argparse.Namespace, log) -> dict[str, Any]:
+    tokenizer = engine.llm.get_tokenizer()
+    reps = [await repetition(engine, tokenizer, weights, args, rep, log) for rep in range(args.reps)]
+    return aggregate(reps, args)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.table_from:
+        print(render_table(json.loads(args.table_from.read_text())))
+        return {}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from rollover.rollout.engine import EngineSettings, RolloutEngine
+    from rollover.trainer.builtin_model import resolve_model_path
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    info = machine_info()
+    model_path = resolve_model_path(args.model)
+    weights = load_weights(model_path)
+    engine = RolloutEngine(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
+                                          enable_prefix_caching=True))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engine.start()
+    try:
+        result = loop.run_until_complete(bench(engine, weights, args, log))
+    finally:
+        engine.shutdown()
+    info["load_avg_end"] = os.getloadavg()
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["machine"] = info
+    result["bench_wall_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log("\n" + render_table(result) + "\n")
+    log("ratio_auto_over_best_fixed " + ", ".join(
+        f"{w} {v:.3f}" for w, v in result["ratio_auto_over_best_fixed"].items()) + f"  -> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
