@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
-from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner
+from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
 from rollover.rollout.provision import make_provision
@@ -387,16 +387,21 @@ class AprilScheduler:
     def _fail(self, group: Group, reason: str, exc: BaseException, st: _Step) -> None:
         """A failed attempt: retry the group in a later step, or drop it after too many."""
         st.failed += 1
+        if not self._count_attempt(group, reason, exc, st.counters):
+            st.retry_later.append(group)
+
+    def _count_attempt(self, group: Group, reason: str, exc: BaseException, counters: StepCounters) -> bool:
+        """Count one failed attempt; True when that was the last allowed (the group is dropped)."""
         self.attempts[group.uid] += 1
         n = self.attempts[group.uid]
         if n >= self.max_group_attempts:
             log.warning("group %s dropped as %s after %d failed attempts: %r", group.uid, reason, n, exc)
-            self._drop(group, reason, st.counters)
-        else:
-            log.warning("group %s failed (%s, attempt %d of %d): %r; retried later",
-                        group.uid, reason, n, self.max_group_attempts, exc)
-            st.counters.retries[reason] += 1
-            st.retry_later.append(group)
+            self._drop(group, reason, counters)
+            return True
+        log.warning("group %s failed (%s, attempt %d of %d): %r; retried later",
+                    group.uid, reason, n, self.max_group_attempts, exc)
+        counters.retries[reason] += 1
+        return False
 
     async def _wind_down(self, st: _Step, keep_accepted: bool) -> BaseException | None:
         """Stop what runs and file every group of the step; returns an abort failure, if any."""
@@ -441,6 +446,9 @@ class AprilScheduler:
                 t.cancel()  # no-op for finished ones; nothing may keep writing to a filed group
             for run in runs.values():
                 g = run.group
+                failed = run.task.done() and not run.task.cancelled() and run.task.exception()
+                if isinstance(failed, RequestFailed) and self._count_attempt(g, ENGINE_ERROR, failed, counters):
+                    continue  # vLLM's error came as the step stopped: it counts all the same
                 if g.finished or self.partial:
                     self._to_buffer(g)
                 else:

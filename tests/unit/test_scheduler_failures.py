@@ -27,7 +27,8 @@ class FaultyEngine(FakeEngine):
 
     Faults: raise_start, raise_mid, cancelled (the stream raises CancelledError), dies (engine
     dead), repetition / error / unasked_abort (vLLM finish reasons after one token),
-    stop_on_abort (the request finishes naturally as the abort arrives). `abort_fails` makes
+    stop_on_abort (the request finishes naturally as the abort arrives), error_on_abort (vLLM's
+    error arrives as the abort does). `abort_fails` makes
     abort() raise; `decode_fails` makes the first decode raise.
     """
 
@@ -67,6 +68,8 @@ class FaultyEngine(FakeEngine):
                 n += 1
                 if fault == "stop_on_abort" and chunk.finish_reason == "aborted":
                     chunk = TokenChunk([7], [-0.5], chunk.version, "stop")
+                elif fault == "error_on_abort" and chunk.finish_reason == "aborted":
+                    chunk = TokenChunk(chunk.token_ids, chunk.logprobs, chunk.version, "error")
                 elif n == 1 and fault in ("repetition", "error", "unasked_abort"):
                     reason = "aborted" if fault == "unasked_abort" else fault
                     yield TokenChunk(chunk.token_ids, chunk.logprobs, chunk.version, reason)
@@ -152,6 +155,21 @@ def test_request_that_always_errors_is_dropped_after_three_attempts():
     assert sched.ledger.place(1) == "dropped" and sched.ledger.drop_reasons() == {"engine_error": 1}
     assert 1 not in returned and len(returned) == 8
     assert_conserved(sched, source, returned)
+
+
+def test_an_error_arriving_as_the_step_stops_counts_as_a_failed_attempt():
+    # uid 1 runs long; every one of its requests ends with vLLM's error just as the step aborts it.
+    lengths = {0: 2, 1: 40, 2: 2, 3: 2, 4: 2}
+    engine = FaultyEngine(_stop_by_uid(lengths), lambda key: "error_on_abort" if key[0] == 1 else None)
+    source = LoggedSource(lengths)
+    sched = AprilScheduler(engine, _config(groups_per_step=1, group_size=1, over_provision=2),
+                           source, _score)
+    returned = [g.uid for _ in range(3) for g in run(sched.step()).groups]
+    assert engine.seen[(1, 0)] == 3  # three requests, three failed attempts, then dropped
+    assert sched.ledger.place(1) == "dropped" and sched.ledger.drop_reasons() == {"engine_error": 1}
+    assert 1 not in returned
+    assert_conserved(sched, source, returned)
+    sched.close()
 
 
 # ---- slow, hung and failing judges -----------------------------------------------------------
