@@ -1,18 +1,26 @@
-"""TRL baseline for `bench/e2e_vs_trl.py`: GRPO with TRL's `GRPOTrainer` on the built-in task.
+"""TRL baseline for `bench/e2e_vs_trl.py`: GRPO with TRL's `GRPOTrainer` on a recipe's task.
 
-Trains `builtin:tiny-math` on the arithmetic task with the project's own task records and
-reward function (`correctness_reward`), with settings matched to `rl-train`'s synchronous mode:
-per optimizer step, N prompts x G completions, one optimizer update per generation batch, no KL,
-GRPO loss (sequence mean, then batch mean), group-std-scaled advantages, constant learning rate,
-gradient clipping at 1.0, no weight decay. Generation is HF `generate` (no vLLM: TRL's colocated
-vLLM cannot load weights into the CPU build's repacked layers).
+Reads the same recipe as `rl-train` (with the same `key.sub=value` overrides) and takes from it
+the model (`model.path`, `model.max_model_len`), the task (every `task.*` key, built by the
+project's own task registry, with its reward function `correctness_reward`), the batch shape
+(`rollout.groups_per_step` N, `rollout.group_size` G), `rollout.max_tokens`, `temperature`,
+`top_p`, the step budget and evaluation schedule (`train.steps`, `train.eval_every`,
+`task.eval_size`) and the optimizer and loss settings (`train.lr`, `warmup_steps`, `schedule`,
+`weight_decay`, `grad_clip`; `algo.loss`, `clip_low`/`clip_high`, `kl_coef`, advantage scaling,
+`mask_truncated`). Settings matched to `rl-train`'s synchronous mode: one optimizer update per
+generation batch of N prompts x G completions. rl-train's dynamic sampling and off-policy
+correction have no TRL counterpart here (TRL's is vLLM-only). Generation is HF `generate` (no
+vLLM: TRL's colocated vLLM cannot load weights into the CPU build's repacked layers).
 
-Held-out greedy accuracy is measured at step 0 and every `--eval-every` steps by a callback.
+Held-out greedy accuracy is measured at step 0 and every `train.eval_every` steps by a callback.
 The train wall clock starts when the Trainer begins training (after imports, model load and
 TRL's set-up) and excludes the time spent evaluating. Writes one JSON file.
 
-    python bench/trl_baseline.py --steps 40 --groups-per-step 8 --group-size 8 \
-        --max-tokens 48 --lr 2e-5 --eval-every 10 --out /tmp/trl.json
+    python bench/trl_baseline.py --recipe recipes/grpo_math.yaml --seed 0 --out /tmp/trl.json \
+        train.steps=40 rollout.group_size=8 task.eval_size=128
+
+The older flags (`--steps`, `--groups-per-step`, `--group-size`, `--max-tokens`, `--lr`, ...)
+still work and override the recipe.
 
 TRL 1.16 batch semantics, as used here: `per_device_train_batch_size` counts *completions*,
 not prompts; the generation batch is `per_device_train_batch_size x steps_per_generation`
@@ -27,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -39,48 +46,67 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-MODEL = "builtin:tiny-math"
+from e2e_lib import machine  # bench/ is on sys.path: this file runs as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = ROOT / "recipes/grpo_math.yaml"
+# The older flags, each a shorthand for one recipe key.
+FLAG_KEYS = {
+    "steps": "train.steps", "groups_per_step": "rollout.groups_per_step",
+    "group_size": "rollout.group_size", "max_tokens": "rollout.max_tokens", "lr": "train.lr",
+    "temperature": "rollout.temperature", "eval_every": "train.eval_every",
+    "eval_size": "task.eval_size", "digits_min": "task.digits_min", "digits_max": "task.digits_max",
+    "operands": "task.operands", "task_seed": "task.seed",
+}
+# rl-train's algo.loss -> TRL's (loss_type, importance_sampling_level).
+TRL_LOSSES = {"grpo": ("grpo", "token"), "dapo": ("dapo", "token"), "dr_grpo": ("dr_grpo", "token"),
+              "bnpo": ("bnpo", "token"), "gspo": ("grpo", "sequence")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40,
-                   help="optimizer steps (one generation batch each)")
-    p.add_argument("--groups-per-step", type=int, default=8, help="prompts per step (N)")
-    p.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
-    p.add_argument("--max-tokens", type=int, default=48, help="max completion length")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    p.add_argument("--eval-size", type=int, default=128, help="held-out prompts")
-    p.add_argument("--digits-min", type=int, default=1)
-    p.add_argument("--digits-max", type=int, default=3)
-    p.add_argument("--operands", type=int, default=2)
-    p.add_argument("--task-seed", type=int, default=0, help="task stream seed (recipe task.seed)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides, as rl-train takes them")
+    p.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the rl-train recipe to match")
+    for flag, key in FLAG_KEYS.items():
+        kind = float if key in ("train.lr", "rollout.temperature") else int
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=f"sets {key}")
     p.add_argument("--seed", type=int, default=0, help="training seed (sampling, init of RNGs)")
     p.add_argument("--target-accuracy", type=float, default=None, help="stop once reached")
     p.add_argument("--max-seconds", type=float, default=None, help="cap on train wall seconds")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # Generation and the update run one after the other in this one process: all cores for torch.
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("bench/results/trl_baseline.json"))
-    args = p.parse_args(argv)
-    if args.group_size < 2:
-        p.error("--group-size must be at least 2 (GRPO needs a group baseline)")
-    if min(args.steps, args.groups_per_step, args.eval_every, args.eval_size, args.max_tokens) < 1:
-        p.error("--steps, --groups-per-step, --eval-every, --eval-size, --max-tokens must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model and core count of this machine."""
-    model = platform.processor() or platform.machine()
+def load_settings(args: argparse.Namespace):
+    """The recipe with the overrides and the older flags applied; exits with one line on a mistake."""
+    from rollover.trainer.config import RecipeError, load_recipe
+
+    flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag) is not None]
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform()}
+        recipe = load_recipe(args.recipe, [*args.overrides, *flags])
+    except RecipeError as exc:
+        sys.exit(f"trl_baseline: {exc}")
+    if recipe.rollout.group_size < 2:
+        sys.exit("trl_baseline: rollout.group_size must be at least 2 (GRPO needs a group baseline)")
+    if recipe.task.name != "arithmetic" or recipe.task.prompt_format != "raw":
+        sys.exit("trl_baseline: needs task.name: arithmetic with task.prompt_format: raw (its held-out "
+                 "accuracy is the built-in task's exact match)")
+    if recipe.algo.loss not in TRL_LOSSES:
+        sys.exit(f"trl_baseline: algo.loss '{recipe.algo.loss}' has no TRL counterpart here "
+                 f"(known: {', '.join(TRL_LOSSES)})")
+    return recipe
+
+
+def completion_budget(recipe, tokenizer, records: list[dict]) -> int:
+    """rollout.max_tokens, lowered so the longest prompt plus its answer fits model.max_model_len.
+
+    rl-train's engine never runs past max_model_len; HF generate would, so TRL gets the same cap.
+    """
+    longest = max(len(ids) for ids in tokenizer([r["question"] for r in records])["input_ids"])
+    return max(1, min(recipe.rollout.max_tokens, recipe.model.max_model_len - longest))
 
 
 def counting_reward(task, token_count: dict[str, int]):
@@ -109,6 +135,7 @@ def counting_reward(task, token_count: dict[str, int]):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     process_started = time.perf_counter()
     args = parse_args(argv)
+    recipe = load_settings(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # TRL warns at import about the installed vLLM version; this baseline does not use vLLM.
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
@@ -120,24 +147,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollover.tasks.registry import ArithmeticTask
+    from rollover.tasks.registry import build_task
     from rollover.trainer.builtin_model import greedy_accuracy, resolve_model_path
+    from rollover.trainer.config import resolve_dtype
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
-    n, g = args.groups_per_step, args.group_size
-    task = ArithmeticTask(args.task_seed, args.digits_min, args.digits_max, args.operands, True)
+    rollout, train_cfg, algo = recipe.rollout, recipe.train, recipe.algo
+    n, g, steps = rollout.groups_per_step, rollout.group_size, train_cfg.steps
+    task = build_task(recipe.task)  # every task.* key, as rl-train builds it
     # One row per prompt the run will draw, in the task's order (TRL's shuffling is off, so TRL
     # sees task.record(0), record(1), ... as rl-train's dataset cursor does).
-    rows = [task.record(i) for i in range(args.steps * n)]
+    rows = [task.record(i) for i in range(steps * n)]
     train = datasets.Dataset.from_list([{"prompt": r["question"], **r} for r in rows])
-    held_out = task.eval_records(args.eval_size)
+    held_out = task.eval_records(recipe.task.eval_size)
 
-    path = resolve_model_path(MODEL)
+    path = resolve_model_path(recipe.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = resolve_dtype(recipe.model.dtype, has_cuda=False)  # TRL runs on the CPU here
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    max_tokens = completion_budget(recipe, tokenizer, rows + held_out)
+    loss_type, sampling_level = TRL_LOSSES[algo.loss]
 
     out_dir = tempfile.mkdtemp(prefix="trl_baseline_")  # Trainer wants one; nothing is saved
     config = GRPOConfig(
@@ -148,23 +180,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gradient_accumulation_steps=1,
         num_generations=g,
         num_iterations=1,
-        max_steps=args.steps,
-        max_completion_length=args.max_tokens,
-        temperature=args.temperature,
-        top_p=1.0,
+        max_steps=steps,
+        max_completion_length=max_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
         top_k=0,
         shuffle_dataset=False,
-        # algorithm: GRPO, no KL, group-normalised advantages, symmetric clip 0.2
-        loss_type="grpo",
-        beta=0.0,
-        scale_rewards="group",
-        epsilon=0.2,
-        # optimizer: matches rl-train's defaults (AdamW, constant lr, no warm-up, clip 1.0)
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
+        # algorithm: the recipe's loss, KL coefficient, advantage scaling and clip range
+        loss_type=loss_type,
+        importance_sampling_level=sampling_level,
+        beta=algo.kl_coef,
+        scale_rewards=recipe.advantage_std,
+        epsilon=algo.clip_low,
+        epsilon_high=algo.clip_high,
+        mask_truncated_completions=algo.mask_truncated,
+        # optimizer: the recipe's (AdamW, constant or cosine lr with warm-up, gradient clipping)
+        learning_rate=train_cfg.lr,
+        lr_scheduler_type="cosine" if train_cfg.schedule == "cosine" else "constant_with_warmup",
+        warmup_steps=train_cfg.warmup_steps,
+        weight_decay=train_cfg.weight_decay,
+        max_grad_norm=train_cfg.grad_clip,
         # runtime: CPU, float32, HF generate, no logging backends, no checkpoints
         use_vllm=False,
         use_cpu=True,
@@ -183,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     token_count = {"completion_tokens": 0}
     reward = counting_reward(task, token_count)
 
-    clock = EvalClock(args, tokenizer, held_out, greedy_accuracy, token_count)
+    clock = EvalClock(tokenizer, held_out, greedy_accuracy, token_count, eval_every=train_cfg.eval_every,
+                      max_tokens=max_tokens, target=args.target_accuracy, max_seconds=args.max_seconds)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config,
                           train_dataset=train, processing_class=tokenizer, callbacks=[clock])
     try:
@@ -201,12 +237,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "config": {
-            "model": MODEL, "steps": args.steps, "steps_done": steps_done,
+            "recipe": str(args.recipe), "overrides": args.overrides, "model": recipe.model.path,
+            "dtype": dtype, "steps": steps, "steps_done": steps_done,
             "groups_per_step": n, "group_size": g, "completions_per_step": n * g,
-            "max_tokens": args.max_tokens, "lr": args.lr, "temperature": args.temperature,
-            "eval_every": args.eval_every, "eval_size": args.eval_size,
-            "task": {"name": "arithmetic", "seed": args.task_seed, "digits_min": args.digits_min,
-                     "digits_max": args.digits_max, "operands": args.operands, "scratchpad": True},
+            "max_tokens": rollout.max_tokens, "max_tokens_effective": max_tokens, "lr": train_cfg.lr,
+            "temperature": rollout.temperature, "eval_every": train_cfg.eval_every,
+            "eval_size": recipe.task.eval_size, "task": recipe.task.model_dump(mode="json"),
             "seed": args.seed, "target_accuracy": args.target_accuracy,
             "max_seconds": args.max_seconds, "threads": args.threads,
             "trl": {"per_device_train_batch_size": config.per_device_train_batch_size,
@@ -215,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "steps_per_generation": config.steps_per_generation,
                     "num_generations": config.num_generations,
                     "num_iterations": config.num_iterations, "loss_type": config.loss_type,
+                    "importance_sampling_level": config.importance_sampling_level,
+                    "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
                     "beta": config.beta, "scale_rewards": config.scale_rewards,
                     "lr_scheduler_type": getattr(config.lr_scheduler_type, "value",
                                                  str(config.lr_scheduler_type)),
@@ -235,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if clock.step_seconds else None,
         "step_seconds": clock.step_seconds,
         "reached_target_seconds": clock.reached_target_seconds,
-        "machine": machine_info(),
+        "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -251,10 +289,12 @@ class EvalClock(TrainerCallback):
     """Held-out evaluation at step 0 and every `eval_every` steps (and after the last), with a
     wall clock that excludes evaluation time; stops on the target accuracy or the time cap."""
 
-    def __init__(self, args: argparse.Namespace, tokenizer, held_out: list[dict],
-                 accuracy_fn, token_count: dict[str, int]):
-        self.args, self.tokenizer, self.held_out = args, tokenizer, held_out
+    def __init__(self, tokenizer, held_out: list[dict], accuracy_fn, token_count: dict[str, int], *,
+                 eval_every: int, max_tokens: int, target: float | None, max_seconds: float | None):
+        self.tokenizer, self.held_out = tokenizer, held_out
         self.accuracy_fn, self.token_count = accuracy_fn, token_count
+        self.eval_every, self.max_tokens = eval_every, max_tokens
+        self.target, self.max_seconds = target, max_seconds
         self.started = time.perf_counter()
         self.eval_seconds = 0.0
         self.curve: list[dict[str, Any]] = []
@@ -273,12 +313,12 @@ class EvalClock(TrainerCallback):
         begin = time.perf_counter()
         was_training = model.training
         model.eval()
-        accuracy = self.accuracy_fn(model, self.tokenizer, self.held_out, self.args.max_tokens)
+        accuracy = self.accuracy_fn(model, self.tokenizer, self.held_out, self.max_tokens)
         model.train(was_training)
         self.eval_seconds += time.perf_counter() - begin
         self.curve.append({"step": step, "wall_seconds": round(wall, 3), "accuracy": accuracy,
                            "completion_tokens": self.token_count["completion_tokens"]})
-        target = self.args.target_accuracy
+        target = self.target
         if target is not None and self.reached_target_seconds is None and accuracy >= target:
             self.reached_target_seconds = round(wall, 3)
         print(f"trl: step {step} train {wall:.1f}s held-out greedy accuracy {accuracy:.3f}",
@@ -299,11 +339,11 @@ class EvalClock(TrainerCallback):
         now = self.train_seconds()
         self.step_seconds.append(round(now - self._last_step_end, 4))
         self._last_step_end = now
-        if step % self.args.eval_every == 0 or step >= state.max_steps:
+        if step % self.eval_every == 0 or step >= state.max_steps:
             self.evaluate(model, step)
             if self.reached_target_seconds is not None:
                 control.should_training_stop = True
-        cap = self.args.max_seconds
+        cap = self.max_seconds
         if cap is not None and self.train_seconds() >= cap:
             control.should_training_stop = True
         return control
