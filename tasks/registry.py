@@ -43,13 +43,15 @@ class ArithmeticTask:
     name = "arithmetic"
     bounded_score = True  # one linear regex and an int() over the completion
 
-    def __init__(self, seed: int, digits_min: int, digits_max: int, operands: int, scratchpad: bool):
+    def __init__(self, seed: int, digits_min: int, digits_max: int, operands: int, scratchpad: bool,
+                 operands_max: int | None = None):
         self.seed, self.scratchpad = seed, scratchpad
         self.digits_min, self.digits_max, self.operands = digits_min, digits_max, operands
+        self.operands_max = operands_max  # None: every problem has `operands` numbers
 
     def _record(self, seed: int, index: int) -> dict[str, Any]:
         return arithmetic.arithmetic_record(seed, index, self.digits_min, self.digits_max,
-                                            self.operands, self.scratchpad)
+                                            self.operands, self.scratchpad, self.operands_max)
 
     def record(self, index: int) -> dict[str, Any]:
         return self._record(self.seed, index)
@@ -273,7 +275,8 @@ def load_rows(path: str):
 def build_task(cfg) -> Task:
     """The task a recipe's `task` section names."""
     if cfg.name == "arithmetic":
-        return ArithmeticTask(cfg.seed, cfg.digits_min, cfg.digits_max, cfg.operands, cfg.scratchpad)
+        return ArithmeticTask(cfg.seed, cfg.digits_min, cfg.digits_max, cfg.operands, cfg.scratchpad,
+                              cfg.operands_max)
     if cfg.name == "reasoning_gym":
         return ReasoningGymTask(cfg.gym_dataset, cfg.seed, cfg.gym_config)
     if cfg.name == "dataset":

@@ -2,12 +2,13 @@
 
 import json
 import logging
+import random
 
 import pytest
 
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import DatasetTask, ReasoningGymTask, TaskError, build_task, gold_answer
-from rollover.trainer.config import TaskConfig
+from rollover.trainer.config import RecipeError, TaskConfig, load_recipe
 
 
 def test_scratchpad_written_out_by_hand():
@@ -29,6 +30,76 @@ def test_difficulty_knobs_lengthen_the_scratchpad():
     short = [len(arithmetic.arithmetic_record(0, i, 1, 1, 2, True)["solution"]) for i in range(20)]
     long = [len(arithmetic.arithmetic_record(0, i, 5, 5, 4, True)["solution"]) for i in range(20)]
     assert max(short) < min(long)
+
+
+def test_fixed_operand_count_keeps_the_original_stream_and_spec():
+    # The stream as it was drawn before operands_max existed: digits, then the numbers.
+    rng = random.Random("arithmetic:7:42")
+    digits = rng.randint(1, 4)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    original = [rng.randint(low, 10**digits - 1) for _ in range(3)]
+    assert arithmetic.make_problem(7, 42, 1, 4, 3) == original
+    assert arithmetic.make_problem(7, 42, 1, 4, 3, operands_max=3) == original  # equal max: fixed
+    for operands_max in (None, 2):
+        spec = arithmetic.arithmetic_record(0, 3, 1, 3, 2, True, operands_max=operands_max)["spec"]
+        assert spec == {"task": "arithmetic", "seed": 0, "index": 3, "digits_min": 1,
+                        "digits_max": 3, "operands": 2}
+
+
+def test_variable_operand_count():
+    problems = [arithmetic.make_problem(5, i, 1, 6, 2, operands_max=5) for i in range(200)]
+    assert {len(p) for p in problems} == {2, 3, 4, 5}
+    assert all(len({len(str(n)) for n in p}) == 1 for p in problems)  # one digit count per problem
+    assert problems[17] == arithmetic.make_problem(5, 17, 1, 6, 2, operands_max=5)
+    record = arithmetic.arithmetic_record(5, 17, 1, 6, 2, True, operands_max=5)
+    assert record["spec"] == {"task": "arithmetic", "seed": 5, "index": 17, "digits_min": 1,
+                              "digits_max": 6, "operands": 2, "operands_max": 5}
+    assert int(record["answer"]) == sum(problems[17])
+    with pytest.raises(ValueError, match="operands_max 2 is less than operands 3"):
+        arithmetic.make_problem(5, 0, 1, 2, 3, operands_max=2)
+
+
+def test_five_operand_scratchpad_by_hand():
+    # 99999+88888+77777+66666+55555 = 388885; every column sums to 35, then 38 with the carry 3.
+    first, rest = "9+8+7+6+5=35;", "9+8+7+6+5+3=38;" * 4
+    assert arithmetic.solution_text([99999, 88888, 77777, 66666, 55555]) == first + rest + "#388885"
+
+
+def test_variable_operands_give_a_long_tail_of_solution_lengths():
+    lengths = sorted(len(arithmetic.arithmetic_record(0, i, 1, 6, 2, True, operands_max=5)["solution"])
+                     for i in range(1000))
+    median, longest = lengths[500], lengths[-1]
+    assert longest >= 2 * median  # most are short, a few are long
+    assert longest <= 6 * len("9+9+9+9+9+4=49;") + len("#4999995")  # the longest possible
+
+
+def test_task_config_operands_max():
+    task = build_task(TaskConfig(name="arithmetic", digits_min=1, digits_max=6, operands_max=5))
+    counts = {len(r["question"].split("+")) for r in (task.record(i) for i in range(100))}
+    assert counts == {2, 3, 4, 5}
+    assert task.eval_records(1)[0]["spec"]["operands_max"] == 5
+    assert "operands_max" not in build_task(TaskConfig(name="arithmetic")).record(0)["spec"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.operands_max=1", "task.operands_max: Input should be greater than or equal to 2 (got 1)"),
+    ("task.operands_max=7", "task.operands_max: Input should be less than or equal to 6 (got 7)"),
+    ("task.operands_max=abc", "task.operands_max: Input should be a valid integer"),
+])
+def test_bad_operands_max_is_one_line(tmp_path, override, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task:\n  operands: 3\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe, [override])
+    assert str(caught.value).startswith(f"{recipe} (with overrides): {message}")
+
+
+def test_operands_max_below_operands_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task:\n  operands: 3\n  operands_max: 2\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    assert str(caught.value) == f"{recipe}: task: operands_max must not be less than operands"
 
 
 @pytest.mark.parametrize("text, expected", [("7+5=12;#132", 132), ("#  9 junk", 9), ("no answer", None),
