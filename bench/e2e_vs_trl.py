@@ -256,6 +256,7 @@ def refresh(entry: dict[str, Any], args: argparse.Namespace) -> None:
     """Recompute a workload's target and summaries from its runs of the selected systems and seeds."""
     runs = {s: [entry["runs"][s][str(seed)] for seed in args.seeds if str(seed) in entry["runs"].get(s, {})]
             for s in args.systems}
+    entry.pop("speedup_note", None)  # a note from an earlier summary must not outlive it
     entry.update(summarize_workload(runs, args.target_fraction, baseline=BASELINE))
 
 
