@@ -126,6 +126,10 @@ class RolloutAhead:
             self.scheduler.steps -= 1
         self.scheduler.check_conservation()
 
+    def start_window(self) -> None:
+        """Start measuring afresh (after an evaluation or a save, which are off the clock)."""
+        self.window_metrics()
+
     def window_metrics(self) -> dict[str, float]:
         """Where the time went since the previous call (one trainer step)."""
         now = time.perf_counter()

@@ -253,6 +253,7 @@ class Trainer:
             last_acc = f"{self.evals[-1]['accuracy']:.0%}" if self.evals else "-"
             task = bar.add_task("train", total=train.steps, completed=self.step, reward=0.0,
                                 accuracy=last_acc, tokens_per_s=0.0, busy="")
+            self.ahead.start_window()
             while self.step < train.steps:
                 if stop_requested():  # the update, sync or save the signal came in has finished
                     raise StopAtSafePoint()
@@ -261,6 +262,7 @@ class Trainer:
                     last_acc = f"{(await stoppable(self.run_eval()))['eval/accuracy']:.0%}"
                 if self.step % train.save_every == 0 or self.step == train.steps:
                     await self.save()
+                self.ahead.start_window()  # evaluations and saves are not the pipeline's time
                 bar.update(task, completed=self.step, reward=metrics["reward"], accuracy=last_acc,
                            tokens_per_s=metrics["tokens_per_s"],
                            busy=busy_text(metrics["pipeline/engine_busy"], metrics["pipeline/trainer_busy"]))

@@ -52,7 +52,7 @@ def test_the_console_shows_rollovers_lines_and_the_log_file_the_rest(tmp_path):
     assert re.fullmatch(r"eval at step 0: accuracy \d+\.\d%  reward \d\.\d\d", lines[lines.index(dropped) + 2])
     steps = [line for line in lines if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["1/2", "2/2"], steps
-    assert all(re.fullmatch(r"step \d/2  reward \d\.\d\d  accuracy \d+%  tokens/s \d+  elapsed \d+ s", s)
+    assert all(re.fullmatch(r"step \d/2  reward \d\.\d\d  accuracy \d+%  tokens/s \d+  elapsed \d+ s  engine \d+% trainer \d+%", s)
                for s in steps), steps
     assert lines[-1].startswith("done: 2 steps in ") and lines[-1].endswith(f"summary in {out / 'summary.json'}")
     ours = ("run folder: ", dropped, "W&B offline run in ", "eval at step ", "step ", "done: ")
