@@ -138,4 +138,7 @@ def test_a_reward_failing_every_sample_stops_rl_train_in_one_line(tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = [s for s in steps if "loss" in s]
     assert [s["step"] for s in trained] == [1, 2]
-    assert all(s[f"reward_failures/{fn}"] >= 4 and s["reward_failures/correctness"] == 0 for s in trained)
+    # Each of the 2 x 4 returned samples was scored (and failed) once, in its step or an earlier
+    # one (a surplus group scored in step 1 may be returned in step 2); every step failed some.
+    assert sum(s[f"reward_failures/{fn}"] for s in trained) >= 8
+    assert all(s[f"reward_failures/{fn}"] >= 1 and s["reward_failures/correctness"] == 0 for s in trained)
