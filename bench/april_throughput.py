@@ -353,11 +353,9 @@ async def bench(engine, weights, args: argparse.Namespace, log) -> dict[str, Any
     return aggregate(reps, pooled, args)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.table_from:
-        print(render_table(json.loads(args.table_from.read_text())))
-        return {}
+def run_on_engine(args: argparse.Namespace, bench_fn, render_table) -> dict[str, Any]:
+    """Start the engine on `args.model`, run `bench_fn(engine, weights, args, log)`, save the JSON
+    with the machine and config to `args.out`, print the Markdown table; return the result."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from rollover.rollout.engine import EngineSettings, RolloutEngine
@@ -374,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     asyncio.set_event_loop(loop)
     engine.start()
     try:
-        result = loop.run_until_complete(bench(engine, weights, args, log))
+        result = loop.run_until_complete(bench_fn(engine, weights, args, log))
     finally:
         engine.shutdown()
     info["load_avg_end"] = os.getloadavg()
@@ -384,9 +382,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log("\n" + render_table(result) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.table_from:
+        print(render_table(json.loads(args.table_from.read_text())))
+        return {}
+    result = run_on_engine(args, bench, render_table)
     head = result["headline"]["max_staleness"]
-    log(f"speedup (max_staleness={head}) {result[f'speedup_staleness_{head}']:.2f}x  "
-        f"no_tail_ratio {result['no_tail_ratio']:.2f}  -> {args.out}")
+    print(f"speedup (max_staleness={head}) {result[f'speedup_staleness_{head}']:.2f}x  "
+          f"no_tail_ratio {result['no_tail_ratio']:.2f}  -> {args.out}", flush=True)
     return result
 
 

@@ -25,9 +25,7 @@ Writes bench/results/over_provision.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -40,9 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from april_steps import SchedulerMode, buffer_tokens, interleaved, summarize  # noqa: E402
 from april_throughput import (  # noqa: E402
     length_sampler,
-    load_weights,
-    machine_info,
     make_scheduler,
+    run_on_engine,
     profile_stats,
     spread,
 )
@@ -269,34 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.table_from:
         print(render_table(json.loads(args.table_from.read_text())))
         return {}
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from rollover.rollout.engine import EngineSettings, RolloutEngine
-    from rollover.trainer.builtin_model import resolve_model_path
-
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    started = time.perf_counter()
-    info = machine_info()
-    model_path = resolve_model_path(args.model)
-    weights = load_weights(model_path)
-    engine = RolloutEngine(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
-                                          enable_prefix_caching=True))
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    engine.start()
-    try:
-        result = loop.run_until_complete(bench(engine, weights, args, log))
-    finally:
-        engine.shutdown()
-    info["load_avg_end"] = os.getloadavg()
-    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["machine"] = info
-    result["bench_wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    log("\n" + render_table(result) + "\n")
-    log("ratio_auto_over_best_fixed " + ", ".join(
-        f"{w} {v:.3f}" for w, v in result["ratio_auto_over_best_fixed"].items()) + f"  -> {args.out}")
+    result = run_on_engine(args, bench, render_table)
+    print("ratio_auto_over_best_fixed " + ", ".join(
+        f"{w} {v:.3f}" for w, v in result["ratio_auto_over_best_fixed"].items()) + f"  -> {args.out}", flush=True)
     return result
 
 
