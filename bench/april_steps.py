@@ -40,15 +40,29 @@ def buffer_tokens(scheduler: Any) -> dict[int, int]:
 
 
 class SchedulerMode:
-    """An `AprilScheduler` (APRIL or synchronous), stepped and accounted for."""
+    """An `AprilScheduler` (APRIL or synchronous), stepped and accounted for.
+
+    A filter installed with `filter_by(reject)` rejects the groups `reject(group)` names; their
+    tokens are counted apart as filtered (a resumed group may be filtered, not only dropped stale).
+    """
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        self.rejected: dict[int, int] = {}  # uid -> tokens of the groups filtered this step
+
+    def filter_by(self, reject: Any) -> None:
+        def keep(group: Any) -> bool:
+            if reject(group):
+                self.rejected[group.uid] = sum(len(s.response_ids) for s in group.samples)
+                return False
+            return True
+
+        self.scheduler.group_filter = keep
 
     async def rollout(self) -> dict[str, Any]:
         from rollover.rollout.ledger import DROPPED
 
-        s = self.scheduler
+        s, self.rejected = self.scheduler, {}
         before = buffer_tokens(s)
         started = time.perf_counter()
         result = await s.step()
@@ -57,19 +71,22 @@ class SchedulerMode:
         m = result.metrics
         lengths = [len(x.response_ids) for g in result.groups for x in g.samples]
         # Stale drops happen at step start, before any generation: a buffered group the ledger
-        # now calls dropped left with exactly the tokens it had.
-        stale_uids = [u for u in before if s.ledger.place(u) == DROPPED]
+        # now calls dropped, and the filter did not reject, left with exactly the tokens it had.
+        stale_uids = [u for u in before if s.ledger.place(u) == DROPPED and u not in self.rejected]
         if len(stale_uids) != m["rollout/staleness_drops"]:
-            raise RuntimeError(f"{len(stale_uids)} buffered groups dropped, the scheduler counts "
-                               f"{m['rollout/staleness_drops']} stale drops: accounting broken")
-        stale = sum(before[u] for u in stale_uids)
+            raise RuntimeError(f"{len(stale_uids)} buffered groups dropped unfiltered, the scheduler "
+                               f"counts {m['rollout/staleness_drops']} stale drops: accounting broken")
+        stale, filtered = sum(before[u] for u in stale_uids), sum(self.rejected.values())
         dropped = sum(before.values()) + m["rollout/generated_tokens"] - sum(lengths) - sum(after.values())
         return {"rollout_s": rollout_s, "useful_tokens": sum(lengths),
                 "generated_tokens": m["rollout/generated_tokens"],
-                "stale_tokens": stale, "unfinished_tokens": dropped - stale,
+                "stale_tokens": stale, "unfinished_tokens": dropped - stale - filtered,
+                "filtered_tokens": filtered,
                 "buffered_tokens": sum(after.values()), "groups_returned": len(result.groups),
                 "buffer_size": m["rollout/buffer_size"], "groups_resumed": m["rollout/groups_resumed"],
                 "requests_aborted": m["rollout/requests_aborted"], "drops": m["rollout/drops"],
+                "n_in_flight": m["rollout/in_flight_groups"],
+                "offpolicy_tokens": round(m["rollout/offpolicy_token_fraction"] * sum(lengths)),
                 "lengths": lengths}
 
     def close(self) -> None:

@@ -292,8 +292,8 @@ def machine_info() -> dict:
             "load_avg_start": os.getloadavg()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The options `length_sampler` and the prompt batches read (shared by the rollout benches)."""
     p.add_argument("--dist", default="lognormal",
                    choices=["lognormal", "pareto", "exponential", "uniform", "constant"])
     p.add_argument("--lengths-file", help="one response length per line, replayed in order")
@@ -303,6 +303,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=448, help="length cap (context is 512)")
     p.add_argument("--groups", type=int, default=8, help="N groups per step")
     p.add_argument("--group-size", type=int, default=8, help="G samples per group")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(p)
     p.add_argument("--over-provision", type=float, default=2.0, help="N'/N for APRIL")
     p.add_argument("--staleness", default=None,
                    help="APRIL max_staleness values, comma-separated; the first is the headline "

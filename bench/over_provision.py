@@ -29,14 +29,14 @@ import json
 import random
 import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from april_steps import SchedulerMode, buffer_tokens, interleaved, summarize  # noqa: E402
+from april_steps import SchedulerMode, interleaved, summarize  # noqa: E402
 from april_throughput import (  # noqa: E402
+    add_workload_args,
     length_sampler,
     make_scheduler,
     run_on_engine,
@@ -57,48 +57,15 @@ def rejects(uid: int, fraction: float, seed: int) -> bool:
 
 
 class FilteredMode(SchedulerMode):
-    """`SchedulerMode` with the uid filter. The step accounting is its own: `SchedulerMode`
-    takes every buffered group that left the ledger for a stale drop, but here a resumed group
-    may also be filtered. Records also carry filtered tokens, N' and off-policy tokens."""
+    """`SchedulerMode` with the uid filter; records also carry auto's plan for the step."""
 
     def __init__(self, scheduler: Any, fraction: float, seed: int) -> None:
         super().__init__(scheduler)
-        self.fraction, self.seed = fraction, seed
-        self.rejected: dict[int, int] = {}  # uid -> tokens, this step
-        scheduler.group_filter = self._filter  # make_scheduler builds it without a filter
-
-    def _filter(self, group) -> bool:
-        if rejects(group.uid, self.fraction, self.seed):
-            self.rejected[group.uid] = sum(len(s.response_ids) for s in group.samples)
-            return False
-        return True
+        self.filter_by(lambda group: rejects(group.uid, fraction, seed))
 
     async def rollout(self) -> dict[str, Any]:
-        from rollover.rollout.ledger import DROPPED
-
-        s, self.rejected = self.scheduler, {}
-        before = buffer_tokens(s)
-        started = time.perf_counter()
-        result = await s.step()
-        rollout_s = time.perf_counter() - started
-        after = buffer_tokens(s)
-        m = s.last_metrics
-        lengths = [len(x.response_ids) for g in result.groups for x in g.samples]
-        stale_uids = [u for u in before if s.ledger.place(u) == DROPPED and u not in self.rejected]
-        if len(stale_uids) != m["rollout/staleness_drops"]:
-            raise RuntimeError(f"{len(stale_uids)} buffered groups dropped unfiltered, the scheduler "
-                               f"counts {m['rollout/staleness_drops']} stale drops: accounting broken")
-        stale, filtered = sum(before[u] for u in stale_uids), sum(self.rejected.values())
-        dropped = sum(before.values()) + m["rollout/generated_tokens"] - sum(lengths) - sum(after.values())
-        rec = {"rollout_s": rollout_s, "useful_tokens": sum(lengths),
-               "generated_tokens": m["rollout/generated_tokens"], "stale_tokens": stale,
-               "unfinished_tokens": dropped - stale - filtered, "filtered_tokens": filtered,
-               "buffered_tokens": sum(after.values()), "groups_returned": len(result.groups),
-               "buffer_size": m["rollout/buffer_size"], "drops": m["rollout/drops"],
-               "n_in_flight": m["rollout/in_flight_groups"],
-               "offpolicy_tokens": round(m["rollout/offpolicy_token_fraction"] * sum(lengths)),
-               "lengths": lengths}
-        plan = getattr(s.provision, "last_plan", None)
+        rec = await super().rollout()
+        plan = getattr(self.scheduler.provision, "last_plan", None)
         if plan is not None:
             rec["plan"] = asdict(plan)
         return rec
@@ -221,16 +188,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # workload: the options april_throughput's length sampler reads
-    p.add_argument("--dist", default="lognormal",
-                   choices=["lognormal", "pareto", "exponential", "uniform", "constant"])
-    p.add_argument("--lengths-file", help="one response length per line, replayed in order")
-    p.add_argument("--median", type=int, default=32, help="median response length (tokens)")
-    p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma")
-    p.add_argument("--alpha", type=float, default=1.5, help="Pareto shape")
-    p.add_argument("--max-len", type=int, default=448, help="length cap (context is 512)")
-    p.add_argument("--groups", type=int, default=8, help="N groups per step")
-    p.add_argument("--group-size", type=int, default=8, help="G samples per group")
+    add_workload_args(p)
     p.add_argument("--ratios", default="1.5,2,3", help="fixed over-provision ratios to compare")
     p.add_argument("--staleness", type=int, default=None,
                    help="max_staleness (default: the recipe default)")
