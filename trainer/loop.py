@@ -25,6 +25,7 @@ from rollover.algos.advantages import group_advantages
 from rollover.algos.filters import is_informative, overlong_penalty
 from rollover.rollout.ahead import RolloutAhead
 from rollover.rollout.april import AprilScheduler
+from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
 from rollover.tasks.prompts import prompt_ids
@@ -281,8 +282,7 @@ class Trainer:
 
 def oldest_token_age(groups: list[Group], version: int) -> int:
     """Versions between the batch's oldest token and `version` (the one it is trained at)."""
-    oldest = min((v for g in groups for s in g.samples for v in s.versions), default=version)
-    return version - oldest
+    return max((group_age(g, version) for g in groups), default=0)
 
 
 def group_metrics(groups: list[Group], filtered: int) -> dict[str, float]:
