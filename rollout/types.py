@@ -46,6 +46,8 @@ class Group:
     uid: int  # the prompt's draw index: unique over a run, the key of the conservation ledger
     task: dict[str, Any]  # the task record (question, answer, metadata) the samples answer
     samples: list[Sample]
+    sender: str | None = None  # swarm: the peer whose completions these are; None: our own
+
 
     @property
     def finished(self) -> bool:
@@ -71,7 +73,7 @@ class Group:
                     logprobs=list(s.logprobs), versions=list(s.versions))
             for s in self.samples
         ]
-        return Group(uid=self.uid, task=copy.deepcopy(self.task), samples=samples)
+        return Group(uid=self.uid, task=copy.deepcopy(self.task), samples=samples, sender=self.sender)
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,4 +84,5 @@ class Group:
             uid=state["uid"],
             task=state["task"],
             samples=[Sample(**s) for s in state["samples"]],
+            sender=state.get("sender"),
         )

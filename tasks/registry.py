@@ -272,6 +272,40 @@ def load_rows(path: str):
         raise TaskError(f"task.path {path}: cannot read dataset ({type(exc).__name__}: {exc})") from None
 
 
+class SpecError(ValueError):
+    """A spec this node cannot regenerate; `reason` is `unknown_task` or `index_out_of_range`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def record_from_spec(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
+    """Regenerate a training record from a peer's spec with this node's own task.
+
+    Only records this node could itself draw for training are accepted: same task and settings
+    (seed, digits, dataset...), index in the training range. A held-out record's spec carries
+    the held-out seed or row, so a peer cannot make us train on our evaluation set.
+    """
+    if spec.get("task") != task.name:
+        raise SpecError("unknown_task", f"task {str(spec.get('task'))[:40]!r}, this node runs {task.name!r}")
+    key = "row" if task.name == "dataset" else "index"
+    index = spec.get(key)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise SpecError("unknown_task", f"spec has no integer {key!r}")
+    if task.name == "dataset":
+        kept = {row: i for i, row in enumerate(task.row_numbers[: task.train_size])}
+        if index not in kept:
+            raise SpecError("index_out_of_range", f"row {index} is not a training row here")
+        index = kept[index]
+    elif not 0 <= index < getattr(task, "SIZE", 2**62):
+        raise SpecError("index_out_of_range", f"index {index}")
+    record = task.record(index)
+    if record["spec"] != spec:
+        raise SpecError("unknown_task", "spec differs from this node's task settings")
+    return record
+
+
 def build_task(cfg) -> Task:
     """The task a recipe's `task` section names."""
     if cfg.name == "arithmetic":

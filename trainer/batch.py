@@ -13,12 +13,16 @@ from rollover.rollout.types import Group
 
 @dataclass
 class Row:
-    """One sample as the trainer sees it: token ids, behaviour log-probs, versions, advantage."""
+    """One sample as the trainer sees it: token ids, behaviour log-probs, versions, advantage.
+
+    A peer's sample (swarm) has no behaviour log-probs and no versions (None): no behaviour
+    policy of ours produced it, so the off-policy correction treats it as on-policy.
+    """
 
     prompt_ids: list[int]
     response_ids: list[int]
-    behaviour_logprobs: list[float]
-    versions: list[int]
+    behaviour_logprobs: list[float] | None
+    versions: list[int] | None
     advantage: float
     truncated: bool
     old_logprobs: Tensor | None = None  # pi_old per response token, set before the first update
@@ -35,7 +39,9 @@ def rows_from_groups(groups: list[Group], advantages: Tensor) -> list[Row]:
         for sample, adv in zip(group.samples, group_adv):
             if not sample.response_ids:
                 continue  # nothing to learn from an empty response (e.g. zero budget)
-            rows.append(Row(sample.prompt_ids, sample.response_ids, sample.logprobs, sample.versions,
+            external = group.sender is not None
+            rows.append(Row(sample.prompt_ids, sample.response_ids,
+                            None if external else sample.logprobs, None if external else sample.versions,
                             adv, sample.truncated))
     return rows
 
@@ -74,6 +80,7 @@ class MicroBatch:
     response_mask: Tensor
     behaviour_logprobs: Tensor
     stale_mask: Tensor
+    external_mask: Tensor  # response tokens of peers' samples: no behaviour log-probs
     truncated: Tensor
     advantages: Tensor
 
@@ -86,17 +93,22 @@ def collate(rows: list[Row], pad_id: int, current_version: int, device: torch.de
     response = torch.zeros((len(rows), width - 1), dtype=torch.bool)
     behaviour = torch.zeros((len(rows), width - 1), dtype=torch.float32)
     stale = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    external = torch.zeros((len(rows), width - 1), dtype=torch.bool)
     for i, row in enumerate(rows):
         start, end = len(row.prompt_ids), row.length
         ids[i, :end] = torch.tensor(row.prompt_ids + row.response_ids)
         attention[i, :end] = 1
         # Position t predicts token t+1: response tokens start..end-1 are predicted at start-1..end-2.
         response[i, start - 1:end - 1] = True
+        if row.behaviour_logprobs is None:
+            external[i, start - 1:end - 1] = True
+            continue
         behaviour[i, start - 1:end - 1] = torch.tensor(row.behaviour_logprobs, dtype=torch.float32)
         stale[i, start - 1:end - 1] = torch.tensor(row.versions) < current_version
     return MicroBatch(
         input_ids=ids.to(device), attention_mask=attention.to(device), response_mask=response.to(device),
         behaviour_logprobs=behaviour.to(device), stale_mask=stale.to(device),
+        external_mask=external.to(device),
         truncated=torch.tensor([r.truncated for r in rows], device=device),
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
     )

@@ -11,6 +11,9 @@ than on a step count leaves RL room to improve it.
   85 tokens (median 39, p90 71) with a long tail: the rollout-dominated benchmark workload
   (recipes/grpo_small_math.yaml). Too big for git: built on first use (~8.5 minutes on a 2-core
   EPYC with bf16) and cached.
+- `builtin:tiny-math-wide`: tiny-math widened to hidden 192 with a permuted vocabulary, the same
+  policy with other shapes and token ids (heterogeneous swarm tests). Derived from tiny-math's
+  weights in about a second, no training, and cached (trainer/builtin_variants.py).
 
 The weights this script made are shipped in `trainer/builtin_models/<name>/` and used as they
 are: the same model on every machine. A rebuild is not bit-identical across CPUs (a build on an
@@ -123,8 +126,13 @@ def resolve_model_path(path: str, progress: bool = True) -> str:
     if not path.startswith(BUILTIN_PREFIX):
         return path
     name = path[len(BUILTIN_PREFIX):]
+    from rollover.trainer.builtin_variants import VARIANTS, resolve_variant
+
+    if name in VARIANTS:  # derived from a built-in's weights, not trained
+        return resolve_variant(name, progress)
     if name not in BUILTINS:
-        raise ValueError(f"unknown built-in model '{path}' (known: {', '.join(BUILTINS)})")
+        known = ", ".join([*BUILTINS, *VARIANTS])
+        raise ValueError(f"unknown built-in model '{path}' (known: {known})")
     shipped = shipped_path(name)
     if shipped is not None:
         return str(shipped)

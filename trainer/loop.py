@@ -28,6 +28,7 @@ from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
+from rollover.swarm.node import AUDIT_LOG, SwarmNode
 from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
 from rollover.tasks.rewards import RewardRunner
@@ -35,9 +36,10 @@ from rollover.trainer.batch import rows_from_groups
 from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
+from rollover.trainer.external import LocalJudge
 from rollover.trainer.policy import Policy
 from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
-from rollover.trainer.tracking import Tracker, busy_text, console, progress_bar
+from rollover.trainer.tracking import Tracker, busy_text, console, forget_steps_after, progress_bar
 from rollover.trainer.uid_log import forget_trained_after, log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
@@ -62,9 +64,11 @@ class PromptStream:
 
 class Trainer:
     def __init__(self, recipe: Recipe, task: Task, rewards: RewardRunner, policy: Policy,
-                 engine: RolloutEngine, tracker: Tracker, output_dir: Path):
+                 engine: RolloutEngine, tracker: Tracker, output_dir: Path, swarm: SwarmNode | None = None):
         self.recipe, self.task, self.rewards, self.policy = recipe, task, rewards, policy
         self.engine, self.tracker, self.output_dir = engine, tracker, output_dir
+        self.swarm = swarm  # SAPO: peers' groups join each step's batch (swarm/node.py)
+        self.judge = LocalJudge(recipe, policy, self.score_group)
         train = recipe.train
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
                                            weight_decay=train.weight_decay)
@@ -114,7 +118,8 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "prompt_cursor": self.prompts.cursor,
                 "bad_steps": self.bad_steps, "evals": self.evals, "train_seconds": self.train_seconds,
-                "rewards": self.rewards.state_dict()}
+                "rewards": self.rewards.state_dict(),
+                **({"swarm": self.swarm.state_dict()} if self.swarm else {})}
 
     async def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`; the engine already serves its weights (started from it)."""
@@ -132,6 +137,9 @@ class Trainer:
         # The steps after the checkpoint are trained again: their old lines go.
         self.tracker.forget_after(self.step)
         forget_trained_after(self.output_dir, self.step)
+        forget_steps_after(self.output_dir / AUDIT_LOG, self.step)
+        if self.swarm is not None and "swarm" in state:
+            self.swarm.load_state_dict(state["swarm"])
         set_rng_state(state["rng"])
 
     async def save(self) -> Path:
@@ -169,9 +177,9 @@ class Trainer:
         if token_age > recipe.rollout.max_staleness:
             raise RuntimeError(f"a batch holds a token {token_age} versions old (rollout.max_staleness="
                                f"{recipe.rollout.max_staleness}): a scheduler bug")
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = group_advantages(rewards, recipe.advantage_std)
-        rows = rows_from_groups(groups, advantages)
+        external, swarm_metrics = ([], {}) if self.swarm is None else \
+            await self.swarm.exchange(self.step, groups, self.judge)
+        rows = self._rows(groups, external)
         train_started = time.perf_counter()
         await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
         self.ahead.trainer_busy.start()
@@ -205,7 +213,7 @@ class Trainer:
                    **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
                    "time/rollout": rollout_seconds, "time/train": train_seconds,
                    "time/weight_sync": sync_seconds, "time/step": step_seconds,
-                   "pipeline/max_token_age": token_age, **self.ahead.window_metrics(),
+                   "pipeline/max_token_age": token_age, **self.ahead.window_metrics(), **swarm_metrics,
                    "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
         self.tracker.log(self.step, metrics)
         log_trained(self.output_dir, self.step, [g.uid for g in groups])
@@ -213,6 +221,17 @@ class Trainer:
         if stop is not None:
             raise TrainingStopped(stop)
         return metrics
+
+    def _rows(self, groups: list[Group], external: list[Group]) -> list:
+        """Training rows: advantages within each group; a peer's group may have another size, so
+        its advantages are computed alone (with `batch` std, over itself)."""
+        std = self.recipe.advantage_std
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        rows = rows_from_groups(groups, group_advantages(rewards, std))
+        for group in external:
+            alone = group_advantages(torch.tensor([group.rewards], dtype=torch.float32), std)
+            rows += rows_from_groups([group], alone)
+        return rows
 
     async def _load(self, weights) -> None:
         """Put new weights into the engine: in place under running requests (`interrupt: keep`

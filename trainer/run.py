@@ -16,6 +16,8 @@ from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFa
 from rollover.trainer.cpu_split import bind_engine, pin_trainer
 from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
 from rollover.rollout.settings import SleepModeUnavailable
+from rollover.swarm.node import SwarmNode
+from rollover.swarm.records import SwarmError
 from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer import failpoints, watchdog
@@ -27,13 +29,14 @@ from rollover.trainer.policy import ModelLoadError, Policy
 from rollover.trainer.resume_check import ResumeMismatch, check_resume, recipe_changes
 from rollover.trainer.run_folder import RunFolder, RunFolderError
 from rollover.trainer.stopping import (
-    GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code)
+    GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code,
+    stoppable)
 from rollover.trainer.tracking import Tracker, console
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 # Stops the run can meet in normal operation: one line and exit 1, never a traceback.
 EXPECTED_STOPS = (TrainingStopped, TooManyRejections, TooManyFailures, RolloutExhausted,
-                  StaleEngineError, EngineBusyError, WeightLoadError)
+                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError)
 
 
 def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:
@@ -136,7 +139,9 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
     trainer = None
     try:
         tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
-        trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir)
+        swarm = SwarmNode(recipe.swarm, task, recipe.rollout.group_size, output_dir,
+                          recipe.train.seed) if recipe.swarm.enabled else None
+        trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir, swarm)
         failpoints.arm(trainer)  # ROLLOVER_FAILPOINT (the kill test) only
         stop.phase = "training"
         summary = asyncio.run(_train(trainer, checkpoint))
@@ -208,13 +213,21 @@ def _resume_hint(recipe: Recipe, recipe_path: str, output_dir: Path) -> str:
 
 async def _train(trainer: Trainer, checkpoint: Path | None) -> dict:
     """Restore, train; a stop at a safe point saves the state between steps (RunStopped)."""
+    swarm = trainer.swarm
     try:
+        if swarm is not None:
+            await stoppable(swarm.start())
+            console.print(f"swarm: joined as peer {swarm.sender}; others join with "
+                          f"--peers {' '.join(swarm.maddrs())}")
         if checkpoint is not None:
             await trainer.restore(checkpoint)
             console.print(f"resumed from {checkpoint} at step {trainer.step}")
         return await trainer.train(resumed=checkpoint is not None)
     except StopAtSafePoint:
         raise RunStopped(trainer.step, await trainer.save()) from None
+    finally:
+        if swarm is not None:
+            await swarm.close()
 
 
 def load_checkpoint_weights(policy: Policy, checkpoint: Path) -> None:

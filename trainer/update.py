@@ -91,8 +91,10 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
                 old = logprobs.detach()
             ref = (policy.reference_logprobs(batch.input_ids, batch.attention_mask, temperature)
                    if algo.kl_coef > 0 else None)
+            # A peer's tokens have no behaviour policy: their behaviour is pi_old (weight 1).
+            behaviour = torch.where(batch.external_mask, old, batch.behaviour_logprobs)
             loss, stats = policy_loss(
-                logprobs, old, batch.behaviour_logprobs, batch.advantages, mask, batch.stale_mask, ref,
+                logprobs, old, behaviour, batch.advantages, mask, batch.stale_mask, ref,
                 entropy=entropy.detach(), num_sequences=len(minibatch), num_tokens=max(num_tokens, 1),
                 **options)
             if not torch.isfinite(loss):

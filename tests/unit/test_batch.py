@@ -24,6 +24,17 @@ def test_collate_aligns_response_tokens_with_next_token_positions():
     assert back.tolist() == [[0, 1, 2, 3], [4, 0, 0, 0]]
 
 
+def test_a_peers_rows_are_marked_external_never_stale():
+    own = Group(0, {}, [Sample([5], [6, 7], [-0.1, -0.2], [1, 2], "stop", 1.0)])
+    peer = Group(-1, {}, [Sample([5, 5], [8], finish_reason="stop", reward=0.0)], sender="abc")
+    rows = rows_from_groups([own], torch.tensor([[1.0]])) + rows_from_groups([peer], torch.tensor([[-1.0]]))
+    assert rows[1].behaviour_logprobs is None and rows[1].versions is None and rows[1].advantage == -1.0
+    batch = collate(rows, pad_id=0, current_version=2, device=torch.device("cpu"))
+    assert batch.external_mask.tolist() == [[False, False], [False, True]]
+    assert batch.stale_mask.tolist() == [[True, False], [False, False]]
+    assert batch.behaviour_logprobs.tolist()[1] == [0.0, 0.0]
+
+
 def test_rows_skip_empty_responses_and_carry_advantages():
     group = Group(0, {}, [Sample([1], [2], [-1.0], [0], "stop", 1.0), Sample([1], [], [], [], "length", 0.0)])
     rows = rows_from_groups([group], torch.tensor([[0.5, -0.5]]))

@@ -71,10 +71,10 @@ def shuffled_minibatches(rows: list[Row], count: int, seed: int) -> list[list[Ro
     return [order[i::count] for i in range(count)]
 
 
-def run_trainer(policy, rows, loss, updates, micro_tokens, lr_lambda=lambda step: 1.0):
+def run_trainer(policy, rows, loss, updates, micro_tokens, lr_lambda=lambda step: 1.0, offpolicy="none"):
     optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=LR)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    algo = AlgoConfig(loss=loss, offpolicy="none", clip_low=CLIP, clip_high=CLIP)
+    algo = AlgoConfig(loss=loss, offpolicy=offpolicy, clip_low=CLIP, clip_high=CLIP)
     train = TrainConfig(updates_per_batch=updates, micro_batch_tokens=micro_tokens, grad_clip=1e9)
     stats = train_on_batch(policy, optimizer, schedule, rows, algo, train, version=0, max_tokens=8,
                            temperature=1.0, seed=7)
@@ -103,6 +103,28 @@ def test_train_on_batch_matches_an_independent_full_batch_computation(tiny_model
                                    msg=lambda m: f"{name}: {m}")
     # The update is not a no-op (so the comparison above is not trivially true).
     assert any((p - initial[n]).abs().max() > 1e-3 for n, p in policy.model.named_parameters())
+
+
+@pytest.mark.parametrize("offpolicy", ["tis", "mask"])
+def test_peers_samples_have_no_behaviour_policy_to_correct_for(tiny_model, offpolicy):
+    """A swarm peer's rows (no behaviour log-probs, no versions) train as on-policy samples under
+    every off-policy correction: the same update as the plain objective, computed independently."""
+    policy = Policy(ModelConfig(path=tiny_model, dtype="float32"), LoraConfig())
+    reference = copy.deepcopy(policy.model).double()
+    rows = make_rows()
+    for row in rows[::2]:  # half the rows come from a peer
+        row.behaviour_logprobs, row.versions = None, None
+    with torch.no_grad():
+        old = {id(r): row_logprobs(reference, r) for r in rows}
+    for minibatch in shuffled_minibatches(rows, 2, seed=7):
+        reference_update(reference, minibatch, old, "grpo")
+    for row in rows[1::2]:  # our own rows: behaviour = pi_old exactly, current version
+        row.behaviour_logprobs = old[id(row)].tolist()
+    run_trainer(policy, rows, "grpo", 2, 12, offpolicy=offpolicy)
+    expected = dict(reference.named_parameters())
+    for name, param in policy.model.named_parameters():
+        torch.testing.assert_close(param.double(), expected[name].detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_the_learning_rate_logged_is_the_one_the_update_used(tiny_model):

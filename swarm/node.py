@@ -1,0 +1,169 @@
+"""One swarm peer inside `rl-train`: publish our groups, collect peers', hand the trainer J.
+
+The trainer sees one call per step, `exchange(step, local_groups, judge)`, which returns the
+external groups to train on beside the local ones. Everything else runs in the background and
+never holds a step up: a collector reads the current and previous round's records every few
+seconds, publishing happens in a task of its own, and a step takes whatever passed by then
+(a node alone trains on its local groups only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rollover.rollout.types import Group
+from rollover.swarm.receive import Inbox, Incoming, Judge
+from rollover.swarm.records import Caps, encode_group, round_at
+from rollover.swarm.sampler import SenderCredit
+from rollover.tasks.registry import Task
+from rollover.trainer.config import SwarmConfig
+
+log = logging.getLogger(__name__)
+AUDIT_LOG = "swarm_audit.jsonl"
+
+
+class SwarmNode:
+    def __init__(self, cfg: SwarmConfig, task: Task, group_size: int, run_folder: Path, seed: int,
+                 clock: Callable[[], float] = time.time):
+        self.cfg, self.run_folder, self.clock = cfg, run_folder, clock
+        self.caps = Caps(max_record_bytes=cfg.max_record_bytes, max_groups_per_peer=cfg.max_groups_per_peer,
+                         max_completion_chars=cfg.max_completion_chars,
+                         max_completions=max(16, group_size))
+        self.inbox = Inbox(task, self.caps, cfg.likelihood_z)
+        self.credit = SenderCredit()
+        self.rng = random.Random(seed)
+        self.transport = None  # a SwarmTransport once started (hivemind is imported only then)
+        self.sender = ""
+        self._collector: asyncio.Task | None = None
+        self._publishing: asyncio.Task | None = None
+        self._published: Counter[str] = Counter()  # "groups", "skipped_oversized", "store_failures"
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the DHT (the identity persists in `identity_path` or the run folder)."""
+        from rollover.swarm.identity import load_or_create_identity
+        from rollover.swarm.transport import SwarmTransport
+
+        identity = load_or_create_identity(Path(self.cfg.identity_path or self.run_folder).expanduser())
+        self.transport = SwarmTransport(
+            self.cfg.name, identity, initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
+            announce_maddrs=self.cfg.announce_maddrs or None, max_record_bytes=self.cfg.max_record_bytes)
+        await asyncio.to_thread(self.transport.start)
+        self.sender = self.transport.sender
+        self._collector = asyncio.create_task(self._collect_forever())
+
+    async def close(self) -> None:
+        for task in (self._collector, self._publishing):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.transport is not None:
+            await asyncio.to_thread(self.transport.shutdown)
+
+    def maddrs(self) -> list[str]:
+        return self.transport.visible_maddrs() if self.transport else []
+
+    # ---- per step ------------------------------------------------------------------------------
+
+    async def exchange(self, step: int, local_groups: list[Group], judge: Judge) -> tuple[list[Group], dict[str, float]]:
+        """Publish this step's groups; return up to J judged external groups and the step's metrics."""
+        round_index = round_at(self.clock(), self.cfg.round_seconds)
+        self.inbox.note_reference(_mean_behaviour_logprobs(local_groups))
+        self._start_publish(round_index, local_groups)
+        await self._collect_once()  # whatever has arrived by now; the DHT read is quick
+        rejected_before = Counter(self.inbox.rejected)
+        taken = self.inbox.take(self.cfg.external_groups, judge, self.credit,
+                                self.cfg.max_external_share_per_peer, self.rng)
+        rejected_now = self.inbox.rejected - rejected_before
+        self._audit(step, round_index, taken, rejected_now)
+        groups = [group for _, group in taken]
+        senders = {c.sender for c, _ in taken}
+        metrics = {"swarm/round": float(round_index), "swarm/external_groups": float(len(groups)),
+                   "swarm/external_senders": float(len(senders)), "swarm/pool": float(len(self.inbox.pool)),
+                   "swarm/rejected": float(sum(self.inbox.rejected.values())),
+                   **{f"swarm/rejected/{reason}": float(n) for reason, n in self.inbox.rejected.items()},
+                   **{f"swarm/published/{k}": float(n) for k, n in self._published.items()}}
+        if groups:
+            rewards = [r for g in groups for r in g.rewards]
+            metrics["swarm/external_reward"] = sum(rewards) / len(rewards)
+        return groups, metrics
+
+    def _start_publish(self, round_index: int, groups: list[Group]) -> None:
+        """Encode and store our groups in the background (the previous publish goes first)."""
+        payloads = []
+        for group in groups[: self.cfg.max_groups_per_peer]:
+            completions = [s.text[: self.cfg.max_completion_chars] for s in group.samples]
+            raw = encode_group(round_index, group.task["spec"], completions)
+            if len(raw) > self.cfg.max_record_bytes:
+                self._published["skipped_oversized"] += 1
+                continue
+            self.inbox.note_own(self.sender, round_index, group.task["spec"], completions)
+            payloads.append(raw)
+        status = {"round": round_index, "rejected": dict(self.inbox.rejected),
+                  "credit": {s: round(self.credit.credit(s), 3) for s in self.credit.judged}}
+        expires = (round_index + 2) * self.cfg.round_seconds
+        previous = self._publishing
+
+        async def publish() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            stored = await asyncio.to_thread(self.transport.publish, round_index, payloads, expires)
+            self._published["groups"] += stored
+            self._published["store_failures"] += len(payloads) - stored
+            await asyncio.to_thread(self.transport.publish_status, round_index, status, expires)
+
+        self._publishing = asyncio.create_task(publish())
+
+    async def _collect_once(self) -> None:
+        current = round_at(self.clock(), self.cfg.round_seconds)
+        incoming: list[Incoming] = []
+        for round_index in (current - 1, current):
+            for item in await asyncio.to_thread(self.transport.collect, round_index):
+                if item.sender != self.sender:
+                    incoming.append(Incoming(item.sender, item.round, item.index, item.raw))
+        self.inbox.admit(incoming, current)
+
+    async def _collect_forever(self) -> None:
+        """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""
+        interval = min(5.0, self.cfg.round_seconds / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._collect_once()
+            except Exception as exc:  # a network hiccup must not end the run: the next poll retries
+                log.warning("swarm: collecting failed: %s", exc)
+
+    # ---- records kept ----------------------------------------------------------------------------
+
+    def _audit(self, step: int, round_index: int, taken, rejected: Counter) -> None:
+        """One line per step: the external groups trained on (sender, digest, spec), rejections."""
+        line = {"step": step + 1, "round": round_index,
+                "external": [{"sender": c.sender, "digest": c.digest, "spec": c.record["spec"],
+                              "round": c.round} for c, _ in taken],
+                "rejected": dict(rejected)}
+        with (self.run_folder / AUDIT_LOG).open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"credit": self.credit.state_dict(), "inbox": self.inbox.state_dict(),
+                "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.credit.load_state_dict(state["credit"])
+        self.inbox.load_state_dict(state["inbox"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def _mean_behaviour_logprobs(groups: list[Group]) -> list[float]:
+    """Our own samples' per-token mean log-probs under the policy that wrote them."""
+    return [sum(s.logprobs) / len(s.logprobs) for g in groups for s in g.samples if s.logprobs]
