@@ -47,7 +47,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     status.add_argument("--rounds", type=int, default=4, help="how many recent rounds to read")
     status.add_argument("--round-seconds", type=float, default=None,
                         help="the swarm's swarm.round_seconds (default: the recipe default, 30)")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`--node 1:k=v a.b=c`): argparse takes only the
+    # first run of positionals, so the rest arrive as extras.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
+    if hasattr(args, "overrides") and hasattr(args, "peers"):  # `--peers A B k=v`: no multiaddr has "="
+        args.overrides = [p for p in args.peers if "=" in p] + args.overrides
+        args.peers = [p for p in args.peers if "=" not in p]
     if args.command == "local" and args.nodes < 1:
         parser.error("--nodes must be at least 1")
     return args

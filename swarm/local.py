@@ -76,12 +76,24 @@ def run_local(args: argparse.Namespace) -> int:
             log = (folder / "console.log").open("a")
             # Its own session: a terminal's Ctrl-C reaches us alone, and we stop each node in turn.
             nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+                                          start_new_session=True, preexec_fn=_stop_with_parent,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         status = _watch(nodes, out, stopped)
     finally:
         _stop_all(nodes)
         transport.shutdown()
     return status
+
+
+def _stop_with_parent() -> None:
+    """In the node, before exec: SIGINT when `rl-swarm local` dies (even killed), so no node is
+    left orphaned; it stops as on Ctrl-C, with a checkpoint. Linux only (prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _watch(nodes: list[subprocess.Popen], out: Path, stopped: threading.Event) -> int:

@@ -1,0 +1,468 @@
+"""The swarm's DHT transport: signed, size-capped, sharded round records over hivemind.
+
+Every peer may be malicious. Inside the DHT process a guard refuses records no swarm node writes
+(oversized, undecodable, not bytes, no subkey) and a signature validator lets only a subkey's
+owner write it; both count what they refuse. On our side every record is parsed defensively:
+nothing a peer stores can raise here, it is skipped and counted.
+
+Layout: payload i of a round lives under key f"{namespace}/r{round}/s{shard}", subkey
+owner_marker + b"/i", shard = (hash(owner_marker) + i) % shards; a node's status for a round
+lives under f"{namespace}/status/r{round}", subkey owner_marker. Values are bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.mpfuture import MPFuture
+
+from rollover.swarm.identity import Identity, SwarmError, identity_from_key, sender_id
+
+REJECTION_REASONS = ("oversized", "malformed", "bad_signature", "missing_signature")
+SIGNED_OVERHEAD = 1024  # msgpack header + "[signature:...]" of up to a 4096-bit key, on the wire
+MAX_SUBKEY_BYTES = 2048  # an owner marker of a 4096-bit key plus "/index" fits easily
+MAX_INDEX = 999_999
+
+_SIGNATURE_RE = re.compile(re.escape(RSASignatureValidator.SIGNATURE_FORMAT).replace(b"_value_", rb"(.+?)"))
+_PAYLOAD_SUBKEY_RE = re.compile(rb"(\[owner:[^\]]+\])/([0-9]{1,6})")
+_STATUS_SUBKEY_RE = re.compile(rb"\[owner:[^\]]+\]")
+_OWNER_TAG = b"[owner:"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One payload a peer published for a round; `sender_key` is its verified owner marker."""
+
+    sender: str
+    sender_key: bytes
+    index: int
+    raw: bytes
+    round: int
+
+
+def shard_of(public_key_marker: bytes, index: int, shards: int) -> int:
+    """The shard of a sender's payload `index`: spreads each sender's payloads over all shards."""
+    return (int.from_bytes(hashlib.sha256(public_key_marker).digest()[:8], "big") + index) % shards
+
+
+# --- validators: these run inside the DHT's child process --------------------------------------
+
+
+def _reject(rejections: dict[str, int], reason: str) -> bool:
+    rejections[reason] = rejections.get(reason, 0) + 1
+    return False
+
+
+class GuardValidator(RecordValidatorBase):
+    """Refuses oversized, undecodable or non-bytes records, and records without a bytes subkey.
+
+    It runs first (highest priority) on the wire value, signature included, so a huge value costs
+    no signature check. Subkey-less values are refused because a plain value with a later
+    expiration replaces a whole shard dictionary on every replica that accepts it.
+    """
+
+    def __init__(self, max_record_bytes: int, rejections: dict[str, int]):
+        self.max_value_bytes = max_record_bytes + SIGNED_OVERHEAD
+        self.rejections = rejections
+
+    @property
+    def priority(self) -> int:
+        return 20  # above RSASignatureValidator's 10: validated first
+
+    def validate(self, record: DHTRecord) -> bool:
+        if len(record.value) > self.max_value_bytes or len(record.subkey) > MAX_SUBKEY_BYTES:
+            return _reject(self.rejections, "oversized")
+        try:  # what hivemind will decode once the signature is stripped
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(_SIGNATURE_RE.sub(b"", record.value))
+        except Exception:
+            return _reject(self.rejections, "malformed")
+        if not isinstance(subkey, bytes) or not isinstance(value, bytes):
+            return _reject(self.rejections, "malformed")
+        return True
+
+
+class CountingSignatureValidator(RSASignatureValidator):
+    """hivemind's owner-signature check, counting refusals; a garbled owner key is a refusal too.
+
+    RSASignatureValidator.merge_with absorbs any later RSASignatureValidator, so as the first one
+    given to the DHT this instance stays the one that validates (and counts).
+    """
+
+    def __init__(self, private_key: RSAPrivateKey, rejections: dict[str, int]):
+        super().__init__(private_key)
+        self.rejections = rejections
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            ok = super().validate(record)
+        except Exception:  # e.g. "[owner:garbage]": hivemind's key parser raises
+            ok = False
+        return True if ok else _reject(self.rejections, "bad_signature")
+
+
+class _SwarmDHT(DHT):
+    """hivemind's DHT holding the counters its validators share; the child sees its own copy."""
+
+    def __init__(self, *, rejections: dict[str, int], **kwargs: Any):
+        super().__init__(start=False, **kwargs)
+        self.rejections = rejections
+
+
+async def _read_rejections(dht: _SwarmDHT, node: Any) -> dict[str, int]:
+    return dict(dht.rejections)
+
+
+async def _visible_maddrs(dht: DHT, node: Any) -> list[str]:
+    return [str(maddr) for maddr in await node.get_visible_maddrs()]
+
+
+async def _peer_id(dht: DHT, node: Any) -> str:
+    return node.peer_id.to_base58()
+
+
+async def _block_command_pipe(dht: DHT, node: Any) -> None:
+    os.set_blocking(dht._inner_pipe.fileno(), True)
+
+
+def harden_dht_pipe(dht: DHT) -> None:
+    """Make a started DHT survive large requests (call before sending any value over ~16 KiB).
+
+    The DHT process reads requests from a pipe that uvloop has made non-blocking; a request that
+    arrives in two writes (anything over 16 KiB) can be read half-way, raising BlockingIOError and
+    wrecking the stream (the "values over 32 KiB crash the DHT" of STACK.md). The loop only reads
+    once poll() says data is there, so a blocking read just waits for the rest of the message.
+    """
+    dht.run_coroutine(_block_command_pipe)
+
+
+# --- parsing peer records (parent side, never raises) -------------------------------------------
+
+
+def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards: int,
+                  max_record_bytes: int) -> Received | str:
+    """One shard-dictionary entry as a Received, or the reason it is skipped."""
+    if not isinstance(subkey, bytes):
+        return "malformed"
+    if _OWNER_TAG not in subkey:
+        return "missing_signature"
+    match = _PAYLOAD_SUBKEY_RE.fullmatch(subkey)
+    if match is None:
+        return "malformed"
+    marker, index = match.group(1), int(match.group(2))
+    if shard_of(marker, index, shards) != shard or not isinstance(raw, bytes):
+        return "malformed"
+    if len(raw) > max_record_bytes:
+        return "oversized"
+    return Received(sender=sender_id(marker), sender_key=marker, index=index, raw=raw, round=round)
+
+
+def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple[str, dict] | str:
+    """One status entry as (sender, status dict), or the reason it is skipped."""
+    if not isinstance(subkey, bytes):
+        return "malformed"
+    if _OWNER_TAG not in subkey:
+        return "missing_signature"
+    if _STATUS_SUBKEY_RE.fullmatch(subkey) is None or not isinstance(raw, bytes):
+        return "malformed"
+    if len(raw) > max_record_bytes:
+        return "oversized"
+    try:
+        status = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "malformed"
+    if not isinstance(status, dict):
+        return "malformed"
+    return sender_id(subkey), status
+
+
+def _entries(found: object) -> list[tuple[object, object]]:
+    """(subkey, value) pairs of a get() result that is a subkey dictionary; [] for anything else."""
+    value = getattr(found, "value", None)
+    if not isinstance(value, dict):
+        return []
+    return [(subkey, getattr(item, "value", None)) for subkey, item in value.items()]
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+# --- the transport ------------------------------------------------------------------------------
+
+
+class SwarmTransport:
+    """A swarm node's DHT: publish and collect a round's payloads, publish and read statuses.
+
+    Blocking calls have timeouts and may run in worker threads (requests go down one pipe, under
+    a lock). Peer data never raises: bad records are skipped and counted (rejection_counts()).
+    """
+
+    def __init__(self, namespace: str, identity: Identity | None, *, initial_peers: list[str] = (),
+                 host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
+                 max_record_bytes: int = 12288, shards: int = 4, client_mode: bool = False,
+                 startup_timeout: float = 60, request_timeout: float = 30):
+        if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", namespace):
+            raise SwarmError(f"bad swarm namespace {namespace!r} (letters, digits, ._:/- only)")
+        if max_record_bytes < 1 or shards < 1:
+            raise SwarmError("max_record_bytes and shards must be positive")
+        self.namespace = namespace
+        self.identity = identity if identity is not None else identity_from_key(RSAPrivateKey())
+        self.initial_peers = [str(peer) for peer in initial_peers]
+        self.host_maddrs = list(host_maddrs) if host_maddrs is not None else ["/ip4/0.0.0.0/tcp/0"]
+        self.announce_maddrs = list(announce_maddrs) if announce_maddrs is not None else None
+        self.max_record_bytes = max_record_bytes
+        self.shards = shards
+        self.client_mode = client_mode
+        self.startup_timeout = startup_timeout
+        self.request_timeout = request_timeout
+        self._dht: _SwarmDHT | None = None
+        self._peer_id: str | None = None
+        self._send_lock = threading.Lock()  # one writer at a time on the DHT's request pipe
+        self._counts_lock = threading.Lock()
+        self._rejections: Counter[str] = Counter()  # found on our side, while parsing
+        self._failures: Counter[str] = Counter()  # requests that failed or timed out
+
+    # lifecycle
+
+    def start(self) -> SwarmTransport:
+        """Start our DHT node and join the swarm (SwarmError on a bad address or no reachable peer)."""
+        if self._dht is not None:
+            raise SwarmError("swarm transport already started")
+        rejections: dict[str, int] = {}
+        validators = [GuardValidator(self.max_record_bytes, rejections),
+                      CountingSignatureValidator(self.identity.private_key, rejections)]
+        options: dict[str, Any] = dict(host_maddrs=self.host_maddrs, client_mode=self.client_mode,
+                                       startup_timeout=self.startup_timeout)
+        if self.announce_maddrs is not None:
+            options["announce_maddrs"] = self.announce_maddrs
+        if self.identity.p2p_identity_path is not None:
+            options["identity_path"] = str(self.identity.p2p_identity_path)
+        dht = None
+        try:
+            dht = _SwarmDHT(rejections=rejections, initial_peers=self.initial_peers or None,
+                            record_validators=validators, **options)
+            # the identity check spawns a second daemon, then come the bootstrap pings
+            dht.run_in_background(await_ready=True, timeout=2 * self.startup_timeout + 15)
+            self._dht = dht
+            self._call(lambda: dht.run_coroutine(_block_command_pipe, return_future=True))
+            self._peer_id = self._call(lambda: dht.run_coroutine(_peer_id, return_future=True))
+        except Exception as e:
+            self._dht = None
+            if dht is not None and dht.is_alive():
+                dht.shutdown()
+            raise SwarmError(f"swarm DHT did not start: {_one_line(e)}") from None
+        return self
+
+    def shutdown(self) -> None:
+        """Stop our DHT node (idempotent)."""
+        dht, self._dht = self._dht, None
+        if dht is not None and dht.is_alive():
+            with self._send_lock:
+                dht.shutdown()
+
+    def __enter__(self) -> SwarmTransport:
+        return self if self._dht is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def peer_id(self) -> str:
+        """Our libp2p peer id (base58)."""
+        self._require_dht()
+        return self._peer_id
+
+    @property
+    def sender(self) -> str:
+        """Our sender id as peers' collect() reports it (to tell our own records apart)."""
+        return self.identity.sender_id
+
+    def visible_maddrs(self) -> list[str]:
+        """Our multiaddrs as other nodes should pass them in --peers."""
+        dht = self._require_dht()
+        return self._call(lambda: dht.run_coroutine(_visible_maddrs, return_future=True))
+
+    def is_alive(self) -> bool:
+        """Whether our DHT process is running."""
+        return self._dht is not None and self._dht.is_alive()
+
+    # round payloads
+
+    def shard_keys(self, round: int) -> list[str]:
+        """The DHT keys holding a round's payloads."""
+        return [f"{self.namespace}/r{_check_round(round)}/s{shard}" for shard in range(self.shards)]
+
+    def publish(self, round: int, payloads: list[bytes], expiration_time: float) -> int:
+        """Store our payloads for `round`, signed, until `expiration_time` (DHT time); how many stored.
+
+        A subkey is only replaced by a later expiration: republishing with the same one is refused.
+        """
+        keys = self.shard_keys(round)
+        if len(payloads) > MAX_INDEX + 1:
+            raise SwarmError(f"at most {MAX_INDEX + 1} payloads per round")
+        for i, payload in enumerate(payloads):
+            self._check_value(payload, f"payload {i}")
+        self._check_expiration(expiration_time)
+        marker = self.identity.public_key_marker
+        requests = [dict(key=keys[shard_of(marker, i, self.shards)], subkey=marker + f"/{i}".encode(),
+                         value=bytes(payload), expiration_time=expiration_time)
+                    for i, payload in enumerate(payloads)]
+        return sum(self._store_many(requests))
+
+    def collect(self, round: int) -> list[Received]:
+        """Every well-formed, signed payload of `round` found in the DHT (ours included)."""
+        keys = self.shard_keys(round)
+        received: list[Received] = []
+        for shard, found in enumerate(self._get_many(keys)):
+            for subkey, raw in _entries(found):
+                try:
+                    item = parse_payload(subkey, raw, round=round, shard=shard, shards=self.shards,
+                                         max_record_bytes=self.max_record_bytes)
+                except Exception:  # nothing a peer stores may raise here
+                    item = "malformed"
+                if isinstance(item, Received):
+                    received.append(item)
+                else:
+                    self._count(self._rejections, item)
+        return sorted(received, key=lambda item: (item.sender, item.index))
+
+    # status records
+
+    def status_key(self, round: int) -> str:
+        """The DHT key holding nodes' statuses for a round."""
+        return f"{self.namespace}/status/r{_check_round(round)}"
+
+    def publish_status(self, round: int, status: dict, expiration_time: float) -> bool:
+        """Store our small JSON status for `round` (signed) until `expiration_time`."""
+        if not isinstance(status, dict):
+            raise SwarmError("a status must be a dict")
+        try:
+            raw = json.dumps(status, sort_keys=True, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as e:
+            raise SwarmError(f"status is not JSON: {_one_line(e)}") from None
+        self._check_value(raw, "status")
+        self._check_expiration(expiration_time)
+        request = dict(key=self.status_key(round), subkey=self.identity.public_key_marker, value=raw,
+                       expiration_time=expiration_time)
+        return self._store_many([request])[0]
+
+    def read_status(self, rounds: list[int]) -> dict[str, dict]:
+        """Each sender's status from the latest of `rounds` it published for; bad records skipped."""
+        ordered = sorted(set(rounds))
+        statuses: dict[str, dict] = {}
+        for found in self._get_many([self.status_key(round) for round in ordered]):
+            for subkey, raw in _entries(found):
+                try:
+                    item = parse_status(subkey, raw, max_record_bytes=self.max_record_bytes)
+                except Exception:
+                    item = "malformed"
+                if isinstance(item, tuple):
+                    statuses[item[0]] = item[1]
+                else:
+                    self._count(self._rejections, item)
+        return statuses
+
+    # counters
+
+    def rejection_counts(self) -> dict[str, int]:
+        """Records refused so far, by reason: in our DHT process plus while parsing here."""
+        dht = self._require_dht()
+        child = self._call(lambda: dht.run_coroutine(_read_rejections, return_future=True))
+        with self._counts_lock:
+            counts = Counter(child) + self._rejections
+        return {reason: counts.get(reason, 0) for reason in (*REJECTION_REASONS, *sorted(counts))}
+
+    def failure_counts(self) -> dict[str, int]:
+        """Our DHT requests that failed or timed out, by kind."""
+        with self._counts_lock:
+            return dict(self._failures)
+
+    # internals
+
+    def _require_dht(self) -> _SwarmDHT:
+        if self._dht is None:
+            raise SwarmError("swarm transport is not started")
+        if not self._dht.is_alive():
+            raise SwarmError(f"swarm DHT process died (exit code {self._dht.exitcode})")
+        return self._dht
+
+    def _count(self, counter: Counter[str], reason: str) -> None:
+        with self._counts_lock:
+            counter[reason] += 1
+
+    def _submit(self, send: Callable[[], MPFuture]) -> MPFuture:
+        with self._send_lock:
+            return send()
+
+    def _call(self, send: Callable[[], MPFuture]) -> Any:
+        """Run one request in our DHT process and wait for it (SwarmError on failure)."""
+        future = self._submit(send)
+        try:
+            return future.result(timeout=self.request_timeout)
+        except TimeoutError:
+            future.cancel()
+            raise SwarmError(f"swarm DHT did not answer within {self.request_timeout:g} s") from None
+        except Exception as e:
+            raise SwarmError(f"swarm DHT request failed: {_one_line(e)}") from None
+
+    def _store_many(self, requests: list[dict]) -> list[bool]:
+        dht = self._require_dht()
+        futures = [self._submit(lambda request=request: dht.store(**request, return_future=True))
+                   for request in requests]
+        return [bool(result) for result in self._wait_all(futures, "store")]
+
+    def _get_many(self, keys: list[str]) -> list[object]:
+        dht = self._require_dht()
+        futures = [self._submit(lambda key=key: dht.get(key=key, latest=True, return_future=True))
+                   for key in keys]
+        return self._wait_all(futures, "get")
+
+    def _wait_all(self, futures: list[MPFuture], kind: str) -> list[object]:
+        """Results of concurrent requests, None for each that failed or ran out of time."""
+        deadline = time.monotonic() + self.request_timeout
+        results: list[object] = []
+        for future in futures:
+            try:
+                results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                future.cancel()
+                self._count(self._failures, f"{kind}_timeout")
+                results.append(None)
+            except Exception:
+                self._count(self._failures, f"{kind}_error")
+                results.append(None)
+        return results
+
+    def _check_value(self, value: object, what: str) -> None:
+        if not isinstance(value, (bytes, bytearray)):
+            raise SwarmError(f"{what} must be bytes, not {type(value).__name__}")
+        if len(value) > self.max_record_bytes:
+            raise SwarmError(f"{what} is {len(value)} bytes, over the {self.max_record_bytes}-byte record cap")
+        if _SIGNATURE_RE.search(bytes(value)):  # hivemind would strip it and fail our signature
+            raise SwarmError(f"{what} contains a '[signature:...]' sequence, which hivemind strips")
+
+    @staticmethod
+    def _check_expiration(expiration_time: float) -> None:
+        if expiration_time <= get_dht_time():
+            raise SwarmError("expiration_time is not in the future (DHT time, hivemind.utils.get_dht_time)")
+
+
+def _check_round(round: int) -> int:
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise SwarmError(f"a round is an int >= 0, not {round!r}")
+    return round

@@ -1,0 +1,359 @@
+"""The swarm transport on real hivemind DHT processes on loopback, with honest and hostile peers.
+
+Three honest SwarmTransports (each with its own persisted identity) share one swarm with two raw
+hivemind DHTs playing attackers: a forger with its own RSA validator and (from the first test that
+asks for it) a vandal with no validators at all. Each test uses its own round so records do not
+mix. Expected keys, shards and sender ids are computed here from hashlib and hivemind, not from
+the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pytest
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from rollover.swarm.identity import SwarmError, load_or_create_identity
+from rollover.swarm.transport import (REJECTION_REASONS, Received, SwarmTransport, harden_dht_pipe,
+                                       parse_payload)
+
+pytestmark = pytest.mark.integration
+
+NS = "swarmtest"
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+SHARDS = 4
+RECORD = 12288
+
+
+def expected_sender(private_key) -> str:
+    marker = RSASignatureValidator(private_key).local_public_key
+    return hashlib.sha256(marker).hexdigest()[:16]
+
+
+def expected_shard(marker: bytes, index: int) -> int:
+    return (int.from_bytes(hashlib.sha256(marker).digest()[:8], "big") + index) % SHARDS
+
+
+def shard_key(round: int, shard: int) -> str:
+    return f"{NS}/r{round}/s{shard}"
+
+
+async def local_subkeys(dht, node, key):
+    """The subkeys a DHT process holds for `key` in its own storage (no network, no decoding)."""
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    return [subkey for subkey, _ in found.value.items()] if found is not None else []
+
+
+def later(seconds: float = 300) -> float:
+    return get_dht_time() + seconds
+
+
+def payload(node: int, index: int, size: int = RECORD) -> bytes:
+    """Distinct, reproducible payload bytes (hash stream)."""
+    out, counter = b"", 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{node}:{index}:{counter}".encode()).digest()
+        counter += 1
+    return out[:size]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("swarm")
+    nodes = []
+    try:
+        first = SwarmTransport(NS, load_or_create_identity(folder / "n0"), host_maddrs=LOOPBACK,
+                               shards=SHARDS, max_record_bytes=RECORD).start()
+        nodes.append(first)
+        peers = first.visible_maddrs()
+        for i in (1, 2):
+            nodes.append(SwarmTransport(NS, load_or_create_identity(folder / f"n{i}"), initial_peers=peers,
+                                        host_maddrs=LOOPBACK, shards=SHARDS, max_record_bytes=RECORD).start())
+        forger_key = RSAPrivateKey()
+        forger = DHT(initial_peers=peers, start=True, host_maddrs=LOOPBACK,
+                     record_validators=[RSASignatureValidator(forger_key)])
+        harden_dht_pipe(forger)  # so the forger itself survives sending 100 KiB
+        yield dict(nodes=nodes, folder=folder, forger=forger, forger_key=forger_key)
+        forger.shutdown()
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vandal(swarm):
+    """A DHT with no validators. It joins only when the first test needs it: while it is a replica,
+    a refused store can still return True (a store returns the answer of the last replica)."""
+    dht = DHT(initial_peers=swarm["nodes"][0].visible_maddrs(), start=True, host_maddrs=LOOPBACK)
+    harden_dht_pipe(dht)  # so the vandal itself survives sending 100 KiB
+    yield dht
+    dht.shutdown()
+
+
+def test_peer_ids_come_from_the_persisted_libp2p_keys(swarm):
+    for i, node in enumerate(swarm["nodes"]):
+        key_bytes = (swarm["folder"] / f"n{i}" / "swarm_p2p.key").read_bytes()
+        assert node.peer_id == PeerID.from_identity(key_bytes).to_base58()
+        assert any(maddr.startswith("/ip4/127.0.0.1/tcp/") and maddr.endswith(f"/p2p/{node.peer_id}")
+                   for maddr in node.visible_maddrs())
+
+
+def test_nodes_exchange_real_size_payloads(swarm):
+    nodes, round, per_node = swarm["nodes"], 1, 8
+    expiration = later()
+    for n, node in enumerate(nodes):
+        assert node.publish(round, [payload(n, i) for i in range(per_node)], expiration) == per_node
+
+    expected = {(expected_sender(node.identity.private_key), i, payload(n, i))
+                for n, node in enumerate(nodes) for i in range(per_node)}
+    for node in nodes:
+        got = node.collect(round)
+        assert all(isinstance(item, Received) and item.round == round for item in got)
+        assert {(item.sender, item.index, item.raw) for item in got} == expected
+        assert len(got) == len(expected)
+        keys = {item.sender: item.sender_key for item in got}
+        assert {hashlib.sha256(key).hexdigest()[:16] for key in keys.values()} == set(keys)
+
+    # the layout on the wire, read with hivemind's own API: each shard holds exactly the expected
+    # subkeys, and one get returns a dictionary far over the 32 KiB that breaks a store
+    for shard in range(SHARDS):
+        found = swarm["forger"].get(shard_key(round, shard), latest=True)
+        want = {node.identity.public_key_marker + f"/{i}".encode()
+                for node in nodes for i in range(per_node)
+                if expected_shard(node.identity.public_key_marker, i) == shard}
+        assert set(found.value) == want
+        assert sum(len(item.value) for item in found.value.values()) == len(want) * RECORD > 32 * 1024
+    assert all(node.is_alive() for node in nodes)
+
+
+def test_calls_from_many_threads_at_once(swarm):
+    node, other, round = swarm["nodes"][0], swarm["nodes"][1], 10
+    assert other.publish(round, [payload(1, i) for i in range(6)], later()) == 6
+
+    def work(i: int):
+        if i % 3 == 0:
+            return node.publish(100 + i, [payload(0, 10 * i + j) for j in range(2)], later())
+        if i % 3 == 1:
+            return node.rejection_counts()
+        return {(item.sender, item.raw) for item in node.collect(round)}
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(work, range(12)))
+
+    others = {(other.identity.sender_id, payload(1, i)) for i in range(6)}
+    assert [results[i] for i in range(0, 12, 3)] == [2, 2, 2, 2]
+    assert all(set(results[i]) >= set(REJECTION_REASONS) for i in range(1, 12, 3))
+    assert all(results[i] == others for i in range(2, 12, 3))
+    for i in range(0, 12, 3):
+        assert [item.raw for item in other.collect(100 + i)] == [payload(0, 10 * i), payload(0, 10 * i + 1)]
+    assert node.is_alive()
+
+
+def test_republishing_needs_a_later_expiration(swarm):
+    node, reader, round = swarm["nodes"][2], swarm["nodes"][0], 11
+    expiration = later()
+    assert node.publish(round, [b"first"], expiration) == 1
+    assert node.publish(round, [b"same expiration"], expiration) == 0  # refused by every replica
+    assert [item.raw for item in reader.collect(round)] == [b"first"]
+    assert node.publish(round, [b"second"], expiration + 1) == 1
+    assert [item.raw for item in reader.collect(round)] == [b"second"]
+
+
+def test_large_records_survive_the_request_pipe(tmp_path):
+    """Requests over 16 KiB reach the DHT process in two writes: without harden_dht_pipe this
+    kills it (STACK.md). With a 96 KiB record cap, 100 KiB of request per store goes through."""
+    big = 96 * 1024
+    with SwarmTransport(NS, None, host_maddrs=LOOPBACK, max_record_bytes=big, request_timeout=20) as node:
+        records = [payload(7, i, big) for i in range(5)]
+        assert node.publish(1, records, later()) == 5
+        assert sorted(item.raw for item in node.collect(1)) == sorted(records)
+        assert node.is_alive()
+
+
+def test_forged_subkey_is_refused_and_counted(swarm):
+    nodes, forger, round = swarm["nodes"], swarm["forger"], 2
+    victim = nodes[0]
+    marker = victim.identity.public_key_marker
+    assert victim.publish(round, [b"honest"], later(300)) == 1
+    before = [node.rejection_counts()["bad_signature"] for node in nodes]
+
+    # the forger signs with its own key but claims the victim's subkey, with a later expiration
+    stored = forger.store(key=shard_key(round, expected_shard(marker, 0)), subkey=marker + b"/0",
+                          value=b"forged", expiration_time=later(600))
+
+    assert stored is False
+    for node in nodes:
+        mine = [item for item in node.collect(round) if item.sender_key == marker]
+        assert [(item.index, item.raw) for item in mine] == [(0, b"honest")]
+    after = [node.rejection_counts()["bad_signature"] for node in nodes]
+    assert all(a >= b + 1 for a, b in zip(after, before)), (before, after)
+
+
+def test_unsigned_record_is_skipped_and_counted(swarm, vandal):
+    nodes, round = swarm["nodes"], 3
+    assert nodes[1].publish(round, [b"signed"], later()) == 1
+    vandal.store(key=shard_key(round, 0), subkey=b"anonymous/0", value=b"unsigned", expiration_time=later())
+    # it is in the DHT (honest replicas accept unprotected records) ...
+    assert b"anonymous/0" in swarm["forger"].get(shard_key(round, 0), latest=True).value
+
+    before = nodes[0].rejection_counts()["missing_signature"]
+    got = nodes[0].collect(round)
+
+    # ... but collect returns only the signed payload, and counts the unsigned one once
+    assert [(item.sender, item.raw) for item in got] == [(nodes[1].identity.sender_id, b"signed")]
+    assert nodes[0].rejection_counts()["missing_signature"] == before + 1
+
+
+def test_oversize_value_is_refused_by_honest_nodes(swarm, vandal):
+    nodes, round = swarm["nodes"], 4
+    marker = nodes[2].identity.public_key_marker
+    key = shard_key(round, expected_shard(marker, 0))
+    assert nodes[2].publish(round, [b"small"], later()) == 1
+    before = [node.rejection_counts()["oversized"] for node in nodes]
+
+    vandal.store(key=key, subkey=b"huge/0", value=os.urandom(100 * 1024), expiration_time=later())
+    # the vandal keeps it itself (it has no guard), nobody honest does
+    assert b"huge/0" in vandal.run_coroutine(partial(local_subkeys, key=key))
+    # the same from a peer with a key: properly signed, in its right shard, but 100 KiB
+    forger_marker = RSASignatureValidator(swarm["forger_key"]).local_public_key
+    swarm["forger"].store(key=shard_key(round, expected_shard(forger_marker, 0)), subkey=forger_marker + b"/0",
+                          value=os.urandom(100 * 1024), expiration_time=later())
+
+    for node in nodes:
+        assert [item.raw for item in node.collect(round)] == [b"small"]
+        assert node.is_alive()
+    after = [node.rejection_counts()["oversized"] for node in nodes]
+    assert all(a >= b + 1 for a, b in zip(after, before)), (before, after)
+    # still serving: a fresh round goes through
+    assert nodes[0].publish(round + 100, [b"after"], later()) == 1
+    assert [item.raw for item in nodes[1].collect(round + 100)] == [b"after"]
+
+
+def test_plain_value_cannot_replace_a_shard(swarm, vandal):
+    nodes, round = swarm["nodes"], 5
+    marker = nodes[0].identity.public_key_marker
+    key = shard_key(round, expected_shard(marker, 0))
+    assert nodes[0].publish(round, [b"mine"], later(300)) == 1
+    before = nodes[1].rejection_counts()["malformed"]
+
+    # a subkey-less value with a later expiration would replace the whole dictionary where accepted
+    vandal.store(key=key, value=b"wipe", expiration_time=later(900))
+
+    assert [item.raw for item in nodes[1].collect(round)] == [b"mine"]
+    assert nodes[1].rejection_counts()["malformed"] >= before + 1
+
+
+def test_publish_refuses_bad_payloads_before_storing(swarm):
+    node, round = swarm["nodes"][0], 6
+    with pytest.raises(SwarmError, match="over the 12288-byte record cap"):
+        node.publish(round, [b"ok", b"x" * (RECORD + 1)], later())
+    with pytest.raises(SwarmError, match="must be bytes"):
+        node.publish(round, ["text"], later())
+    with pytest.raises(SwarmError, match="not in the future"):
+        node.publish(round, [b"late"], get_dht_time() - 1)
+    assert node.collect(round) == []  # nothing of the batch was stored
+    assert node.publish(round, [b"x" * RECORD], later()) == 1  # exactly the cap is fine
+
+
+def test_status_round_trip_and_garbage_is_skipped(swarm, vandal):
+    nodes, forger = swarm["nodes"], swarm["forger"]
+    assert nodes[0].publish_status(7, {"round": 7, "seen": 2}, later())
+    assert nodes[0].publish_status(8, {"round": 8, "seen": 3}, later())
+    assert nodes[1].publish_status(7, {"round": 7, "rejected": {"oversized": 1}}, later())
+    # garbage: a signed non-JSON value, a signed JSON list, an unsigned subkey
+    forger_marker = RSASignatureValidator(swarm["forger_key"]).local_public_key
+    assert forger.store(key=f"{NS}/status/r7", subkey=forger_marker, value=b"not json{", expiration_time=later())
+    assert forger.store(key=f"{NS}/status/r8", subkey=forger_marker, value=b"[1, 2]", expiration_time=later())
+    vandal.store(key=f"{NS}/status/r8", subkey=b"anonymous", value=b"{}", expiration_time=later())
+    before = nodes[2].rejection_counts()
+
+    statuses = nodes[2].read_status([7, 8])
+
+    assert statuses == {
+        expected_sender(nodes[0].identity.private_key): {"round": 8, "seen": 3},
+        expected_sender(nodes[1].identity.private_key): {"round": 7, "rejected": {"oversized": 1}},
+    }
+    after = nodes[2].rejection_counts()
+    assert after["malformed"] == before["malformed"] + 2
+    assert after["missing_signature"] == before["missing_signature"] + 1
+    with pytest.raises(SwarmError, match="not JSON"):
+        nodes[0].publish_status(9, {"bad": object()}, later())
+    with pytest.raises(SwarmError, match="record cap"):
+        nodes[0].publish_status(9, {"big": "x" * RECORD}, later())
+
+
+def test_parse_payload_skips_what_a_peer_could_return():
+    marker = RSASignatureValidator(RSAPrivateKey()).local_public_key
+    shard = expected_shard(marker, 3)
+    ok = parse_payload(marker + b"/3", b"data", round=9, shard=shard, shards=SHARDS, max_record_bytes=RECORD)
+    assert ok == Received(sender=hashlib.sha256(marker).hexdigest()[:16], sender_key=marker, index=3,
+                          raw=b"data", round=9)
+    cases = [
+        (marker + b"/3", 42, "malformed"),  # value not bytes
+        (marker + b"/3", {"x": 1}, "malformed"),
+        (marker + b"/three", b"data", "malformed"),  # index not an int
+        (marker + b"/3/4", b"data", "malformed"),
+        ("text/3", b"data", "malformed"),  # subkey not bytes
+        (b"anonymous/3", b"data", "missing_signature"),
+        (marker + b"/3", b"x" * (RECORD + 1), "oversized"),
+    ]
+    for subkey, raw, reason in cases:
+        assert parse_payload(subkey, raw, round=9, shard=shard, shards=SHARDS,
+                             max_record_bytes=RECORD) == reason, subkey
+    wrong_shard = (shard + 1) % SHARDS
+    assert parse_payload(marker + b"/3", b"data", round=9, shard=wrong_shard, shards=SHARDS,
+                         max_record_bytes=RECORD) == "malformed"
+
+
+def test_restart_keeps_the_peer_id(swarm, tmp_path):
+    peers = swarm["nodes"][0].visible_maddrs()
+    identity = load_or_create_identity(tmp_path)
+    ids = []
+    for _ in range(2):
+        with SwarmTransport(NS, load_or_create_identity(tmp_path), initial_peers=peers, host_maddrs=LOOPBACK,
+                            shards=SHARDS) as node:
+            ids.append((node.peer_id, node.identity.public_key_marker))
+    assert ids[0] == ids[1] == (PeerID.from_identity((tmp_path / "swarm_p2p.key").read_bytes()).to_base58(),
+                                identity.public_key_marker)
+
+
+def test_client_mode_node_publishes_and_collects(swarm):
+    peers, round = swarm["nodes"][0].visible_maddrs(), 12
+    with SwarmTransport(NS, None, initial_peers=peers, host_maddrs=LOOPBACK, shards=SHARDS,
+                        client_mode=True) as client:
+        assert client.publish(round, [b"from a client"], later()) == 1
+        assert [(item.sender, item.raw) for item in swarm["nodes"][1].collect(round)] == [
+            (client.sender, b"from a client")]
+        assert client.sender == expected_sender(client.identity.private_key)
+        assert [item.raw for item in client.collect(round)] == [b"from a client"]
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(host_maddrs=["/ip4/not-an-address/tcp/0"]), "multiaddr"),
+    (dict(initial_peers=["garbage"]), "garbage"),
+    # nothing listens on port 9: the daemon cannot reach its bootstrap peer
+    (dict(initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/QmSwmmvvCQcjoBqSwZYaZ3hu7UibgQQk8bDu7T1imazasr"]), "bootstrap"),
+])
+def test_start_failure_is_one_line_swarm_error(options, expected):
+    transport = SwarmTransport(NS, None, **{"host_maddrs": LOOPBACK, "startup_timeout": 20, **options})
+    with pytest.raises(SwarmError) as error:
+        transport.start()
+    message = str(error.value)
+    assert message.startswith("swarm DHT did not start") and expected in message and "\n" not in message
+    assert not transport.is_alive()
+    with pytest.raises(SwarmError, match="not started"):
+        transport.collect(1)
+
+
+def test_bad_namespace_is_refused():
+    with pytest.raises(SwarmError, match="namespace"):
+        SwarmTransport("bad namespace", None)
