@@ -45,6 +45,7 @@ class SwarmNode:
         self._collector: asyncio.Task | None = None
         self._publishing: asyncio.Task | None = None
         self._published: Counter[str] = Counter()  # "groups", "skipped_oversized", "store_failures"
+        self._used: Counter[str] = Counter()  # external groups trained on, per sender
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -87,14 +88,24 @@ class SwarmNode:
         self._audit(step, round_index, taken, rejected_now)
         groups = [group for _, group in taken]
         senders = {c.sender for c, _ in taken}
+        for candidate, _ in taken:
+            self._used[candidate.sender] += 1
+        local_rewards = [r for g in local_groups for r in g.rewards]
         metrics = {"swarm/round": float(round_index), "swarm/external_groups": float(len(groups)),
+                   "swarm/external_share": len(groups) / max(1, len(groups) + len(local_groups)),
+                   "swarm/local_reward": sum(local_rewards) / max(1, len(local_rewards)),
+                   "swarm/received": float(self.inbox.received),
                    "swarm/external_senders": float(len(senders)), "swarm/pool": float(len(self.inbox.pool)),
+                   **{f"swarm/credit/{s}": self.credit.credit(s) for s in self.credit.judged},
+                   **{f"swarm/used/{s}": float(n) for s, n in self._used.items()},
                    "swarm/rejected": float(sum(self.inbox.rejected.values())),
                    **{f"swarm/rejected/{reason}": float(n) for reason, n in self.inbox.rejected.items()},
                    **{f"swarm/published/{k}": float(n) for k, n in self._published.items()}}
         if groups:
             rewards = [r for g in groups for r in g.rewards]
             metrics["swarm/external_reward"] = sum(rewards) / len(rewards)
+            # How many rounds old the external groups were when trained on.
+            metrics["swarm/round_lag"] = sum(round_index - c.round for c, _ in taken) / len(taken)
         return groups, metrics
 
     def _start_publish(self, round_index: int, groups: list[Group]) -> None:

@@ -64,6 +64,7 @@ class Inbox:
         self.task, self.caps, self.likelihood_z = task, caps, likelihood_z
         self.min_reference = min_reference
         self.rejected: Counter[str] = Counter()
+        self.received = 0  # distinct records read from peers, over the run
         self.pool: list[Candidate] = []
         self._handled: dict[tuple[str, int, int], int] = {}  # (sender, round, index) -> round
         self._digests: dict[str, tuple[str, int]] = {}  # group digest -> (first sender, round)
@@ -89,6 +90,7 @@ class Inbox:
             if key in self._handled:
                 continue  # read again on a later poll: judged once
             self._handled[key] = item.round
+            self.received += 1
             try:
                 self.pool.append(self._check(item, current_round))
                 admitted += 1
@@ -198,11 +200,12 @@ class Inbox:
 
     def state_dict(self) -> dict[str, Any]:
         """What must survive a restart: what was already handled (so nothing is trained twice)."""
-        return {"rejected": dict(self.rejected),
+        return {"rejected": dict(self.rejected), "received": self.received,
                 "handled": [[*k, r] for k, r in self._handled.items()],
                 "digests": {d: list(v) for d, v in self._digests.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rejected = Counter(state["rejected"])
+        self.received = state.get("received", 0)
         self._handled = {(s, rnd, i): r for s, rnd, i, r in state["handled"]}
         self._digests = {d: (v[0], v[1]) for d, v in state["digests"].items()}

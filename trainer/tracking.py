@@ -56,8 +56,11 @@ class Tracker:
         id_file = output_dir / "wandb_id"  # the same W&B run continues after a resume
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
+        swarm = config.get("swarm", {})
+        # A swarm's nodes share one W&B group (the swarm's name): one view compares them all.
+        group = f"swarm-{swarm['name']}" if swarm.get("enabled") else None
         self.run = wandb.init(project=cfg.project, name=cfg.run_name or run_name, id=run_id, resume="allow",
-                              dir=str(output_dir), config=config, mode=mode,
+                              dir=str(output_dir), config=config, mode=mode, group=group,
                               # rollover's console is not W&B's to copy; its own notices go to rl-train.log
                               settings=wandb.Settings(console="off"))
         if mode == "offline":

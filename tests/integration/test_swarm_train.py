@@ -146,6 +146,11 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
         for reason in ("malformed", "not_utf8", "replayed", "unknown_task", "copied"):
             assert rejected.get(reason, 0) > 0, f"{folder.name}: no {reason} counted: {rejected}"
         assert any(entry.get("swarm/external_groups", 0) > 0 and entry.get("updates", 0) > 0 for entry in metrics)
+        assert any(entry.get("swarm/external_share", 0) > 0 and "swarm/round_lag" in entry for entry in metrics)
+        other = ids[1 - nodes.index(folder)]
+        last = metrics[-1]
+        assert last.get(f"swarm/used/{other}", 0) > 0 and f"swarm/credit/{other}" in last
+        assert last.get(f"swarm/used/{hostile.sender}", 0) == 0
     # The groups judged in full (wrong answers, unlikely text) were met by at least one node.
     judged = {}
     for folder in nodes:

@@ -104,7 +104,7 @@ def test_a_record_read_again_is_judged_once():
     item = incoming("a", 0)
     box.admit([item], ROUND)
     box.admit([item], ROUND)
-    assert len(box.pool) == 1 and not box.rejected
+    assert len(box.pool) == 1 and not box.rejected and box.received == 1
 
 
 def test_per_round_and_pool_caps_stop_flooding():
