@@ -138,13 +138,19 @@ def resolve_model_path(path: str, progress: bool = True) -> str:
         return str(shipped)
     settings = BUILTINS[name]
     target = cache_root() / f"{name}-{settings.key()}"
+    return build_once(target, lambda: _build(name, settings, target, progress))
+
+
+def build_once(target: Path, build) -> str:
+    """`target` once built: `build()` runs only if its build_info.json is missing, under a lock,
+    so one process builds and the others wait and reuse."""
     if (target / "build_info.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; others wait and reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "build_info.json").is_file():
-            _build(name, settings, target, progress)
+            build()
     return str(target)
 
 

@@ -20,7 +20,6 @@ the same kind of lock as builtin_model's builds, and renamed into place when com
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -76,24 +75,21 @@ def resolve_variant(name: str, progress: bool = True) -> str:
     settings = VARIANTS[name]
     base = Path(bm.resolve_model_path(bm.BUILTIN_PREFIX + settings.base, progress))
     target = bm.cache_root() / f"{name}-{variant_key(settings, base)}"
-    if (target / "build_info.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; others wait and reuse
-        if not (target / "build_info.json").is_file():
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-            try:
-                info = build_variant(settings, base, tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-            if progress:
-                print(f"built {bm.BUILTIN_PREFIX}{name} from {base} in {info['build_seconds']} s")
-    return str(target)
+
+    def build() -> None:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            info = build_variant(settings, base, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        if progress:
+            print(f"built {bm.BUILTIN_PREFIX}{name} from {base} in {info['build_seconds']} s")
+
+    return bm.build_once(target, build)
 
 
 def build_variant(settings: VariantSettings, base: Path, out: Path) -> dict:
