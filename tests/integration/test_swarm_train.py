@@ -29,7 +29,8 @@ pytestmark = pytest.mark.integration
 
 ROUND_SECONDS = 4.0
 RL_SWARM = [sys.executable, "-m", "rollover.swarm.cli"]
-SETTINGS = ["train.steps=400", "train.eval_every=1000", "train.save_every=1000", "task.eval_size=16",
+SETTINGS = ["train.steps=100000",  # the test stops the swarm with Ctrl-C; no node may finish first
+             "train.eval_every=1000", "train.save_every=1000", "task.eval_size=16",
             "rollout.groups_per_step=4", "rollout.group_size=8", "tracking.wandb=disabled",
             f"swarm.round_seconds={ROUND_SECONDS}", "swarm.external_groups=2",
             "rollout.kv_cache_gib=0.5"]
@@ -127,6 +128,9 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
         local.send_signal(signal.SIGINT)  # Ctrl-C: every node saves and stops
         assert local.wait(timeout=300) == 130
     finally:
+        if "stop_hostile" in locals():
+            stop_hostile.set()
+            publisher.join()
         if hostile is not None:
             hostile.shutdown()
         if local.poll() is None:  # a failed check: stop the swarm as a user would
