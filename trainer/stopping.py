@@ -11,6 +11,11 @@ A run goes through three phases, and a first signal does what is safe in each:
   the loop checks `stop_requested()` after them;
 - finishing (summary, shutdown): the run completes.
 A second signal exits at once (`os._exit`); the watchdog (trainer/watchdog.py) stops the engine.
+Python runs a signal handler only when the main thread is back in the interpreter, and two
+signals that arrive while it is inside one long C call (a backward pass, a weight load) run the
+handler once. So signals are also counted where each one is seen: the C-level handler writes one
+byte per signal to a wakeup fd (`signal.set_wakeup_fd`), and a thread reading it exits on the
+second, whatever the main thread is doing.
 
 The engine is started with SIGINT blocked (`call_with_sigint_blocked`), so its processes, which
 inherit the mask, ignore the Ctrl-C a terminal sends to the whole process group and keep serving
@@ -67,6 +72,8 @@ class GracefulStop:
         self._region: asyncio.Task | None = None  # the task awaiting a stoppable coroutine
         self._cancelled: asyncio.Task | None = None
         self._previous: dict[int, Any] = {}
+        self._wakeup: tuple[int, int, int] | None = None  # (read fd, write fd, previous wakeup fd)
+        self._exiting = threading.Lock()
 
     @property
     def requested(self) -> bool:
@@ -80,29 +87,59 @@ class GracefulStop:
         global _current
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._count_signals_as_they_arrive()
         _current = self
         return self
+
+    def _count_signals_as_they_arrive(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # the C handler must never block
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._wakeup = (read_fd, write_fd, previous)
+        threading.Thread(target=self._watch, args=(read_fd,), name="second-signal",
+                         daemon=True).start()
+
+    def _watch(self, read_fd: int) -> None:
+        seen = 0
+        while data := os.read(read_fd, 64):  # b"" once uninstall() closes the write end
+            for signum in data:
+                seen += signum in SIGNALS
+                if seen >= 2:
+                    self._exit_now(signum)
+        os.close(read_fd)
 
     def uninstall(self) -> None:
         global _current
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+        if self._wakeup is not None:
+            _, write_fd, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_fd)
+            self._wakeup = None
         if _current is self:
             _current = None
 
+    def _exit_now(self, signum: int) -> None:
+        """The second signal: one line, and exit without unwinding (from either counter)."""
+        if not self._exiting.acquire(blocking=False):
+            return  # the other counter is already exiting
+        try:
+            from rollover.trainer import watchdog
+            from rollover.trainer.console import error_line
+
+            watchdog.clean_end()  # on purpose: it stops the engine without a message
+            error_line(f"rl-train: second {signal.Signals(signum).name}: exiting now; the last "
+                       f"complete checkpoint is kept")
+        except Exception:  # noqa: BLE001 - e.g. the console was mid-write: exit all the same
+            pass
+        os._exit(exit_code(signum))
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            try:
-                from rollover.trainer import watchdog
-                from rollover.trainer.console import error_line
-
-                watchdog.clean_end()  # on purpose: it stops the engine without a message
-                error_line(f"rl-train: second {signal.Signals(signum).name}: exiting now; the last "
-                           f"complete checkpoint is kept")
-            except Exception:  # noqa: BLE001 - e.g. the console was mid-write: exit all the same
-                pass
-            os._exit(exit_code(signum))
+            self._exit_now(signum)
+            return
         self.signum = signum
         if self.phase == "starting":
             raise StopRequested(signum)
@@ -143,6 +180,17 @@ class GracefulStop:
 
 
 _current: GracefulStop | None = None
+
+
+def _forget_wakeup_fd() -> None:
+    """In a forked child: its signals must not be counted by the parent's watcher thread."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread of the main interpreter: nothing was inherited
+        pass
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_fd)
 
 
 def current() -> GracefulStop | None:

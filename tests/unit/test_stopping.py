@@ -10,6 +10,9 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -111,3 +114,47 @@ def test_processes_started_with_sigint_blocked_ignore_a_terminal_ctrl_c():
     finally:
         child.kill()
         child.join()
+
+
+def _script(body: str) -> subprocess.CompletedProcess:
+    """Run `body` in a fresh Python with rl-train's handler installed and training under way."""
+    prelude = ("import hashlib, os, signal, sys, time\n"
+               "from rollover.trainer.stopping import GracefulStop\n"
+               "stop = GracefulStop().install()\n"
+               "stop.phase = 'training'\n")
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_signal_exits_at_once_even_inside_a_long_c_call():
+    # Both signals land while the main thread is in one C call (as in a backward pass): Python
+    # runs its handler once afterwards, so only the wakeup-fd counter can see two.
+    done = _script("""
+        if os.fork() == 0:  # another process sends the two signals, as a terminal does
+            time.sleep(0.3)
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getppid(), signal.SIGINT)
+            os._exit(0)
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 200_000_000)  # seconds in C, the GIL released
+        print("the long call finished", flush=True)
+    """)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "the long call finished" not in done.stdout
+    assert "rl-train: second SIGINT: exiting now" in done.stderr
+
+
+def test_a_forked_childs_signal_does_not_count_as_the_parents_second():
+    done = _script("""
+        pid = os.fork()
+        if pid == 0:  # the child inherits the handler: its own Ctrl-C is its own business
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGINT)  # the parent's first signal: a graceful stop
+        time.sleep(0.5)
+        print("graceful", stop.requested, flush=True)
+    """)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "graceful True" in done.stdout
