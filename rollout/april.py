@@ -236,6 +236,9 @@ class AprilScheduler:
             st.counters, st.accepted, time.perf_counter() - started, target, self.buffer
         )
         self.last_metrics["rollout/in_flight_groups"] = self.n_in_flight
+        if hasattr(self.engine, "members"):  # an engine pool
+            self.last_metrics["rollout/engines_live"] = len(self.engine.live)
+            self.last_metrics["rollout/engine_revivals"] = self.engine.revivals
         return StepResult(st.accepted, self.last_metrics)
 
     # ---- running ahead of the trainer ---------------------------------------------------------

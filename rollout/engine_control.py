@@ -22,7 +22,7 @@ import logging
 import re
 from typing import Any
 
-from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched
+from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ class EngineControl:
         try:
             if not keep_requests:
                 self._check_idle("update_weights")
-            if hasattr(named_tensors, "items"):
-                named_tensors = named_tensors.items()  # type: ignore[assignment]
+            named_tensors = pairs(named_tensors)
             await self.llm.pause_generation(mode="keep", clear_cache=False)
             try:
                 if keep_requests:

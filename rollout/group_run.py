@@ -13,7 +13,10 @@ Kept apart from the scheduler so the per-group rules read in one place:
   raises `RequestFailed` (the scheduler retries the group in a later step, counted);
 - once the scheduler stops the step, a group that finishes generating is not scored now: it is
   buffered and scored when resumed, so no judge holds up the step;
-- scoring goes through `KeptScores`: one scorer call per group, kept across steps.
+- scoring goes through `KeptScores`: one scorer call per group, kept across steps;
+- with an engine pool, a group runs on the engine `route()` picks when it starts (all its
+  samples together), and if that engine dies (`EngineLost`) the group moves to another live
+  engine and its samples resume there from the tokens they streamed (migration).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.metrics import StepCounters
+from rollover.rollout.remote import EngineLost
 from rollover.rollout.scoring import KeptScores, Scorer  # noqa: F401 - Scorer re-exported
 from rollover.rollout.settings import SamplingSettings
 from rollover.rollout.types import Group, Sample
@@ -34,6 +38,8 @@ RequestIdFn = Callable[[int, int], str]  # (group uid, sample index) -> a reques
 GENERATING, SCORING = "generating", "scoring"
 # Resubmissions of one sample after aborts the scheduler did not ask for, per step.
 MAX_UNASKED_ABORT_RESUMES = 3
+# Moves of one sample to another engine after its engine died, per step.
+MAX_MIGRATIONS = 3
 
 
 class RequestFailed(RuntimeError):
@@ -49,6 +55,8 @@ class GroupRun:
     request_ids: set[str] = field(default_factory=set)
     task: asyncio.Task | None = None
     stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
+    engine: Any = None  # what its requests go to: the engine, or the pool member route() chose
+    lease: Any = None  # with a pool: the tokens it may still generate there (the member's load)
 
 
 class GroupRunner:
@@ -82,10 +90,15 @@ class GroupRunner:
         group = run.group
         pending = [(i, s) for i, s in enumerate(group.samples) if not s.finished]
         if pending:
-            results = await asyncio.gather(
-                *(self._sample(run, i, s, counters) for i, s in pending),
-                return_exceptions=True,
-            )
+            self._route(run)
+            try:
+                results = await asyncio.gather(
+                    *(self._sample(run, i, s, counters) for i, s in pending),
+                    return_exceptions=True,
+                )
+            finally:
+                if run.lease is not None:
+                    run.lease.release()
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
@@ -98,16 +111,40 @@ class GroupRunner:
             await self.scores.score(group)
         return True
 
+    def _route(self, run: GroupRun) -> None:
+        """Where the group's requests go: a pool's least-loaded live member (leasing the tokens
+        its unfinished samples may still generate), else the one engine."""
+        route = getattr(self.engine, "route", None)
+        if route is None:
+            run.engine = self.engine
+            return
+        if run.lease is not None:
+            run.lease.release()
+        run.lease = route(sum(self.budget(run.group, i) for i, s in enumerate(run.group.samples)
+                              if not s.finished))
+        run.engine = run.lease.member
+
     async def _sample(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
-        for attempt in range(MAX_UNASKED_ABORT_RESUMES + 1):
+        unasked, migrations = 0, 0
+        while unasked <= MAX_UNASKED_ABORT_RESUMES:
             if run.stopping:
                 return
-            await self._request(run, index, sample, counters)
+            try:
+                await self._request(run, index, sample, counters)
+            except EngineLost:
+                migrations += 1
+                if run.stopping or migrations > MAX_MIGRATIONS:
+                    raise
+                counters.migrations += 1
+                if not run.engine.alive:  # the first sample to notice moves the whole group
+                    self._route(run)
+                continue
             if sample.finish_reason == "error":
                 sample.finish_reason = "aborted"  # tokens kept; resumable
                 raise RequestFailed(f"group {run.group.uid} sample {index}: vLLM finished the request with error")
             if sample.finish_reason != "aborted" or run.stopping:
                 return
+            unasked += 1
             counters.unasked_aborts += 1  # vLLM aborted it on its own: resume from the tokens
 
     async def _request(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
@@ -122,10 +159,12 @@ class GroupRunner:
         sample.finish_reason = None
         start = settled = len(sample.response_ids)  # this request's tokens; those of known version
         try:
-            async for chunk in self.engine.stream(
+            async for chunk in run.engine.stream(
                 sample.prompt_ids + sample.response_ids, budget, self.sampling, request_id=rid
             ):
                 n = len(chunk.token_ids)
+                if run.lease is not None:
+                    run.lease.use(n)
                 sample.response_ids.extend(chunk.token_ids)
                 sample.logprobs.extend(chunk.logprobs)
                 sample.versions.extend([chunk.version] * n)

@@ -23,6 +23,7 @@ class StepCounters:
     groups_resumed: int = 0
     drops: Counter = field(default_factory=Counter)  # reason -> groups dropped this step
     retries: Counter = field(default_factory=Counter)  # reason -> groups put back to retry later
+    migrations: int = 0  # samples moved to another engine after theirs died (engine pool)
     interrupts: int = 0  # times the step stopped its requests for a weight load (running ahead)
     finished_lengths: list[int] = field(default_factory=list)  # response lengths of groups finished now
 
@@ -59,6 +60,7 @@ def step_metrics(
         "rollout/budget_exhausted": counters.budget_exhausted,
         "rollout/unasked_aborts": counters.unasked_aborts,
         "rollout/interrupts": counters.interrupts,
+        "rollout/migrations": counters.migrations,
         "rollout/retries": dict(counters.retries),
         "rollout/buffer_size": len(buffer),
         "rollout/buffer_age_hist": buffer.staleness_histogram(current_version),  # groups by age

@@ -68,6 +68,11 @@ def pick_weights_dir(nbytes: int, candidates: list[Path]) -> Path:
     )
 
 
+def pairs(named_tensors: NamedTensors | dict[str, torch.Tensor]) -> NamedTensors:
+    """(name, tensor) pairs from either pairs or a name -> tensor dict."""
+    return named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+
+
 def to_cpu_unshared(named_tensors: NamedTensors) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies; tensors sharing storage (tied embeddings) get their own copy.
 

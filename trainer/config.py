@@ -230,6 +230,34 @@ class SwarmConfig(Section):
         return values
 
 
+class ClusterConfig(Section):
+    """Rollout engines on Ray (rollout/cluster.py): none runs today's one in-process engine."""
+
+    address: Literal["local", "auto"] | None = None  # local: start Ray here; auto: join `ray start --head`
+    engines: int = Field(1, ge=1, le=1024)
+    engine_num_cpus: float = Field(1.0, ge=0.0)
+    engine_num_gpus: float = Field(0.0, ge=0.0)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    trainer_num_gpus: float = Field(0.0, ge=0.0)
+    # How trainer weights reach the engines: auto is shared_memory without CUDA, ipc for an
+    # engine on the trainer's GPU (in-process or colocated), nccl for engines on other GPUs.
+    weight_transfer: Literal["auto", "shared_memory", "ipc", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if self.address is None and self.engines > 1:
+            raise ValueError(f"cluster.engines={self.engines} needs Ray: set cluster.address to "
+                             "local (start Ray on this machine) or auto (join `ray start --head`)")
+        if self.tensor_parallel_size > 1 and self.engine_num_gpus < self.tensor_parallel_size:
+            raise ValueError(f"cluster.tensor_parallel_size={self.tensor_parallel_size} needs "
+                             f"cluster.engine_num_gpus >= {self.tensor_parallel_size} (one GPU per shard)")
+        if self.placement == "colocated" and self.engine_num_gpus and not self.trainer_num_gpus:
+            raise ValueError("cluster.placement: colocated shares the trainer's GPUs with the "
+                             "engines: set cluster.trainer_num_gpus")
+        return self
+
+
 class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -238,6 +266,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

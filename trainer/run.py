@@ -14,7 +14,9 @@ import torch
 
 from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
 from rollover.trainer.cpu_split import bind_engine, pin_trainer
-from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, RolloutEngine, WeightLoadError
+from rollover.rollout.cluster import ClusterError, disconnect, start_engines
+from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, WeightLoadError
+from rollover.rollout.remote import EngineLost
 from rollover.rollout.settings import SleepModeUnavailable
 from rollover.swarm.node import SwarmNode
 from rollover.swarm.records import SwarmError
@@ -36,7 +38,7 @@ from rollover.trainer.tracking import Tracker, console
 EXIT_USAGE, EXIT_FAILED = 2, 1
 # Stops the run can meet in normal operation: one line and exit 1, never a traceback.
 EXPECTED_STOPS = (TrainingStopped, TooManyRejections, TooManyFailures, RolloutExhausted,
-                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError)
+                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError, EngineLost)
 
 
 def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:
@@ -129,8 +131,9 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
             return _error(ValueError(f"rollout.engine_cpus: {exc}"), EXIT_USAGE)
     try:
         # SIGINT blocked: the engine's processes ignore a terminal's Ctrl-C (rl-train stops them).
-        engine = call_with_sigint_blocked(RolloutEngine(settings).start)
-    except EngineStartError as exc:
+        engine = call_with_sigint_blocked(lambda: start_engines(settings, recipe.cluster))
+    except (EngineStartError, ClusterError) as exc:
+        disconnect()
         return _error(exc, EXIT_FAILED)
     if trainer_cores:
         pin_trainer(trainer_cores)
@@ -163,6 +166,7 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
         if trainer is not None:
             trainer.scheduler.close()
         engine.shutdown()
+        disconnect()
         rewards.close()  # the reward workers (atexit would too; this is at a known moment)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.finish({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})

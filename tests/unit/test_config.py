@@ -87,6 +87,12 @@ def test_invalid_yaml_names_the_line(tmp_path):
         (["rollout.max_async=5"], "max_async=5 exceeds max_staleness=4"),
         (["rollout.max_async=1", "rollout.partial=false"], "max_async > 0 needs partial: true"),
         (["rollout.interrupt=pause"], "rollout.interrupt"),
+        (["cluster.engines=2"], "cluster.engines=2 needs Ray: set cluster.address"),
+        (["cluster.address=remote"], "cluster.address"),
+        (["cluster.engines=0"], "cluster.engines"),
+        (["cluster.address=local", "cluster.tensor_parallel_size=2"], "needs cluster.engine_num_gpus >= 2"),
+        (["cluster.placement=colocated", "cluster.engine_num_gpus=0.5"], "set cluster.trainer_num_gpus"),
+        (["cluster.engine_num_cpus=-1"], "cluster.engine_num_cpus"),
     ],
 )
 def test_settings_that_would_train_wrongly_are_refused(overrides, expected):
@@ -162,3 +168,10 @@ def test_pipeline_and_auto_provisioning_settings_parse():
         "rollout.over_provision=auto", "rollout.max_async=2", "rollout.interrupt=keep"])
     assert (recipe.rollout.over_provision, recipe.rollout.max_async, recipe.rollout.interrupt) == ("auto", 2, "keep")
     assert load_recipe(ROOT / "recipes/grpo_math.yaml", ["rollout.over_provision=3"]).rollout.over_provision == 3.0
+
+
+def test_cluster_settings_parse():
+    recipe = load_recipe(ROOT / "recipes/grpo_math.yaml", ["cluster.address=local", "cluster.engines=2",
+                                                          "cluster.engine_num_cpus=0.5"])
+    assert (recipe.cluster.address, recipe.cluster.engines, recipe.cluster.engine_num_cpus) == ("local", 2, 0.5)
+    assert load_recipe(ROOT / "recipes/grpo_math.yaml").cluster.address is None  # one in-process engine

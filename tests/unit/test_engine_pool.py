@@ -1,0 +1,178 @@
+"""The engine pool's routing, fan-out and migration logic, against fake engines that can die.
+
+The Ray-hosted engines are tested in tests/integration/test_cluster.py; here the fakes make
+deaths land exactly where a test wants them, which a real actor kill cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from test_buffer import FakeEngine, _config, _sample_of, _score, _source
+
+from rollover.rollout.april import AprilScheduler
+from rollover.rollout.pool import AllEnginesLost, EnginePool
+from rollover.rollout.remote import EngineLost
+
+
+class MortalEngine(FakeEngine):
+    """A fake engine that dies after `dies_after` streamed tokens (all its streams end)."""
+
+    def __init__(self, name: str, dies_after: int | None = None, **kw) -> None:
+        super().__init__(lambda prompt_ids: 10**6, **kw)  # every sample runs to its budget
+        self.name, self.dies_after, self.streamed = name, dies_after, 0
+        self.loads: list[int] = []  # versions loaded, in order
+        self.streamed_by_request: Counter = Counter()
+
+    @property
+    def active_requests(self) -> set[str]:
+        return set(self._open)
+
+    def mark_lost(self, why: str) -> None:
+        self.errored = True
+
+    async def stream(self, prompt_ids, max_tokens, sampling, request_id):
+        if self.errored:
+            raise EngineLost(f"{self.name} is dead")
+        async for chunk in super().stream(prompt_ids, max_tokens, sampling, request_id):
+            if self.errored:
+                raise EngineLost(f"{self.name} died")
+            self.streamed += len(chunk.token_ids)
+            self.streamed_by_request[request_id] += len(chunk.token_ids)
+            yield chunk
+            if self.dies_after is not None and self.streamed >= self.dies_after:
+                self.errored = True
+
+    async def wait_idle(self, timeout=10.0, request_ids=None):
+        if self.errored:
+            raise EngineLost(f"{self.name} is dead")
+        while self._open:
+            await asyncio.sleep(0.001)
+
+    async def update_weights(self, weights, version=None, keep_requests=False, recompute_kv=False):
+        if self.errored:
+            raise EngineLost(f"{self.name} is dead")
+        self.policy_version = self.policy_version + 1 if version is None else version
+        self.loads.append(self.policy_version)
+        return self.policy_version
+
+    def shutdown(self) -> None:
+        self.errored = True
+
+
+def run(coro, timeout: float = 20.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def scheduler(pool, n=4, max_tokens=20):
+    lengths = {}
+    return AprilScheduler(pool, _config(groups_per_step=n, group_size=2, over_provision=1.0,
+                                        max_tokens=max_tokens),
+                          _source(lengths), _score)
+
+
+def test_groups_go_whole_to_the_least_loaded_engine():
+    a, b = MortalEngine("a"), MortalEngine("b")
+    pool = EnginePool([a, b])
+    sched = scheduler(pool)
+    try:
+        result = run(sched.step())
+    finally:
+        sched.close()
+    assert len(result.groups) == 4
+    engines_of = {}
+    for engine in (a, b):
+        for rid, _, _ in engine.requests:
+            engines_of.setdefault(_sample_of(rid)[0], set()).add(engine.name)
+    assert all(len(names) == 1 for names in engines_of.values()), engines_of  # a group stays together
+    per_engine = Counter(next(iter(names)) for names in engines_of.values())
+    assert per_engine == {"a": 2, "b": 2}  # equal budgets: the load splits evenly
+
+
+def test_a_dying_engine_hands_its_groups_over_without_losing_or_redoing_a_token():
+    a, b = MortalEngine("a", dies_after=9, tick=0.002), MortalEngine("b", tick=0.002)
+    spare = MortalEngine("a2")
+    started = []
+
+    async def replace(index):
+        started.append(index)
+        return spare
+
+    pool = EnginePool([a, b], replace=replace)
+    sched = scheduler(pool, max_tokens=20)
+
+    async def go():
+        result = await sched.step()
+        await pool.settle()
+        return result
+
+    try:
+        result = run(go())
+    finally:
+        sched.close()
+    assert a.errored and started == [0] and pool.members[0].engine is spare
+    assert result.metrics["rollout/migrations"] > 0
+    sched.check_conservation()
+    for g in result.groups:
+        for i, s in enumerate(g.samples):
+            # Every streamed token is in the sample exactly once, whichever engine streamed it.
+            mine = [rid for e in (a, b) for rid, _, _ in e.requests if _sample_of(rid) == (g.uid, i)]
+            streamed = sum(e.streamed_by_request[rid] for e in (a, b) for rid in mine)
+            assert len(s.response_ids) == streamed == 20
+    assert pool.revivals == 1 and all(m.alive for m in pool.members)
+
+
+def test_weights_fan_out_at_one_version_and_a_replacement_catches_up():
+    a, b = MortalEngine("a"), MortalEngine("b")
+    spare = MortalEngine("a2")
+    replacing = asyncio.Event()
+
+    async def replace(index):
+        await replacing.wait()  # a load happens while the replacement starts
+        return spare
+
+    async def go():
+        pool = EnginePool([a, b], replace=replace)
+        assert await pool.update_weights({"w": __import__("torch").zeros(2)}) == 1
+        assert a.loads == [1] and b.loads == [1]
+        a.errored = True
+        assert await pool.update_weights({"w": __import__("torch").ones(2)}) == 2
+        assert pool.members[0].reviving is None  # the load found no live a: nothing to revive yet
+        pool.lost(pool.members[0])
+        await pool.update_weights({"w": __import__("torch").ones(2)}, version=7)
+        assert pool.policy_version == 7 and b.loads == [1, 2, 7]
+        replacing.set()
+        await pool.settle()
+        return pool
+
+    pool = run(go())
+    assert spare.loads == [7] and pool.policy_version == 7
+    assert [m.engine.policy_version for m in pool.members] == [7, 7]
+
+
+def test_the_pool_version_is_the_lowest_any_live_engine_serves():
+    a, b = MortalEngine("a"), MortalEngine("b")
+    pool = EnginePool([a, b])
+    a.policy_version, b.policy_version = 3, 5
+    assert pool.policy_version == 3
+    a.errored = True
+    assert pool.policy_version == 5
+    pool.policy_version = 6
+    assert b.policy_version == 6
+
+
+def test_with_every_engine_dead_and_no_replacement_the_step_stops_in_one_line():
+    a, b = MortalEngine("a", dies_after=2), MortalEngine("b", dies_after=2)
+    pool = EnginePool([a, b])
+    sched = scheduler(pool)
+    try:
+        with pytest.raises(EngineLost):
+            run(sched.step())
+    finally:
+        sched.close()
+    assert pool.errored
+    sched.check_conservation()  # every group filed before the error left the step
+    with pytest.raises(AllEnginesLost):
+        pool.route()
