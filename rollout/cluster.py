@@ -110,7 +110,7 @@ class EngineFactory:
         strategy = {"scheduling_strategy": "SPREAD"} if self.cluster.placement == "disaggregated" else {}
         engine = RemoteEngine.create(self.settings, name, num_cpus=self.cluster.engine_num_cpus,
                                      num_gpus=self.cluster.engine_num_gpus, env=self.env,
-                                     backend=self.backend, **strategy)
+                                     backend=self.backend, slot=(index, self.cluster.engines), **strategy)
         try:
             return await engine.start()
         except Exception as exc:  # noqa: BLE001 - the actor's own error, in one line

@@ -36,10 +36,13 @@ class EngineHost:
     """Runs inside the Ray actor: one `RolloutEngine` and plain async methods over it."""
 
     def __init__(self, settings: EngineSettings, env: dict[str, str] | None = None,
-                 backend: str = "shared_memory") -> None:
+                 backend: str = "shared_memory", slot: tuple[int, int] = (0, 1)) -> None:
         from rollover.rollout.weight_transfer import weight_transport_for
 
         os.environ.update(env or {})
+        cores = cpu_share(sorted(os.sched_getaffinity(0)), *slot)
+        if cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # a CPU engine's worker
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         self.engine = RolloutEngine(settings, weight_transport_for(backend))
 
     async def start(self) -> dict[str, Any]:
@@ -89,6 +92,17 @@ class EngineHost:
         self.engine.shutdown()
 
 
+def cpu_share(cores: list[int], index: int, engines: int) -> list[int]:
+    """The cores engine `index` of `engines` binds its CPU worker to: an even split, so engines on
+    one machine do not all bind the same cores (vLLM's default for each is all cores but one);
+    [] for a single engine (that default is right then). On GPU machines vLLM ignores it."""
+    if engines <= 1 or not cores:
+        return []
+    per_engine = max(1, len(cores) // engines)
+    first = (index * per_engine) % len(cores)
+    return cores[first:first + per_engine]
+
+
 def _lost(exc: BaseException) -> bool:
     import ray.exceptions
 
@@ -109,14 +123,15 @@ class RemoteEngine:
     @classmethod
     def create(cls, settings: EngineSettings, name: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
                env: dict[str, str] | None = None, backend: str = "shared_memory",
-               **options: Any) -> "RemoteEngine":
+               slot: tuple[int, int] = (0, 1), **options: Any) -> "RemoteEngine":
         """A new engine actor (not started yet: `await start()`); `backend` moves its weights
-        from the actor's process into its vLLM workers (see rollout/weight_transfer.py)."""
+        from the actor's process into its vLLM workers (see rollout/weight_transfer.py);
+        `slot` = (index, engines) picks its share of a CPU machine's cores (`cpu_share`)."""
         import ray
 
         host = ray.remote(EngineHost).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name,
                                               max_concurrency=10_000, **options)
-        return cls(host.remote(settings, env, backend), settings, name)
+        return cls(host.remote(settings, env, backend, slot), settings, name)
 
     async def start(self) -> "RemoteEngine":
         info = await self._call(self.actor.start.remote())

@@ -36,3 +36,12 @@ def test_engine_settings_carry_tensor_parallelism_and_the_weight_transfer_config
     assert isinstance(settings.extra["weight_transfer_config"], WeightTransferConfig)
     assert settings.extra["weight_transfer_config"].backend == "nccl"
     assert engine_settings(base, ClusterConfig(), "shared_memory") == base  # today's path unchanged
+
+
+def test_cpu_engines_on_one_machine_split_its_cores():
+    from rollover.rollout.remote import cpu_share
+
+    assert [cpu_share([0, 1], i, 2) for i in range(2)] == [[0], [1]]
+    assert [cpu_share(list(range(8)), i, 2) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [cpu_share([0, 1], i, 4) for i in range(4)] == [[0], [1], [0], [1]]  # more engines than cores
+    assert cpu_share([0, 1, 2, 3], 0, 1) == []  # one engine: vLLM's own default binding

@@ -1,0 +1,156 @@
+"""One vs two rollout engines on Ray, measured here; and the simulator's projection to 256.
+
+Measured part: two CPU engine actors (builtin:tiny-math) on a local Ray cluster, each bound to
+its own core. Two modes step in turn on the same long-tailed workload as
+`april_throughput.py` (APRIL, over-provision 2, max_staleness 4): `engines_1`, a pool of one of
+the actors, and `engines_2`, a pool of both. Every step ends as a training step does: wait for
+idle, then the same weights pushed to both engines through the pool at a new version (the
+policy version goes up once per round, as in training). On two cores the trainer-side event
+loop, Ray and both engines share the machine, so two engines can at best match what the cores
+allow: the target here is "lose nothing" (>= 0.9x), not 2x.
+
+Projected part: `bench/simulate_scale.py` (virtual time, the real scheduler and pool over
+simulated engines); its JSON is merged in when present (`--sim`).
+
+    python bench/scaling.py                    # 3 reps x 12 steps per mode, ~10 min on 2 cores
+    python bench/scaling.py --reps 1 --steps 4 --out /tmp/scaling.json
+
+Writes bench/results/scaling.json (or --out) and prints the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from april_steps import SchedulerMode, interleaved, summarize  # noqa: E402
+from april_throughput import add_workload_args, length_sampler, load_weights, machine_info, make_scheduler  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("engines_1", "engines_2")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(p)
+    p.add_argument("--over-provision", type=float, default=2.0)
+    p.add_argument("--staleness", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12, help="measured steps per mode and repetition")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="builtin:tiny-math")
+    p.add_argument("--sim", type=Path, default=RESULTS / "scaling_sim.json",
+                   help="the simulator's JSON, merged in as `projection` when it exists")
+    p.add_argument("--out", type=Path, default=RESULTS / "scaling.json")
+    return p.parse_args(argv)
+
+
+async def start_engines(model_path: str, seed: int) -> list[Any]:
+    from rollover.rollout.cluster import EngineFactory, connect
+    from rollover.rollout.settings import EngineSettings
+    from rollover.trainer.config import ClusterConfig
+
+    connect("local", num_cpus=4)  # logical: two 1-CPU actors and room for Ray's own tasks
+    factory = EngineFactory(EngineSettings(model=model_path, max_model_len=512, seed=seed,
+                                           enable_prefix_caching=True),
+                            ClusterConfig(address="local", engines=2))
+    return list(await asyncio.gather(factory.start(0), factory.start(1)))
+
+
+async def measure(engines: list[Any], weights: dict[str, Any], args: argparse.Namespace, log) -> list[dict]:
+    from vllm.tokenizers import get_tokenizer
+
+    from rollover.rollout.pool import EnginePool
+
+    tokenizer = get_tokenizer(engines[0].settings.model)
+    both, one = EnginePool(engines), EnginePool(engines[:1])
+    reps = []
+    for rep in range(args.reps):
+        seed = args.seed + rep
+        length = length_sampler(args, seed)
+        modes = {name: SchedulerMode(make_scheduler(pool, tokenizer, args, length, seed, groups=args.groups,
+                                                    over_provision=args.over_provision, partial=True,
+                                                    max_staleness=args.staleness))
+                 for name, pool in (("engines_1", one), ("engines_2", both))}
+        log(f"rep {rep} (seed {seed})")
+        kept = await interleaved(both, weights, modes, args.warmup, args.steps, log)
+        for mode in modes.values():
+            mode.close()
+        summary = {name: summarize(records) for name, records in kept.items()}
+        for name in MODES:
+            summary[name].pop("steps")
+        ratio = summary["engines_2"]["useful_tokens_per_s"] / summary["engines_1"]["useful_tokens_per_s"]
+        reps.append({"rep": rep, "seed": seed, "ratio_2_over_1": ratio, **summary})
+        log(f"rep {rep}: two engines / one = {ratio:.2f}x")
+    return reps
+
+
+def aggregate(reps: list[dict]) -> dict[str, Any]:
+    ratios = [r["ratio_2_over_1"] for r in reps]
+    rates = {m: [r[m]["useful_tokens_per_s"] for r in reps] for m in MODES}
+    return {
+        "ratio_2_over_1": statistics.median(ratios),
+        "ratio_2_over_1_spread": {"min": min(ratios), "max": max(ratios), "all": ratios},
+        "useful_tokens_per_s": {m: statistics.median(v) for m, v in rates.items()},
+        "wasted_token_fraction": {m: statistics.median(r[m]["wasted_token_fraction"] for r in reps)
+                                  for m in MODES},
+    }
+
+
+def render_table(result: dict[str, Any]) -> str:
+    m = result["measured"]
+    spread = m["ratio_2_over_1_spread"]
+    rows = ["| engines (here, 2 cores) | useful tokens/s (median) | wasted tokens |", "|---|---|---|"]
+    for name in MODES:
+        rows.append(f"| {name[-1]} | {m['useful_tokens_per_s'][name]:.0f} | "
+                    f"{m['wasted_token_fraction'][name]:.1%} |")
+    rows.append(f"\nTwo engines / one: **{m['ratio_2_over_1']:.2f}x** (spread {spread['min']:.2f}-"
+                f"{spread['max']:.2f} over {len(spread['all'])} repetitions).")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from rollover.rollout.cluster import disconnect
+    from rollover.trainer.builtin_model import resolve_model_path
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    info = machine_info()
+    model_path = resolve_model_path(args.model)
+    weights = load_weights(model_path)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engines = loop.run_until_complete(start_engines(model_path, args.seed))
+    try:
+        reps = loop.run_until_complete(measure(engines, weights, args, log))
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        disconnect()
+    info["load_avg_end"] = os.getloadavg()
+    result: dict[str, Any] = {"measured": {**aggregate(reps), "reps": reps}}
+    if args.sim.is_file():
+        result["projection"] = json.loads(args.sim.read_text())
+    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["machine"] = info
+    result["bench_wall_s"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log("\n" + render_table(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
