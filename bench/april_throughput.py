@@ -358,12 +358,21 @@ async def bench(engine, weights, args: argparse.Namespace, log) -> dict[str, Any
     return aggregate(reps, pooled, args)
 
 
-def run_on_engine(args: argparse.Namespace, bench_fn, render_table) -> dict[str, Any]:
-    """Start the engine on `args.model`, run `bench_fn(engine, weights, args, log)`, save the JSON
-    with the machine and config to `args.out`, print the Markdown table; return the result."""
+async def start_one_engine(model_path: str, args: argparse.Namespace) -> tuple[Any, Callable[[], None]]:
+    """The benchmarks' in-process engine, and how to stop it."""
+    from rollover.rollout.engine import EngineSettings, RolloutEngine
+
+    engine = RolloutEngine(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
+                                          enable_prefix_caching=True)).start()
+    return engine, engine.shutdown
+
+
+def run_on_engine(args: argparse.Namespace, bench_fn, render_table, start=start_one_engine) -> dict[str, Any]:
+    """Start the engine(s) on `args.model` (`start(model_path, args)` -> (engine, stop)), run
+    `bench_fn(engine, weights, args, log)`, save the JSON with the machine and config to
+    `args.out`, print the Markdown table; return the result."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from rollover.rollout.engine import EngineSettings, RolloutEngine
     from rollover.trainer.builtin_model import resolve_model_path
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -371,15 +380,13 @@ def run_on_engine(args: argparse.Namespace, bench_fn, render_table) -> dict[str,
     info = machine_info()
     model_path = resolve_model_path(args.model)
     weights = load_weights(model_path)
-    engine = RolloutEngine(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
-                                          enable_prefix_caching=True))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    engine.start()
+    engine, stop = loop.run_until_complete(start(model_path, args))
     try:
         result = loop.run_until_complete(bench_fn(engine, weights, args, log))
     finally:
-        engine.shutdown()
+        stop()
     info["load_avg_end"] = os.getloadavg()
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result["machine"] = info

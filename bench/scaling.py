@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from april_steps import SchedulerMode, interleaved, summarize  # noqa: E402
-from april_throughput import add_workload_args, length_sampler, load_weights, machine_info, make_scheduler  # noqa: E402
+from april_throughput import add_workload_args, length_sampler, make_scheduler, run_on_engine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("engines_1", "engines_2")
@@ -54,19 +52,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def start_engines(model_path: str, seed: int) -> list[Any]:
-    from rollover.rollout.cluster import EngineFactory, connect
+async def start_engines(model_path: str, args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """Two engine actors on a local Ray cluster, and how to stop them and Ray."""
+    from rollover.rollout.cluster import EngineFactory, connect, disconnect
     from rollover.rollout.settings import EngineSettings
     from rollover.trainer.config import ClusterConfig
 
     connect("local", num_cpus=4)  # logical: two 1-CPU actors and room for Ray's own tasks
-    factory = EngineFactory(EngineSettings(model=model_path, max_model_len=512, seed=seed,
+    factory = EngineFactory(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
                                            enable_prefix_caching=True),
                             ClusterConfig(address="local", engines=2))
-    return list(await asyncio.gather(factory.start(0), factory.start(1)))
+    engines = list(await asyncio.gather(factory.start(0), factory.start(1)))
+
+    def stop() -> None:
+        for engine in engines:
+            engine.shutdown()
+        disconnect()
+
+    return engines, stop
 
 
-async def measure(engines: list[Any], weights: dict[str, Any], args: argparse.Namespace, log) -> list[dict]:
+async def measure(engines: list[Any], weights: dict[str, Any], args: argparse.Namespace, log) -> dict[str, Any]:
     from vllm.tokenizers import get_tokenizer
 
     from rollover.rollout.pool import EnginePool
@@ -91,7 +97,10 @@ async def measure(engines: list[Any], weights: dict[str, Any], args: argparse.Na
         ratio = summary["engines_2"]["useful_tokens_per_s"] / summary["engines_1"]["useful_tokens_per_s"]
         reps.append({"rep": rep, "seed": seed, "ratio_2_over_1": ratio, **summary})
         log(f"rep {rep}: two engines / one = {ratio:.2f}x")
-    return reps
+    result: dict[str, Any] = {"measured": {**aggregate(reps), "reps": reps}}
+    if args.sim.is_file():
+        result["projection"] = json.loads(args.sim.read_text())
+    return result
 
 
 def aggregate(reps: list[dict]) -> dict[str, Any]:
@@ -120,36 +129,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from rollover.rollout.cluster import disconnect
-    from rollover.trainer.builtin_model import resolve_model_path
-
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    started = time.perf_counter()
-    info = machine_info()
-    model_path = resolve_model_path(args.model)
-    weights = load_weights(model_path)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    engines = loop.run_until_complete(start_engines(model_path, args.seed))
-    try:
-        reps = loop.run_until_complete(measure(engines, weights, args, log))
-    finally:
-        for engine in engines:
-            engine.shutdown()
-        disconnect()
-    info["load_avg_end"] = os.getloadavg()
-    result: dict[str, Any] = {"measured": {**aggregate(reps), "reps": reps}}
-    if args.sim.is_file():
-        result["projection"] = json.loads(args.sim.read_text())
-    result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["machine"] = info
-    result["bench_wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    log("\n" + render_table(result) + "\n")
-    return result
+    return run_on_engine(args, measure, render_table, start=start_engines)
 
 
 if __name__ == "__main__":
