@@ -98,8 +98,10 @@ async def measure(engines: list[Any], weights: dict[str, Any], args: argparse.Na
         reps.append({"rep": rep, "seed": seed, "ratio_2_over_1": ratio, **summary})
         log(f"rep {rep}: two engines / one = {ratio:.2f}x")
     result: dict[str, Any] = {"measured": {**aggregate(reps), "reps": reps}}
-    if args.sim.is_file():
-        result["projection"] = json.loads(args.sim.read_text())
+    if args.sim.is_file():  # its summary; the per-run step records stay in that file
+        sim = json.loads(args.sim.read_text())
+        result["projection"] = {"source": str(args.sim.name),
+                                **{k: v for k, v in sim.items() if k not in ("runs", "parts")}}
     return result
 
 

@@ -4,8 +4,8 @@
 this machine; `auto` joins the cluster a `ray start --head` left running. Each engine is a Ray
 actor (`rollout/remote.py`) with `engine_num_cpus` / `engine_num_gpus`; the actors start at the
 same time (each start is ~20 s on CPU) and stand behind one `EnginePool`, which also rebuilds an
-engine whose actor dies. `placement: colocated` packs engines on the trainer's node (sharing
-its GPUs, fractions allowed); `disaggregated` lets Ray spread them over the cluster.
+engine whose actor dies. `placement: colocated` puts every engine on the trainer's node (sharing
+its GPUs, fractions allowed); `disaggregated` spreads them over the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -91,6 +91,17 @@ def engine_settings(settings: EngineSettings, cluster: Any, backend: str) -> Eng
     return dataclasses.replace(settings, extra=extra)
 
 
+def placement_strategy(placement: str) -> Any:
+    """Where Ray puts engine actors: `colocated` on the trainer's (this driver's) node, hard;
+    `disaggregated` spread over the cluster's nodes."""
+    if placement == "disaggregated":
+        return "SPREAD"
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 class EngineFactory:
     """Builds and starts engine actors for one run (and their replacements)."""
 
@@ -107,7 +118,7 @@ class EngineFactory:
         """A started engine actor in slot `index`; ClusterError if it cannot start."""
         self.built += 1
         name = f"rollover-engine-{self.run_id}-{index}-{self.built}"
-        strategy = {"scheduling_strategy": "SPREAD"} if self.cluster.placement == "disaggregated" else {}
+        strategy = {"scheduling_strategy": placement_strategy(self.cluster.placement)}
         engine = RemoteEngine.create(self.settings, name, num_cpus=self.cluster.engine_num_cpus,
                                      num_gpus=self.cluster.engine_num_gpus, env=self.env,
                                      backend=self.backend, slot=(index, self.cluster.engines), **strategy)

@@ -130,7 +130,9 @@ class EnginePool:
         return set().union(*(m.engine.active_requests for m in self.members if not m.engine.errored))
 
     def decode(self, token_ids: list[int]) -> str:
-        return self._any().engine.decode(token_ids)
+        """With any live engine's tokenizer (they all serve one model): no load to balance."""
+        live = self.live
+        return (live[0] if live else self.members[0]).engine.decode(token_ids)
 
     def load(self) -> list[int]:
         """Outstanding tokens per engine, in member order (dead engines: -1)."""

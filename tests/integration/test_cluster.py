@@ -188,7 +188,7 @@ def _rl_train(out, *extra: str) -> dict:
 def test_rl_train_with_two_engine_actors_learns_as_well_as_with_one(tmp_path):
     # rl-train starts a Ray cluster of its own (`cluster.address=local`), beside the fixture's.
     one = _rl_train(tmp_path / "one")
-    two = _rl_train(tmp_path / "two", "cluster.address=local", "cluster.engines=2")
+    two = _rl_train(tmp_path / "two", "cluster.address=local", "cluster.engines=2", "cluster.placement=colocated")
     gains = [s["eval_accuracy_last"] - s["eval_accuracy_first"] for s in (one, two)]
     # Same start (same weights, same held-out set); 20 steps move the demo ~8 points on 256
     # problems, whose sampling noise is ~3 points: two engines must learn, and not fall behind.
