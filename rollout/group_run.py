@@ -181,6 +181,8 @@ class GroupRunner:
                 sample.finish_reason = "aborted"
                 counters.requests_aborted += 1
                 _drop_from(sample, settled)
+            if run.lease is not None and sample.finished:  # stopped short of its budget: the
+                run.lease.use(budget - (len(sample.response_ids) - start))  # rest is no load
 
 
 def _restamp(sample: Sample, start: int, versions: list[int]) -> None:

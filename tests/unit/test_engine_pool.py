@@ -176,3 +176,44 @@ def test_with_every_engine_dead_and_no_replacement_the_step_stops_in_one_line():
     sched.check_conservation()  # every group filed before the error left the step
     with pytest.raises(AllEnginesLost):
         pool.route()
+
+
+class FirstSampleStopsEarly(MortalEngine):
+    """Sample 0 of every group stops after 2 tokens (as at EOS); the others use their budget."""
+
+    async def stream(self, prompt_ids, max_tokens, sampling, request_id):
+        self.stop_at = (lambda p: 2) if _sample_of(request_id)[1] == 0 else (lambda p: 10**6)
+        async for chunk in super().stream(prompt_ids, max_tokens, sampling, request_id):
+            yield chunk
+
+
+def test_a_sample_that_stops_early_gives_its_unused_budget_back_to_its_engine():
+    # The engine's load is what its open requests may still generate: budget minus streamed.
+    a = FirstSampleStopsEarly("a", tick=0.002)
+    pool = EnginePool([a])
+    sched = scheduler(pool, n=2, max_tokens=20)
+    seen = []
+
+    async def watch():
+        while True:
+            await asyncio.sleep(0.003)
+            budgets = {rid: budget for rid, _, budget in a.requests}
+            left = sum(budgets[rid] - a.streamed_by_request[rid] for rid in a._open)
+            open_samples = {_sample_of(rid) for rid in a._open}
+            alone = any(i == 1 and (uid, 0) not in open_samples for uid, i in open_samples)
+            seen.append((pool.members[0].outstanding_tokens, left, alone))
+
+    async def go():
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await sched.step()
+        finally:
+            watcher.cancel()
+
+    try:
+        run(go())
+    finally:
+        sched.close()
+    assert any(alone for _, _, alone in seen), "no moment with one sample of a group done"
+    assert all(load == left for load, left, _ in seen), [x for x in seen if x[0] != x[1]][:5]
+    assert pool.members[0].outstanding_tokens == 0  # nothing leased once the step is over
