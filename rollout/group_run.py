@@ -55,7 +55,7 @@ class GroupRun:
     request_ids: set[str] = field(default_factory=set)
     task: asyncio.Task | None = None
     stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
-    engine: Any = None  # what its requests go to: the engine, or the pool member route() chose
+    engine: Any = None  # where its requests go: the pool member route() chose (None: the runner's engine)
     lease: Any = None  # with a pool: the tokens it may still generate there (the member's load)
 
 
@@ -159,7 +159,7 @@ class GroupRunner:
         sample.finish_reason = None
         start = settled = len(sample.response_ids)  # this request's tokens; those of known version
         try:
-            async for chunk in run.engine.stream(
+            async for chunk in (run.engine or self.engine).stream(
                 sample.prompt_ids + sample.response_ids, budget, self.sampling, request_id=rid
             ):
                 n = len(chunk.token_ids)

@@ -116,10 +116,18 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
 
         publisher = threading.Thread(target=keep_publishing, daemon=True)
         publisher.start()
-        status = subprocess.run([*RL_SWARM, "status", "--peers", *peers, "--round-seconds", str(ROUND_SECONDS),
-                                 "--rounds", "12"],
-                                capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
-        assert status.returncode == 0, status.stderr
+        # Records (status included) expire two rounds after their own, and the wide model's node
+        # publishes once per step (several rounds apart on two cores): a status read sees a peer
+        # only if it published in the last two rounds, so read until every peer has shown up.
+        status_deadline = time.monotonic() + 120
+        while True:
+            status = subprocess.run([*RL_SWARM, "status", "--peers", *peers, "--round-seconds",
+                                     str(ROUND_SECONDS), "--rounds", "12"], capture_output=True, text=True,
+                                    timeout=120, env={**os.environ, "COLUMNS": "200"})
+            assert status.returncode == 0, status.stderr
+            if all(peer in status.stdout for peer in (hostile.sender, *ids)) or time.monotonic() > status_deadline:
+                break
+            time.sleep(2.0)
         assert hostile.sender in status.stdout and ids[0] in status.stdout and ids[1] in status.stdout, \
             status.stdout
         assert "malformed" in status.stdout  # the nodes publish what they turned away
