@@ -55,8 +55,7 @@ class GroupRun:
     request_ids: set[str] = field(default_factory=set)
     task: asyncio.Task | None = None
     stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
-    engine: Any = None  # where its requests go: the pool member route() chose (None: the runner's engine)
-    lease: Any = None  # with a pool: the tokens it may still generate there (the member's load)
+    lease: Any = None  # with a pool: the member route() chose and the tokens it may still generate there
 
 
 class GroupRunner:
@@ -116,13 +115,14 @@ class GroupRunner:
         its unfinished samples may still generate), else the one engine."""
         route = getattr(self.engine, "route", None)
         if route is None:
-            run.engine = self.engine
             return
         if run.lease is not None:
             run.lease.release()
         run.lease = route(sum(self.budget(run.group, i) for i, s in enumerate(run.group.samples)
                               if not s.finished))
-        run.engine = run.lease.member
+
+    def _engine_for(self, run: GroupRun) -> Any:
+        return run.lease.member if run.lease is not None else self.engine
 
     async def _sample(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
         unasked, migrations = 0, 0
@@ -136,8 +136,8 @@ class GroupRunner:
                 if run.stopping or migrations > MAX_MIGRATIONS:
                     raise
                 counters.migrations += 1
-                if not run.engine.alive:  # the first sample to notice moves the whole group
-                    self._route(run)
+                if run.lease is not None and not run.lease.member.alive:  # the first sample to
+                    self._route(run)  # notice moves the whole group
                 continue
             if sample.finish_reason == "error":
                 sample.finish_reason = "aborted"  # tokens kept; resumable
@@ -159,7 +159,7 @@ class GroupRunner:
         sample.finish_reason = None
         start = settled = len(sample.response_ids)  # this request's tokens; those of known version
         try:
-            async for chunk in (run.engine or self.engine).stream(
+            async for chunk in self._engine_for(run).stream(
                 sample.prompt_ids + sample.response_ids, budget, self.sampling, request_id=rid
             ):
                 n = len(chunk.token_ids)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -138,32 +137,16 @@ class EnginePool:
         """Outstanding tokens per engine, in member order (dead engines: -1)."""
         return [m.outstanding_tokens if m.alive else -1 for m in self.members]
 
-    def _any(self) -> Member:
+    def route(self, tokens: int = 0) -> Lease:
+        """The live engine with the fewest outstanding tokens (ties: the lowest index), with
+        `tokens` counted in its load until the lease is used up or released."""
         live = self.live
         if not live:
             raise AllEnginesLost("every engine of the pool is dead" +
                                  (" (replacements are starting)" if not self.errored else ""))
-        return min(live, key=lambda m: (m.outstanding_tokens, m.index))
-
-    def route(self, tokens: int = 0) -> Lease:
-        """The live engine with the fewest outstanding tokens (ties: the lowest index), with
-        `tokens` counted in its load until the lease is used up or released."""
-        return Lease(self._any(), tokens)
+        return Lease(min(live, key=lambda m: (m.outstanding_tokens, m.index)), tokens)
 
     # ---- requests ----------------------------------------------------------------------------
-
-    async def stream(self, prompt_ids: list[int], max_tokens: int,
-                     sampling: SamplingSettings = SamplingSettings(),
-                     request_id: str | None = None) -> AsyncIterator[TokenChunk]:
-        """One request on the least-loaded engine (the group runner routes whole groups)."""
-        lease = self.route(max_tokens)
-        try:
-            async for chunk in lease.member.stream(prompt_ids, max_tokens, sampling,
-                                                   request_id or uuid.uuid4().hex):
-                lease.use(len(chunk.token_ids))
-                yield chunk
-        finally:
-            lease.release()
 
     async def generate(self, prompt_ids: list[int], max_tokens: int,
                        sampling: SamplingSettings = SamplingSettings(),
@@ -183,9 +166,6 @@ class EnginePool:
         ids = list(request_ids)
         counts = await self._each(lambda e: e.abort(ids))
         return sum(counts)
-
-    async def abort_all(self) -> int:
-        return await self.abort(self.active_requests)
 
     async def wait_idle(self, timeout: float = 10.0, request_ids: Iterable[str] | None = None) -> None:
         ids = None if request_ids is None else list(request_ids)
@@ -209,7 +189,7 @@ class EnginePool:
                 raise result
             else:
                 out.append(result)
-        if not self.live and not any(m.reviving for m in self.members):
+        if self.errored:
             raise AllEnginesLost("every engine of the pool is dead")
         return out
 

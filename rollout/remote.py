@@ -18,9 +18,10 @@ the actor's machine), so CPU engines on other machines get them too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from rollover.rollout.engine import RolloutEngine, TokenChunk
@@ -142,13 +143,19 @@ class RemoteEngine:
     async def _call(self, ref: Any) -> Any:
         if self._lost:
             raise EngineLost(self._lost)
-        try:
+        with self._deaths_as_lost():
             return await ref
+
+    @contextlib.contextmanager
+    def _deaths_as_lost(self) -> Iterator[None]:
+        """A dead actor's error becomes EngineLost, and the handle remembers it is dead."""
+        try:
+            yield
         except Exception as exc:
-            if _lost(exc):
-                self.mark_lost(f"engine {self.name} died: {type(exc).__name__}")
-                raise EngineLost(self._lost) from exc
-            raise
+            if not _lost(exc):
+                raise
+            self.mark_lost(f"engine {self.name} died: {type(exc).__name__}")
+            raise EngineLost(self._lost) from exc
 
     def mark_lost(self, why: str) -> None:
         self._lost = self._lost or why
@@ -201,15 +208,11 @@ class RemoteEngine:
             prompt_ids, max_tokens, sampling, rid)
         finished = False
         try:
-            async for ref in chunks:
-                chunk = await self._call(ref)
-                finished = chunk.finish_reason is not None
-                yield chunk
-        except Exception as exc:
-            if _lost(exc):
-                self.mark_lost(f"engine {self.name} died: {type(exc).__name__}")
-                raise EngineLost(self._lost) from exc
-            raise
+            with self._deaths_as_lost():
+                async for ref in chunks:
+                    chunk = await ref
+                    finished = chunk.finish_reason is not None
+                    yield chunk
         finally:
             self._active.discard(rid)
             if not finished and not self._lost:  # cancelled here: the request must not run on
@@ -230,9 +233,6 @@ class RemoteEngine:
         if ids and not self._lost:
             await self._call(self.actor.abort.remote(ids))
         return len(ids)
-
-    async def abort_all(self) -> int:
-        return await self.abort(self.active_requests)
 
     async def wait_idle(self, timeout: float = 10.0, request_ids: Iterable[str] | None = None) -> None:
         if self._lost:
