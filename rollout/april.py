@@ -381,6 +381,7 @@ class AprilScheduler:
             return
         if not keep:
             self._drop(group, "filtered", st.counters)
+            st.counters.filtered_rewards += group.rewards
             st.rejected += 1
         elif len(st.accepted) < self.n_groups:
             st.accepted.append(group)

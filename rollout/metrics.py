@@ -26,6 +26,7 @@ class StepCounters:
     migrations: int = 0  # samples moved to another engine after theirs died (engine pool)
     interrupts: int = 0  # times the step stopped its requests for a weight load (running ahead)
     finished_lengths: list[int] = field(default_factory=list)  # response lengths of groups finished now
+    filtered_rewards: list[float] = field(default_factory=list)  # rewards of the groups the filter dropped
 
 
 def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]:
@@ -48,6 +49,9 @@ def step_metrics(
     useful = sum(len(s.response_ids) for g in returned for s in g.samples)
     hist = token_staleness(returned, current_version)
     off_policy = sum(n for age, n in hist.items() if age > 0)
+    # Every scored sample this step, the filter's drops included: the policy's own success rate,
+    # which the batch's `reward` overstates once dynamic sampling keeps only mixed groups.
+    scored = [r for g in returned for r in g.rewards] + counters.filtered_rewards
     wall = max(wall_s, 1e-9)
     return {
         "rollout/wall_s": wall_s,
@@ -69,6 +73,7 @@ def step_metrics(
         "rollout/offpolicy_token_fraction": off_policy / useful if useful else 0.0,
         "rollout/staleness_hist": hist,  # returned tokens by age (versions behind)
         "rollout/filter_drops": counters.drops.get("filtered", 0),
+        "rollout/reward_before_filter": sum(scored) / len(scored) if scored else 0.0,
         "rollout/staleness_drops": counters.drops.get("stale", 0),
         "rollout/drops": dict(counters.drops),
         "rollout/policy_version": current_version,

@@ -46,6 +46,11 @@ class SwarmNode:
         self._publishing: asyncio.Task | None = None
         self._published: Counter[str] = Counter()  # "groups", "skipped_oversized", "store_failures"
         self._used: Counter[str] = Counter()  # external groups trained on, per sender
+        self._read: asyncio.Future | None = None  # the step's fresh DHT read, while it runs
+        self._status_round = -1  # the latest round our status was published for
+        self._slow_reads = 0  # steps that went on without waiting for a slow DHT read
+        # A step waits this long for a fresh read; the background collector polls as often.
+        self.collect_wait = min(5.0, cfg.round_seconds / 4)
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -63,7 +68,7 @@ class SwarmNode:
         self._collector = asyncio.create_task(self._collect_forever())
 
     async def close(self) -> None:
-        for task in (self._collector, self._publishing):
+        for task in (self._collector, self._publishing, self._read):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -80,7 +85,7 @@ class SwarmNode:
         round_index = round_at(self.clock(), self.cfg.round_seconds)
         self.inbox.note_reference(_mean_behaviour_logprobs(local_groups))
         self._start_publish(round_index, local_groups)
-        await self._collect_once()  # whatever has arrived by now; the DHT read is quick
+        await self._collect_briefly()
         rejected_before = Counter(self.inbox.rejected)
         taken = self.inbox.take(self.cfg.external_groups, judge, self.credit,
                                 self.cfg.max_external_share_per_peer, self.rng)
@@ -98,6 +103,7 @@ class SwarmNode:
                    "swarm/external_senders": float(len(senders)), "swarm/pool": float(len(self.inbox.pool)),
                    **{f"swarm/credit/{s}": self.credit.credit(s) for s in self.credit.judged},
                    **{f"swarm/used/{s}": float(n) for s, n in self._used.items()},
+                   "swarm/slow_reads": float(self._slow_reads),
                    "swarm/rejected": float(sum(self.inbox.rejected.values())),
                    **{f"swarm/rejected/{reason}": float(n) for reason, n in self.inbox.rejected.items()},
                    **{f"swarm/published/{k}": float(n) for k, n in self._published.items()}}
@@ -119,8 +125,7 @@ class SwarmNode:
                 continue
             self.inbox.note_own(self.sender, round_index, group.task["spec"], completions)
             payloads.append(raw)
-        status = {"round": round_index, "rejected": dict(self.inbox.rejected),
-                  "credit": {s: round(self.credit.credit(s), 3) for s in self.credit.judged}}
+        status = self._status(round_index)
         expires = (round_index + 2) * self.cfg.round_seconds
         previous = self._publishing
 
@@ -131,8 +136,30 @@ class SwarmNode:
             self._published["groups"] += stored
             self._published["store_failures"] += len(payloads) - stored
             await asyncio.to_thread(self.transport.publish_status, round_index, status, expires)
+            self._status_round = max(self._status_round, round_index)
 
         self._publishing = asyncio.create_task(publish())
+
+    def _status(self, round_index: int) -> dict[str, Any]:
+        """What `rl-swarm status` shows of us: rejections by reason and the credit we give peers."""
+        return {"round": round_index, "rejected": dict(self.inbox.rejected),
+                "credit": {s: round(self.credit.credit(s), 3) for s in self.credit.judged}}
+
+    async def _collect_briefly(self) -> None:
+        """One fresh read of the DHT, waited for at most `collect_wait` seconds.
+
+        A read can stall on a peer that died (its RPCs time out); the step then goes on with the
+        pool the background collector keeps, and the read finishes in the background.
+        """
+        if self._read is None or self._read.done():  # one read at a time: a stalled one is reused
+            self._read = asyncio.ensure_future(self._collect_once())
+        read = self._read
+        try:
+            await asyncio.wait_for(asyncio.shield(read), timeout=self.collect_wait)
+        except asyncio.TimeoutError:
+            self._slow_reads += 1
+        except Exception as exc:  # a network hiccup must not end the run: the pool still serves
+            log.warning("swarm: collecting failed: %s", exc)
 
     async def _collect_once(self) -> None:
         current = round_at(self.clock(), self.cfg.round_seconds)
@@ -145,13 +172,22 @@ class SwarmNode:
 
     async def _collect_forever(self) -> None:
         """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""
-        interval = min(5.0, self.cfg.round_seconds / 4)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.collect_wait)
             try:
                 await self._collect_once()
+                await self._heartbeat()
             except Exception as exc:  # a network hiccup must not end the run: the next poll retries
                 log.warning("swarm: collecting failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        """Publish our status in every round, not only in rounds where a step ends: a node with
+        slow steps stays visible to `rl-swarm status` (statuses live two rounds)."""
+        current = round_at(self.clock(), self.cfg.round_seconds)
+        if current > self._status_round and (self._publishing is None or self._publishing.done()):
+            await asyncio.to_thread(self.transport.publish_status, current, self._status(current),
+                                    (current + 2) * self.cfg.round_seconds)
+            self._status_round = current
 
     # ---- records kept ----------------------------------------------------------------------------
 

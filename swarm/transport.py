@@ -3,23 +3,18 @@
 Every peer may be malicious. Inside the DHT process a guard refuses records no swarm node writes
 (oversized, undecodable, not bytes, no subkey) and a signature validator lets only a subkey's
 owner write it; both count what they refuse. On our side every record is parsed defensively:
-nothing a peer stores can raise here, it is skipped and counted.
-
-Layout: payload i of a round lives under key f"{namespace}/r{round}/s{shard}", subkey
-owner_marker + b"/i", shard = (hash(owner_marker) + i) % shards; a node's status for a round
-lives under f"{namespace}/status/r{round}", subkey owner_marker. Values are bytes.
+nothing a peer stores can raise here, it is skipped and counted. The key layout and the
+parsers are in entries.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from hivemind import DHT
@@ -29,33 +24,14 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.mpfuture import MPFuture
 
-from rollover.swarm.identity import Identity, SwarmError, identity_from_key, sender_id
+from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_payload, parse_status, shard_of
+from rollover.swarm.identity import Identity, SwarmError, identity_from_key
 
 REJECTION_REASONS = ("oversized", "malformed", "bad_signature", "missing_signature")
 SIGNED_OVERHEAD = 1024  # msgpack header + "[signature:...]" of up to a 4096-bit key, on the wire
 MAX_SUBKEY_BYTES = 2048  # an owner marker of a 4096-bit key plus "/index" fits easily
 MAX_INDEX = 999_999
 
-_SIGNATURE_RE = re.compile(re.escape(RSASignatureValidator.SIGNATURE_FORMAT).replace(b"_value_", rb"(.+?)"))
-_PAYLOAD_SUBKEY_RE = re.compile(rb"(\[owner:[^\]]+\])/([0-9]{1,6})")
-_STATUS_SUBKEY_RE = re.compile(rb"\[owner:[^\]]+\]")
-_OWNER_TAG = b"[owner:"
-
-
-@dataclass(frozen=True)
-class Received:
-    """One payload a peer published for a round; `sender_key` is its verified owner marker."""
-
-    sender: str
-    sender_key: bytes
-    index: int
-    raw: bytes
-    round: int
-
-
-def shard_of(public_key_marker: bytes, index: int, shards: int) -> int:
-    """The shard of a sender's payload `index`: spreads each sender's payloads over all shards."""
-    return (int.from_bytes(hashlib.sha256(public_key_marker).digest()[:8], "big") + index) % shards
 
 
 # --- validators: these run inside the DHT's child process --------------------------------------
@@ -87,7 +63,7 @@ class GuardValidator(RecordValidatorBase):
             return _reject(self.rejections, "oversized")
         try:  # what hivemind will decode once the signature is stripped
             subkey = MSGPackSerializer.loads(record.subkey)
-            value = MSGPackSerializer.loads(_SIGNATURE_RE.sub(b"", record.value))
+            value = MSGPackSerializer.loads(SIGNATURE_RE.sub(b"", record.value))
         except Exception:
             return _reject(self.rejections, "malformed")
         if not isinstance(subkey, bytes) or not isinstance(value, bytes):
@@ -147,54 +123,6 @@ def harden_dht_pipe(dht: DHT) -> None:
     once poll() says data is there, so a blocking read just waits for the rest of the message.
     """
     dht.run_coroutine(_block_command_pipe)
-
-
-# --- parsing peer records (parent side, never raises) -------------------------------------------
-
-
-def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards: int,
-                  max_record_bytes: int) -> Received | str:
-    """One shard-dictionary entry as a Received, or the reason it is skipped."""
-    if not isinstance(subkey, bytes):
-        return "malformed"
-    if _OWNER_TAG not in subkey:
-        return "missing_signature"
-    match = _PAYLOAD_SUBKEY_RE.fullmatch(subkey)
-    if match is None:
-        return "malformed"
-    marker, index = match.group(1), int(match.group(2))
-    if shard_of(marker, index, shards) != shard or not isinstance(raw, bytes):
-        return "malformed"
-    if len(raw) > max_record_bytes:
-        return "oversized"
-    return Received(sender=sender_id(marker), sender_key=marker, index=index, raw=raw, round=round)
-
-
-def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple[str, dict] | str:
-    """One status entry as (sender, status dict), or the reason it is skipped."""
-    if not isinstance(subkey, bytes):
-        return "malformed"
-    if _OWNER_TAG not in subkey:
-        return "missing_signature"
-    if _STATUS_SUBKEY_RE.fullmatch(subkey) is None or not isinstance(raw, bytes):
-        return "malformed"
-    if len(raw) > max_record_bytes:
-        return "oversized"
-    try:
-        status = json.loads(raw)
-    except (ValueError, RecursionError):
-        return "malformed"
-    if not isinstance(status, dict):
-        return "malformed"
-    return sender_id(subkey), status
-
-
-def _entries(found: object) -> list[tuple[object, object]]:
-    """(subkey, value) pairs of a get() result that is a subkey dictionary; [] for anything else."""
-    value = getattr(found, "value", None)
-    if not isinstance(value, dict):
-        return []
-    return [(subkey, getattr(item, "value", None)) for subkey, item in value.items()]
 
 
 def _one_line(error: BaseException) -> str:
@@ -329,7 +257,7 @@ class SwarmTransport:
         keys = self.shard_keys(round)
         received: list[Received] = []
         for shard, found in enumerate(self._get_many(keys)):
-            for subkey, raw in _entries(found):
+            for subkey, raw in entries(found):
                 try:
                     item = parse_payload(subkey, raw, round=round, shard=shard, shards=self.shards,
                                          max_record_bytes=self.max_record_bytes)
@@ -366,7 +294,7 @@ class SwarmTransport:
         ordered = sorted(set(rounds))
         statuses: dict[str, dict] = {}
         for found in self._get_many([self.status_key(round) for round in ordered]):
-            for subkey, raw in _entries(found):
+            for subkey, raw in entries(found):
                 try:
                     item = parse_status(subkey, raw, max_record_bytes=self.max_record_bytes)
                 except Exception:
@@ -453,7 +381,7 @@ class SwarmTransport:
             raise SwarmError(f"{what} must be bytes, not {type(value).__name__}")
         if len(value) > self.max_record_bytes:
             raise SwarmError(f"{what} is {len(value)} bytes, over the {self.max_record_bytes}-byte record cap")
-        if _SIGNATURE_RE.search(bytes(value)):  # hivemind would strip it and fail our signature
+        if SIGNATURE_RE.search(bytes(value)):  # hivemind would strip it and fail our signature
             raise SwarmError(f"{what} contains a '[signature:...]' sequence, which hivemind strips")
 
     @staticmethod

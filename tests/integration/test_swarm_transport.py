@@ -22,9 +22,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from rollover.swarm.entries import Received, parse_payload
 from rollover.swarm.identity import SwarmError, load_or_create_identity
-from rollover.swarm.transport import (REJECTION_REASONS, Received, SwarmTransport, harden_dht_pipe,
-                                       parse_payload)
+from rollover.swarm.transport import REJECTION_REASONS, SwarmTransport, harden_dht_pipe
 
 pytestmark = pytest.mark.integration
 

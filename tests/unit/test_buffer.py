@@ -209,6 +209,31 @@ def test_exactly_n_groups_and_conservation_over_steps_with_random_filter():
             assert len(s.response_ids) == len(s.logprobs) == len(s.versions) <= 20
 
 
+def test_reward_before_filter_counts_the_groups_the_filter_dropped():
+    """The policy's own success rate: returned and filtered samples alike (swarm bench metric)."""
+    lengths = {u: (2 if u % 2 else 7) for u in range(200)}
+    engine = FakeEngine(_stop_by_uid(lengths))
+    dropped: list[list[float]] = []
+
+    def drop_the_long(group):  # rewards are response lengths (_score): drop the 7-token groups
+        if all(len(s.response_ids) == 7 for s in group.samples):
+            dropped.append([float(len(s.response_ids)) for s in group.samples])
+            return False
+        return True
+
+    sched = AprilScheduler(engine, _config(), _source(lengths), _score, drop_the_long)
+
+    async def steps():
+        for _ in range(6):
+            before = len(dropped)
+            res = await sched.step()
+            kept = [r for g in res.groups for r in g.rewards]
+            scored = kept + [r for group in dropped[before:] for r in group]
+            assert res.metrics["rollout/reward_before_filter"] == pytest.approx(sum(scored) / len(scored))
+    _run(steps())
+    assert dropped  # the long groups finished in some step and were dropped there
+
+
 def test_sync_baseline_runs_everything_to_completion():
     lengths = {u: (40 if u % 3 == 0 else 3) for u in range(50)}
     engine = FakeEngine(_stop_by_uid(lengths))

@@ -1,0 +1,84 @@
+"""What a swarm round's DHT entries look like, and how a peer's entry is read without trusting it.
+
+Layout: payload i of a round lives under key f"{namespace}/r{round}/s{shard}", subkey
+owner_marker + b"/i", shard = (hash(owner_marker) + i) % shards; a node's status for a round
+lives under f"{namespace}/status/r{round}", subkey owner_marker. Values are bytes. The parsers
+here never raise on what a peer stored: they return the entry, or the reason it is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from hivemind.dht.crypto import RSASignatureValidator
+
+from rollover.swarm.identity import sender_id
+
+SIGNATURE_RE = re.compile(re.escape(RSASignatureValidator.SIGNATURE_FORMAT).replace(b"_value_", rb"(.+?)"))
+_PAYLOAD_SUBKEY_RE = re.compile(rb"(\[owner:[^\]]+\])/([0-9]{1,6})")
+_STATUS_SUBKEY_RE = re.compile(rb"\[owner:[^\]]+\]")
+_OWNER_TAG = b"[owner:"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One payload a peer published for a round; `sender_key` is its verified owner marker."""
+
+    sender: str
+    sender_key: bytes
+    index: int
+    raw: bytes
+    round: int
+
+
+def shard_of(public_key_marker: bytes, index: int, shards: int) -> int:
+    """The shard of a sender's payload `index`: spreads each sender's payloads over all shards."""
+    return (int.from_bytes(hashlib.sha256(public_key_marker).digest()[:8], "big") + index) % shards
+
+
+def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards: int,
+                  max_record_bytes: int) -> Received | str:
+    """One shard-dictionary entry as a Received, or the reason it is skipped."""
+    if not isinstance(subkey, bytes):
+        return "malformed"
+    if _OWNER_TAG not in subkey:
+        return "missing_signature"
+    match = _PAYLOAD_SUBKEY_RE.fullmatch(subkey)
+    if match is None:
+        return "malformed"
+    marker, index = match.group(1), int(match.group(2))
+    if shard_of(marker, index, shards) != shard or not isinstance(raw, bytes):
+        return "malformed"
+    if len(raw) > max_record_bytes:
+        return "oversized"
+    return Received(sender=sender_id(marker), sender_key=marker, index=index, raw=raw, round=round)
+
+
+def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple[str, dict] | str:
+    """One status entry as (sender, status dict), or the reason it is skipped."""
+    if not isinstance(subkey, bytes):
+        return "malformed"
+    if _OWNER_TAG not in subkey:
+        return "missing_signature"
+    if _STATUS_SUBKEY_RE.fullmatch(subkey) is None or not isinstance(raw, bytes):
+        return "malformed"
+    if len(raw) > max_record_bytes:
+        return "oversized"
+    try:
+        status = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "malformed"
+    if not isinstance(status, dict):
+        return "malformed"
+    return sender_id(subkey), status
+
+
+def entries(found: object) -> list[tuple[object, object]]:
+    """(subkey, value) pairs of a get() result that is a subkey dictionary; [] for anything else."""
+    value = getattr(found, "value", None)
+    if not isinstance(value, dict):
+        return []
+    return [(subkey, getattr(item, "value", None)) for subkey, item in value.items()]

@@ -1,0 +1,126 @@
+"""A swarm node's step never waits on the network past its bound, and its status is a heartbeat.
+
+The transport is replaced by one whose DHT read stalls until the test releases it — what a read
+does while RPCs to a peer that just died time out. The inbox, the task, the verifier and the
+node's own logic are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from rollover.rollout.types import Group, Sample
+from rollover.swarm.node import SwarmNode
+from rollover.swarm.receive import Incoming
+from rollover.swarm.records import encode_group
+from rollover.tasks import arithmetic
+from rollover.tasks.registry import ArithmeticTask
+from rollover.trainer.config import SwarmConfig
+
+TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
+ROUND_SECONDS = 4.0
+NOW = 1000 * ROUND_SECONDS + 1.0  # inside round 1000
+
+
+class StalledTransport:
+    """A transport whose reads block until `release` is set; every call is recorded."""
+
+    sender = "me"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.reads = 0
+        self.statuses: list[int] = []
+
+    def collect(self, round_index: int) -> list:
+        self.reads += 1
+        self.release.wait(timeout=30)
+        return []
+
+    def publish(self, round_index: int, payloads: list[bytes], expires: float) -> int:
+        return len(payloads)
+
+    def publish_status(self, round_index: int, status: dict, expires: float) -> bool:
+        self.statuses.append(round_index)
+        return True
+
+    def shutdown(self) -> None:
+        self.release.set()
+
+
+class CharJudge:
+    """The real verifier; characters as tokens; every text as likely as our own samples."""
+
+    def build_group(self, record, completions, sender):
+        samples = [Sample(prompt_ids=[1], response_ids=[ord(c) for c in text] or [0], finish_reason="stop",
+                          text=text, reward=TASK.score(text, record)) for text in completions]
+        return Group(uid=-1, task=record, samples=samples, sender=sender)
+
+    def mean_logprobs(self, group):
+        return [-1.0 for _ in group.samples]
+
+
+def answers(index: int) -> list[str]:
+    numbers = arithmetic.make_problem(0, index, 1, 3, 2, None)
+    return [f"#{sum(numbers)}", f"#{sum(numbers) + 1}"]  # one right, one wrong: informative
+
+
+def local_group(index: int) -> Group:
+    samples = [Sample(prompt_ids=[1], response_ids=[5, 6], logprobs=[-1.0, -1.0], finish_reason="stop",
+                      text=text, reward=1.0) for text in answers(index)]
+    return Group(uid=index, task=TASK.record(index), samples=samples)
+
+
+def make_node(tmp_path, clock=lambda: NOW) -> tuple[SwarmNode, StalledTransport]:
+    cfg = SwarmConfig(enabled=True, round_seconds=ROUND_SECONDS, external_groups=2)
+    node = SwarmNode(cfg, TASK, group_size=2, run_folder=tmp_path, seed=0, clock=clock)
+    node.transport, node.sender = StalledTransport(), "me"
+    return node, node.transport
+
+
+def test_a_stalled_dht_read_does_not_hold_the_step(tmp_path):
+    node, transport = make_node(tmp_path)
+    current = int(NOW // ROUND_SECONDS)
+    # What the background collector had already read: two informative groups from peers.
+    node.inbox.admit([Incoming(peer, current, 0, encode_group(current, TASK.record(10 + i)["spec"],
+                                                               answers(10 + i)))
+                      for i, peer in enumerate(("peer-a", "peer-b"))], current)
+
+    async def two_steps():
+        try:
+            timings = []
+            for step in range(2):
+                started = time.perf_counter()
+                external, metrics = await asyncio.wait_for(
+                    node.exchange(step, [local_group(step)], CharJudge()), timeout=10)
+                timings.append(time.perf_counter() - started)
+                if step == 0:
+                    first = (external, metrics)
+            return timings, first, metrics
+        finally:
+            transport.release.set()
+            await node.close()
+
+    timings, (external, metrics), second = asyncio.run(two_steps())
+    # The step waited for the read no longer than its bound, and trained on what the pool held.
+    assert all(t < node.collect_wait + 1.0 for t in timings), timings
+    assert {g.sender for g in external} == {"peer-a", "peer-b"}
+    assert metrics["swarm/slow_reads"] == 1 and second["swarm/slow_reads"] == 2
+    assert transport.reads <= 2  # one stalled read is reused, not stacked (two rounds per read)
+
+
+def test_status_is_published_once_per_round_even_without_steps(tmp_path):
+    now = [NOW]
+    node, transport = make_node(tmp_path, clock=lambda: now[0])
+
+    async def rounds():
+        await node._heartbeat()
+        await node._heartbeat()  # the same round: nothing new
+        now[0] += ROUND_SECONDS
+        await node._heartbeat()
+
+    asyncio.run(rounds())
+    first = int(NOW // ROUND_SECONDS)
+    assert transport.statuses == [first, first + 1]
