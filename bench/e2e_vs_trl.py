@@ -319,7 +319,8 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{s['reached']:>3d}/{ok:<3d} {fmt(s['final_accuracy'], 100, 1):>20s} {s['failed']}")
         print(f"speedup_to_target ({BASELINE} / best rl-train, {entry['speedup_best_system']}): "
               f"{entry['speedup_to_target']}"
-              f"{'  (' + entry['speedup_note'] + ')' if 'speedup_note' in entry else ''};  "
+              f"{'  (' + entry['speedup_note'] + ')' if 'speedup_note' in entry else ''}"
+              f"{'; at least ' + str(entry['speedup_to_target_at_least']) if 'speedup_to_target_at_least' in entry else ''};  "
               f"pipeline_vs_april_seconds_per_step: {entry['pipeline_vs_april_seconds_per_step']}")
 
 

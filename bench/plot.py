@@ -39,7 +39,8 @@ def selected_runs(result: dict[str, Any], entry: dict[str, Any]) -> dict[str, li
 def speedup_text(entry: dict[str, Any]) -> str:
     """'2.5x (TRL / april)' or why there is none."""
     if entry.get("speedup_to_target") is None:
-        return entry.get("speedup_note", "n/a")
+        bound = entry.get("speedup_to_target_at_least")
+        return entry.get("speedup_note", "n/a") + (f"; >= {bound}x ({entry['speedup_best_system']})" if bound else "")
     return f"{entry['speedup_to_target']}x (TRL / {entry['speedup_best_system']})"
 
 
@@ -68,7 +69,7 @@ def plot_workload(ax, name: str, result: dict[str, Any], colours: dict[str, str]
                    label=f"target {target:.1%} ({entry['target']['fraction']:g} of the best gain)")
     settings = entry.get("settings", {})
     ax.set_title(f"{name}: {settings.get('model', '?')}, {settings.get('groups_per_step', '?')}x"
-                 f"{settings.get('group_size', '?')} per step, {settings.get('steps', '?')} steps; "
+                 f"{settings.get('group_size', '?')} per step, {settings.get('steps', '?')} steps\n"
                  f"speedup to target: {speedup_text(entry)}", fontsize=9)
     ax.set_xlabel("training seconds (rollout + update + weight sync; no eval, no start-up)")
     ax.set_ylabel("held-out greedy accuracy")

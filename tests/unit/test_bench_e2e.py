@@ -92,6 +92,23 @@ def test_workload_summary_by_hand():
     assert summary["pipeline_vs_april_seconds_per_step"] is None  # no april_pipeline runs
 
 
+def test_a_baseline_that_never_reaches_the_target_bounds_the_speedup_from_below():
+    runs = {
+        "trl": [run(curve((0, 0, 0.40), (10, 30, 0.45), (20, 60, 0.50)), 3.0),
+                run(curve((0, 0, 0.40), (10, 28, 0.46), (20, 56, 0.49)), 2.8),
+                run(curve((0, 0, 0.40), (10, 29, 0.60), (20, 58, 0.62)), 2.9)],
+        "april": [run(curve((0, 0, 0.40), (10, 10, 0.60), (20, 20, 0.70)), 1.0),
+                  run(curve((0, 0, 0.40), (10, 12, 0.62), (20, 24, 0.68)), 1.2)],
+    }
+    summary = lib.summarize_workload(runs, fraction=0.5)
+    # finals: trl median(0.50, 0.49, 0.62) = 0.50, april median(0.70, 0.68) = 0.69 -> target 0.545;
+    # trl reaches it in one seed of three (29 s): its median is never, so no speedup figure
+    assert summary["target"]["accuracy"] == pytest.approx(0.545)
+    assert summary["speedup_to_target"] is None and "never" in summary["speedup_note"]
+    # lower bounds per trl seed: 60 (ran 60 s without), 56, 29 (reached) -> median 56; april 11 s
+    assert summary["speedup_to_target_at_least"] == pytest.approx(56 / 11, abs=1e-3)
+
+
 def test_pipeline_ratio_and_metric_aggregates():
     runs = {"april": [run(curve((0, 0, 0.4), (1, 1, 0.6)), 0.9)],
             "april_pipeline": [run(curve((0, 0, 0.4), (1, 1, 0.6)), 0.6)]}
