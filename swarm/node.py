@@ -47,6 +47,7 @@ class SwarmNode:
         self._published: Counter[str] = Counter()  # "groups", "skipped_oversized", "store_failures"
         self._used: Counter[str] = Counter()  # external groups trained on, per sender
         self._read: asyncio.Future | None = None  # the step's fresh DHT read, while it runs
+        self._round_indices: dict[int, int] = {}  # the round we last published in: its next index
         self._status_round = -1  # the latest round our status was published for
         self._slow_reads = 0  # steps that went on without waiting for a slow DHT read
         # A step waits this long for a fresh read; the background collector polls as often.
@@ -116,8 +117,13 @@ class SwarmNode:
 
     def _start_publish(self, round_index: int, groups: list[Group]) -> None:
         """Encode and store our groups in the background (the previous publish goes first)."""
+        # Several steps may end in one round: their groups take the round's next indices, up to
+        # the per-peer cap receivers apply (re-storing an index in a round would be refused).
+        first_index = self._round_indices.get(round_index, 0)
+        room = max(0, self.cfg.max_groups_per_peer - first_index)
+        self._published["skipped_round_full"] += max(0, len(groups) - room)
         payloads = []
-        for group in groups[: self.cfg.max_groups_per_peer]:
+        for group in groups[:room]:
             completions = [s.text[: self.cfg.max_completion_chars] for s in group.samples]
             raw = encode_group(round_index, group.task["spec"], completions)
             if len(raw) > self.cfg.max_record_bytes:
@@ -125,6 +131,7 @@ class SwarmNode:
                 continue
             self.inbox.note_own(self.sender, round_index, group.task["spec"], completions)
             payloads.append(raw)
+        self._round_indices = {round_index: first_index + len(payloads)}  # earlier rounds are over
         status = self._status(round_index)
         expires = (round_index + 2) * self.cfg.round_seconds
         previous = self._publishing
@@ -132,7 +139,7 @@ class SwarmNode:
         async def publish() -> None:
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)
-            stored = await asyncio.to_thread(self.transport.publish, round_index, payloads, expires)
+            stored = await asyncio.to_thread(self.transport.publish, round_index, payloads, expires, first_index)
             self._published["groups"] += stored
             self._published["store_failures"] += len(payloads) - stored
             await asyncio.to_thread(self.transport.publish_status, round_index, status, expires)

@@ -235,21 +235,23 @@ class SwarmTransport:
         """The DHT keys holding a round's payloads."""
         return [f"{self.namespace}/r{_check_round(round)}/s{shard}" for shard in range(self.shards)]
 
-    def publish(self, round: int, payloads: list[bytes], expiration_time: float) -> int:
-        """Store our payloads for `round`, signed, until `expiration_time` (DHT time); how many stored.
+    def publish(self, round: int, payloads: list[bytes], expiration_time: float, first_index: int = 0) -> int:
+        """Store our payloads for `round` as indices first_index, first_index + 1, ..., signed,
+        until `expiration_time` (DHT time); how many stored.
 
-        A subkey is only replaced by a later expiration: republishing with the same one is refused.
+        A subkey is only replaced by a later expiration: republishing with the same one is refused,
+        so a node publishing twice in a round continues its indices.
         """
         keys = self.shard_keys(round)
-        if len(payloads) > MAX_INDEX + 1:
-            raise SwarmError(f"at most {MAX_INDEX + 1} payloads per round")
+        if first_index < 0 or first_index + len(payloads) > MAX_INDEX + 1:
+            raise SwarmError(f"payload indices of a round are 0..{MAX_INDEX}")
         for i, payload in enumerate(payloads):
             self._check_value(payload, f"payload {i}")
         self._check_expiration(expiration_time)
         marker = self.identity.public_key_marker
         requests = [dict(key=keys[shard_of(marker, i, self.shards)], subkey=marker + f"/{i}".encode(),
                          value=bytes(payload), expiration_time=expiration_time)
-                    for i, payload in enumerate(payloads)]
+                    for i, payload in enumerate(payloads, start=first_index)]
         return sum(self._store_many(requests))
 
     def collect(self, round: int) -> list[Received]:

@@ -33,13 +33,15 @@ class StalledTransport:
         self.release = threading.Event()
         self.reads = 0
         self.statuses: list[int] = []
+        self.published: list[tuple[int, int, int]] = []  # (round, first index, payloads)
 
     def collect(self, round_index: int) -> list:
         self.reads += 1
         self.release.wait(timeout=30)
         return []
 
-    def publish(self, round_index: int, payloads: list[bytes], expires: float) -> int:
+    def publish(self, round_index: int, payloads: list[bytes], expires: float, first_index: int = 0) -> int:
+        self.published.append((round_index, first_index, len(payloads)))
         return len(payloads)
 
     def publish_status(self, round_index: int, status: dict, expires: float) -> bool:
@@ -124,3 +126,23 @@ def test_status_is_published_once_per_round_even_without_steps(tmp_path):
     asyncio.run(rounds())
     first = int(NOW // ROUND_SECONDS)
     assert transport.statuses == [first, first + 1]
+
+
+def test_steps_in_one_round_publish_under_the_next_indices(tmp_path):
+    """Re-storing an index in a round is refused by the DHT: a second step's groups must not be lost."""
+    now = [NOW]
+    node, transport = make_node(tmp_path, clock=lambda: now[0])
+    transport.release.set()  # reads answer at once here
+
+    async def steps():
+        try:
+            for step, advance in enumerate((0.0, 0.5, ROUND_SECONDS)):
+                now[0] += advance
+                await node.exchange(step, [local_group(2 * step), local_group(2 * step + 1)], CharJudge())
+            await node._publishing
+        finally:
+            await node.close()
+
+    asyncio.run(steps())
+    first = int(NOW // ROUND_SECONDS)
+    assert transport.published == [(first, 0, 2), (first, 2, 2), (first + 1, 0, 2)]
