@@ -188,3 +188,13 @@ def summarize_workload(runs: dict[str, list[dict[str, Any]]], fraction: float, b
             **({"speedup_note": fastest["note"]} if "note" in fastest else {}),
             **({"speedup_to_target_at_least": fastest["at_least"]} if "at_least" in fastest else {}),
             "pipeline_vs_april_seconds_per_step": ratio(per_step.get(april), per_step.get(pipeline))}
+
+
+def save_json(result: dict[str, Any], path: Path) -> None:
+    """Write a benchmark's JSON atomically (a kill mid-write must not lose the runs already done)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(path)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import drop_totals, machine, mean_prefixed, summarize_workload
+from e2e_lib import drop_totals, machine, mean_prefixed, save_json, summarize_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,14 +228,6 @@ def command_key(system: str, shared: list[str], seed: int) -> list[str]:
 # ---- the benchmark -----------------------------------------------------------------------------
 
 
-def save(result: dict[str, Any], path: Path) -> None:
-    """Write the JSON atomically (a kill mid-write must not lose the runs already done)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(path)
-
-
 def start_result(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """The result skeleton, or the stored one with --resume (its runs kept for matching)."""
     previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else {}
@@ -288,7 +280,7 @@ def bench_workload(name: str, args: argparse.Namespace, result: dict[str, Any], 
                 file=sys.stderr, flush=True)
             refresh(entry, args)
             result["bench_wall_seconds"] = round(clock + time.perf_counter(), 1)
-            save(result, args.out)
+            save_json(result, args.out)
     refresh(entry, args)
 
 
@@ -333,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_workload(name, args, result, clock)
     result["load_average_end"] = os.getloadavg()
     result["bench_wall_seconds"] = round(clock + time.perf_counter(), 1)
-    save(result, args.out)
+    save_json(result, args.out)
     print_table(result)
     print(f"\nwrote {args.out} ({result['bench_wall_seconds']:.0f} s of benchmark)")
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import machine  # bench/ is on sys.path: this file runs as a script
+from e2e_lib import machine, save_json, spread  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/grpo_math.yaml"
@@ -138,13 +138,6 @@ def run_swarm(config: str, rep: int, args: argparse.Namespace, folder: Path) -> 
             "load_average_end": os.getloadavg(), "command": command[2:], "nodes": nodes, "error": error}
 
 
-def spread(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4), "n": len(values)}
-
-
 def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
     """Per configuration: swarm totals (summed over nodes) and per-node spreads; ratios to 8/0 and filter."""
     summary: dict[str, Any] = {}
@@ -222,7 +215,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    fmt = lambda s, d=2: "-" if not s else f"{s['median']:.{d}f} ({s['min']:.{d}f}-{s['max']:.{d}f})"  # noqa: E731
+    fmt = lambda s, d=2: "-" if not s or s["median"] is None else f"{s['median']:.{d}f} ({s['min']:.{d}f}-{s['max']:.{d}f})"  # noqa: E731
     print(f"\n{'config':8s} {'cum. local reward, swarm sum':>30s} {'per node':>24s} {'vs 8/0':>8s} "
           f"{'vs filter':>9s} {'final acc per node':>22s} {'s/step':>18s}")
     for config, s in result["summary"].items():
@@ -231,13 +224,6 @@ def print_table(result: dict[str, Any]) -> None:
               f"{fmt(s['cumulative_local_reward_per_node']):>24s} {gain('gain_vs_8_0'):>8s} "
               f"{gain('gain_vs_filter'):>9s} {fmt(s['final_accuracy_per_node'], 3):>22s} "
               f"{fmt(s['seconds_per_step']):>18s}")
-
-
-def save(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                       file=sys.stderr, flush=True)
                 result["summary"] = summarize(result["runs"], args.configs)
                 result["bench_wall_seconds"] = round(time.monotonic() - started, 1)
-                save(result, args.out)
+                save_json(result, args.out)
     result["load_average_end"] = os.getloadavg()
-    save(result, args.out)
+    save_json(result, args.out)
     print_table(result)
     plot(result, png)
 

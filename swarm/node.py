@@ -82,7 +82,9 @@ class SwarmNode:
     # ---- per step ------------------------------------------------------------------------------
 
     async def exchange(self, step: int, local_groups: list[Group], judge: Judge) -> tuple[list[Group], dict[str, float]]:
-        """Publish this step's groups; return up to J judged external groups and the step's metrics."""
+        """Publish this step's groups; return up to J judged external groups and the step's metrics
+        (`time/swarm`: how long the step waited here, bounded whatever peers do)."""
+        started = time.perf_counter()
         round_index = round_at(self.clock(), self.cfg.round_seconds)
         self.inbox.note_reference(_mean_behaviour_logprobs(local_groups))
         self._start_publish(round_index, local_groups)
@@ -113,6 +115,7 @@ class SwarmNode:
             metrics["swarm/external_reward"] = sum(rewards) / len(rewards)
             # How many rounds old the external groups were when trained on.
             metrics["swarm/round_lag"] = sum(round_index - c.round for c, _ in taken) / len(taken)
+        metrics["time/swarm"] = time.perf_counter() - started
         return groups, metrics
 
     def _start_publish(self, round_index: int, groups: list[Group]) -> None:

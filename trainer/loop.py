@@ -177,11 +177,8 @@ class Trainer:
         if token_age > recipe.rollout.max_staleness:
             raise RuntimeError(f"a batch holds a token {token_age} versions old (rollout.max_staleness="
                                f"{recipe.rollout.max_staleness}): a scheduler bug")
-        exchange_started = time.perf_counter()
         external, swarm_metrics = ([], {}) if self.swarm is None else \
             await self.swarm.exchange(self.step, groups, self.judge)
-        if self.swarm is not None:  # the step's wait on the swarm: bounded, whatever peers do
-            swarm_metrics["time/swarm"] = time.perf_counter() - exchange_started
         rows = self._rows(groups, external)
         train_started = time.perf_counter()
         await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
