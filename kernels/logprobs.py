@@ -171,13 +171,34 @@ def chunked_logprobs(
     hidden [..., H] (the final hidden states, any float dtype), weight [V, H] (the lm_head
     weight, no bias), targets [...] int64 valid token ids (put any id at padding and mask it in
     the loss). Returns (logprob [...], entropy [...]) in float32 (float64 for float64 inputs).
+    The head matmul runs in autocast's dtype when autocast is on, else in the wider input dtype
+    (`_matmul_operands`); the softmax statistics are always float32 or wider.
     Differentiable in hidden and weight; peak extra memory is about two chunk_size x V float32
     buffers instead of several N x V ones. `backend`: "auto" (Triton for float32 CUDA tensors
     when it imports), "torch" or "triton".
     """
     flat_h, flat_t = _flatten(hidden, targets)
-    outputs = _LinearLogprobs.apply(flat_h, weight, flat_t, chunk_size, temperature, backend)
+    flat_h, weight = _matmul_operands(flat_h, weight)
+    with torch.autocast(flat_h.device.type, enabled=False):  # the backward runs without it
+        outputs = _LinearLogprobs.apply(flat_h, weight, flat_t, chunk_size, temperature, backend)
     return _unflatten(outputs, targets)
+
+
+def _matmul_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden and weight cast to the one dtype the head matmul runs in, forward and backward alike.
+
+    Under autocast (a bfloat16 compute dtype over float32 master weights) that is autocast's
+    dtype, as for every other linear layer; else the wider of the two. The cast happens out
+    here, recorded by autograd, because the backward recomputes each chunk's logits without
+    autocast: left to autocast, the forward would use bfloat16 logits and the backward float32
+    ones, and the gradient would not be that of the log-probs returned.
+    """
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def chunked_logprobs_from_logits(

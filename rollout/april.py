@@ -15,7 +15,9 @@ raised, whose request vLLM finished with `error`, or that vLLM kept aborting, is
 retried in a later step (counted in `rollout/retries`); after `max_group_attempts` failures it is
 dropped as `score_error` or `engine_error`. A step stops with one line only when the engine is
 dead, an abort fails, or more than `max_failures_per_step` groups fail in one step; every group
-is filed (buffer or counted drop) before the error propagates.
+is filed (buffer or counted drop) before the error propagates. An engine pool with no live engine
+while a replacement starts is no failure: the groups wait for it (`EnginePool.acquire`), and the
+step stops (AllEnginesLost, no attempt counted) only if none comes back in time.
 
 Running ahead (`rollout.max_async`, DESIGN.md "Pipelined steps"): a step may run while the
 trainer updates. `interrupt(action)` then aborts the step's in-flight requests (their groups are
@@ -45,9 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
-from rollover.rollout.group_run import SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
+from rollover.rollout.group_run import ROUTING, SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
+from rollover.rollout.pool import AllEnginesLost
 from rollover.rollout.provision import make_provision
 from rollover.rollout.scoring import KeptScores, Scorer, ScoringPool
 from rollover.rollout.settings import SamplingSettings
@@ -366,7 +369,8 @@ class AprilScheduler:
             return
         exc = task.exception()
         if exc is not None:
-            if not isinstance(exc, Exception) or (run.phase != SCORING and self.engine.errored):
+            if (not isinstance(exc, Exception) or isinstance(exc, AllEnginesLost)
+                    or (run.phase != SCORING and self.engine.errored)):
                 self._to_buffer(group)
                 raise exc
             self._fail(group, SCORE_ERROR if run.phase == SCORING else ENGINE_ERROR, exc, st)
@@ -439,8 +443,10 @@ class AprilScheduler:
                 log.error("abort failed (%r): cancelling the requests instead", exc)
                 abort_error = exc
             for r in runs.values():
-                if r.phase == SCORING or abort_error is not None:
-                    r.task.cancel()  # a scorer keeps running; its result is kept for the group
+                if r.phase in (SCORING, ROUTING) or abort_error is not None:
+                    # A scorer keeps running (its result is kept for the group); a group waiting
+                    # for a replacement engine has nothing to abort.
+                    r.task.cancel()
             _, pending = await asyncio.wait(tasks, timeout=self.abort_timeout_s)
             for t in pending:  # cancelling the stream aborts its request too
                 t.cancel()

@@ -6,6 +6,12 @@ actor (`rollout/remote.py`) with `engine_num_cpus` / `engine_num_gpus`; the acto
 same time (each start is ~20 s on CPU) and stand behind one `EnginePool`, which also rebuilds an
 engine whose actor dies. `placement: colocated` puts every engine on the trainer's node (sharing
 its GPUs, fractions allowed); `disaggregated` spreads them over the cluster's nodes.
+
+Weights (`weight_backend`): shared memory without CUDA; ipc for an engine on the trainer's GPU
+(the in-process engine, or colocated actors, which stage CUDA-IPC buckets on their GPU from the
+object store's CPU copy); nccl for disaggregated engines, sent from this (the trainer's) process
+as NCCL rank 0 straight to each engine's workers, the actors relaying only control calls
+(rollout/remote.py, rollout/weight_relay.py).
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ def weight_backend(cluster: Any, has_cuda: bool) -> str:
     if backend != "shared_memory" and not has_cuda:
         raise ClusterError(f"cluster.weight_transfer={backend} needs CUDA GPUs; use shared_memory "
                            "(or auto) on this machine")
+    if backend == "nccl" and (cluster.address is None or cluster.placement == "colocated"):
+        raise ClusterError("cluster.weight_transfer=nccl needs engines on GPUs other than the "
+                           "trainer's (cluster.address set, placement: disaggregated); use ipc")
     return backend
 
 
@@ -155,14 +164,14 @@ def start_engines(settings: EngineSettings, cluster: Any) -> Any:
     """What the recipe's `cluster:` asks for, started: one `RolloutEngine`, or an `EnginePool`."""
     import torch
 
-    from rollover.rollout.weight_transfer import weight_transport_for
+    from rollover.rollout.weight_transfer import engine_side_transport
 
     backend = weight_backend(cluster, torch.cuda.is_available())
     if cluster.address is None:
         from rollover.rollout.engine import RolloutEngine
 
         return RolloutEngine(engine_settings(settings, cluster, backend),
-                             weight_transport_for(backend)).start()
+                             engine_side_transport(backend, settings)).start()
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # rollout.engine_cpus, for every engine
     return start_pool(settings, cluster, {"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else None, backend)
 

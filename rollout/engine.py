@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 # sample; `error` is a retryable request-level failure the scheduler counts and retries.
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted",
            "repetition": "repetition", "error": "error"}
+
+# Request ids aborted before their request was admitted (waiting at the gate, or not submitted
+# yet: a Ray actor may see the abort before the stream call), remembered so the request ends at
+# admission. Bounded: the oldest are forgotten first.
+EARLY_ABORT_MEMORY = 10_000
 
 
 class EngineStartError(RuntimeError):
@@ -85,6 +91,8 @@ class RolloutEngine(EngineControl):
         self._active: set[str] = set()  # request ids whose stream has not ended
         self._abort_requested: set[str] = set()  # asked to abort, stream still open
         self._reabort: set[str] = set()  # aborts to repeat on the request's first output
+        self._waiting: set[str] = set()  # request ids waiting at the admission gate
+        self._aborted_early: OrderedDict[str, None] = OrderedDict()  # see EARLY_ABORT_MEMORY
         self._prefix_caching = False
         # Closed while weights load or the engine sleeps: new requests wait here, so each is
         # stamped with the version that will really serve it.
@@ -201,16 +209,28 @@ class RolloutEngine(EngineControl):
         """Wait until the engine serves, register the request; return the version to stamp.
 
         No await between the gate check and the registration, so a weight load that closes
-        the gate next sees this request as running.
+        the gate next sees this request as running. The caller checks `_take_early_abort` next
+        (no await between): an abort may have come while the request waited here.
         """
-        while not self._serving.is_set():
-            await self._serving.wait()
+        self._waiting.add(request_id)
+        try:
+            while not self._serving.is_set():
+                await self._serving.wait()
+        finally:
+            self._waiting.discard(request_id)
         if self._weights_broken:
             raise WeightLoadError(self._weights_broken)
         if request_id in self._active:
             raise ValueError(f"request id {request_id!r} is already running (vLLM would abort both)")
         self._active.add(request_id)
         return self.policy_version
+
+    def _take_early_abort(self, request_id: str) -> bool:
+        """True (once) if `request_id` was aborted before it was admitted."""
+        if request_id not in self._aborted_early:
+            return False
+        del self._aborted_early[request_id]
+        return True
 
     def _release(self, request_id: str) -> None:
         self._active.discard(request_id)
@@ -240,6 +260,9 @@ class RolloutEngine(EngineControl):
         loads = self._keep_loads  # read with the admission (no await between)
         sent = 0
         try:
+            if self._take_early_abort(rid):  # aborted before admission: vLLM never sees it
+                yield TokenChunk([], [], version, "aborted", [])
+                return
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
                 if rid in self._reabort and not out.finished:
                     # The abort may have raced the request's registration: repeat it now.
@@ -273,6 +296,9 @@ class RolloutEngine(EngineControl):
         last = None
         version = await self._admit(rid)
         loads = self._keep_loads
+        if self._take_early_abort(rid):
+            self._release(rid)
+            return TokenChunk([], [], version, "aborted", [])
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
                 last = out
@@ -294,16 +320,28 @@ class RolloutEngine(EngineControl):
         return set(self._active)
 
     async def abort(self, request_ids: Iterable[str]) -> int:
-        """Abort requests; their streams end with `aborted`. Returns how many were open.
+        """Abort requests; their streams end with `aborted`. Returns how many were open
+        (running, or waiting for admission).
 
-        A request whose registration raced the abort is aborted again on its first output.
+        A request whose registration raced the abort is aborted again on its first output. An id
+        not running yet (waiting at the admission gate during a weight load, or not submitted
+        yet) is remembered: its request ends `aborted`, with no token, when admitted.
         """
-        ids = [r for r in request_ids if r in self._active]
+        ids, early = [], 0
+        for r in request_ids:
+            if r in self._active:
+                ids.append(r)
+                continue
+            early += r in self._waiting
+            self._aborted_early[r] = None
+            self._aborted_early.move_to_end(r)
+            if len(self._aborted_early) > EARLY_ABORT_MEMORY:
+                self._aborted_early.popitem(last=False)
         if ids:
             self._abort_requested.update(ids)
             self._reabort.update(ids)
             await self.llm.abort(ids)
-        return len(ids)
+        return len(ids) + early
 
     async def abort_all(self) -> int:
         """Abort every open request (every caller's: prefer `abort` with your own ids)."""

@@ -19,9 +19,13 @@ them): a label set before a request was admitted means "the version at admission
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import uuid
 from typing import Any
 
+from rollover.rollout.weight_check import EngineReading, prompt_token_logprobs
 from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs
 
 log = logging.getLogger(__name__)
@@ -199,6 +203,30 @@ class EngineControl:
                 raise RuntimeError("vLLM refused to drop the KV cache of the frozen requests")
         elif not await self.llm.reset_prefix_cache():
             log.debug("prefix cache kept across an in-flight weight load: requests hold KV blocks")
+
+    async def weight_probe(self, token_ids: list[int]) -> list[EngineReading]:
+        """What this engine serves now, for `rollout/weight_check.py`: its version and the log-prob
+        of each of `token_ids` after its prefix (vLLM's prompt log-probs: raw, temperature 1).
+
+        One request through the admission gate (it waits out a load, and fails on broken weights);
+        prompt log-probs never read the prefix cache, so the weights compute every position.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        rid = f"rollover-weight-probe-{uuid.uuid4().hex}"
+        version = await self._admit(rid)
+        last = None
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(token_ids)), params, rid):
+                last = out
+        finally:
+            self._release(rid)
+        if last is None or last.prompt_logprobs is None:
+            raise WeightLoadError("the engine returned no prompt log-probs for the weight probe")
+        name = f"pid {os.getpid()} on {socket.gethostname()} (#{id(self) & 0xffff:04x})"
+        return [EngineReading(name, version, prompt_token_logprobs(list(token_ids), last.prompt_logprobs))]
 
     async def reset_prefix_cache(self) -> bool:
         """Drop cached KV blocks. True if reset or nothing to reset."""

@@ -35,7 +35,8 @@ from rollover.rollout.types import Group, Sample
 BudgetFn = Callable[[Group, int], int]  # (group, sample index) -> that sample's max response tokens
 RequestIdFn = Callable[[int, int], str]  # (group uid, sample index) -> a request id never used before
 
-GENERATING, SCORING = "generating", "scoring"
+# ROUTING: waiting for an engine pool to have a live engine again (a replacement is starting).
+GENERATING, ROUTING, SCORING = "generating", "routing", "scoring"
 # Resubmissions of one sample after aborts the scheduler did not ask for, per step.
 MAX_UNASKED_ABORT_RESUMES = 3
 # Moves of one sample to another engine after its engine died, per step.
@@ -52,10 +53,12 @@ class GroupRun:
 
     group: Group
     phase: str = GENERATING
-    request_ids: set[str] = field(default_factory=set)
+    request_ids: set[str] = field(default_factory=set)  # submitted, stream not ended yet
     task: asyncio.Task | None = None
     stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
     lease: Any = None  # with a pool: the member route() chose and the tokens it may still generate there
+    routing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one re-route per engine death
+    route_error: BaseException | None = None  # no engine came back: every sample gives up
 
 
 class GroupRunner:
@@ -89,7 +92,7 @@ class GroupRunner:
         group = run.group
         pending = [(i, s) for i, s in enumerate(group.samples) if not s.finished]
         if pending:
-            self._route(run)
+            await self._route(run)
             try:
                 results = await asyncio.gather(
                     *(self._sample(run, i, s, counters) for i, s in pending),
@@ -110,16 +113,26 @@ class GroupRunner:
             await self.scores.score(group)
         return True
 
-    def _route(self, run: GroupRun) -> None:
+    async def _route(self, run: GroupRun) -> None:
         """Where the group's requests go: a pool's least-loaded live member (leasing the tokens
-        its unfinished samples may still generate), else the one engine."""
-        route = getattr(self.engine, "route", None)
-        if route is None:
+        its unfinished samples may still generate), else the one engine. With no live member
+        the group waits (phase ROUTING) for a replacement: an engine death is no failed attempt."""
+        acquire = getattr(self.engine, "acquire", None)
+        if acquire is None:
             return
         if run.lease is not None:
             run.lease.release()
-        run.lease = route(sum(self.budget(run.group, i) for i, s in enumerate(run.group.samples)
-                              if not s.finished))
+            run.lease = None
+        tokens = sum(self.budget(run.group, i) for i, s in enumerate(run.group.samples) if not s.finished)
+        if not self.engine.live:
+            run.phase = ROUTING
+        try:
+            run.lease = await acquire(tokens)
+        except Exception as exc:
+            run.route_error = exc
+            raise
+        finally:
+            run.phase = GENERATING
 
     def _engine_for(self, run: GroupRun) -> Any:
         return run.lease.member if run.lease is not None else self.engine
@@ -136,8 +149,11 @@ class GroupRunner:
                 if run.stopping or migrations > MAX_MIGRATIONS:
                     raise
                 counters.migrations += 1
-                if run.lease is not None and not run.lease.member.alive:  # the first sample to
-                    self._route(run)  # notice moves the whole group
+                async with run.routing:  # the first sample to notice moves the whole group
+                    if run.route_error is not None:
+                        raise run.route_error
+                    if run.lease is None or not run.lease.valid:
+                        await self._route(run)
                 continue
             if sample.finish_reason == "error":
                 sample.finish_reason = "aborted"  # tokens kept; resumable
@@ -177,6 +193,7 @@ class GroupRunner:
                     sample.finish_reason = chunk.finish_reason
                     counters.requests_aborted += chunk.finish_reason == "aborted"
         finally:
+            run.request_ids.discard(rid)  # ended: nothing left to abort (the scheduler aborts the rest)
             if sample.finish_reason is None:  # cancelled, failed, or the stream ended without a reason
                 sample.finish_reason = "aborted"
                 counters.requests_aborted += 1

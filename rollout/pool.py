@@ -13,7 +13,8 @@ N engines (in-process `RolloutEngine`s or Ray-hosted `RemoteEngine`s) as they dr
   stream) and its group continues on another live engine from those token ids (the runner asks
   `route()` again). The dead engine is replaced in the background (`replace(index)` builds a new
   one), loads the latest weights at the pool's version, and rejoins; nothing is generated twice
-  because only streamed tokens exist for the scheduler.
+  because only streamed tokens exist for the scheduler. With no engine alive (a one-engine pool)
+  `acquire()` waits for the replacement, up to `revival_timeout_s`: the groups are not failed.
 """
 
 from __future__ import annotations
@@ -68,15 +69,22 @@ class Lease:
     tokens: int
 
     def __post_init__(self) -> None:
+        self.engine = self.member.engine  # a replacement starts at zero load: not ours to count
         self.member.outstanding_tokens += self.tokens
 
     def use(self, tokens: int) -> None:
         used = min(tokens, self.tokens)
         self.tokens -= used
-        self.member.outstanding_tokens -= used
+        if self.member.engine is self.engine:
+            self.member.outstanding_tokens -= used
 
     def release(self) -> None:
         self.use(self.tokens)
+
+    @property
+    def valid(self) -> bool:
+        """The engine it was routed to still serves (not dead, not replaced since)."""
+        return self.member.alive and self.member.engine is self.engine
 
 
 class AllEnginesLost(EngineLost):
@@ -86,12 +94,14 @@ class AllEnginesLost(EngineLost):
 class EnginePool:
     """N engines driven as one (see the module doc). `replace` rebuilds a dead engine."""
 
-    def __init__(self, engines: list[Any], replace: Replace | None = None, max_revivals: int = 8) -> None:
+    def __init__(self, engines: list[Any], replace: Replace | None = None, max_revivals: int = 8,
+                 revival_timeout_s: float = 900.0) -> None:
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.members = [Member(engine, i, self.lost) for i, engine in enumerate(engines)]
         self.replace = replace
         self.max_revivals = max_revivals
+        self.revival_timeout_s = revival_timeout_s  # how long `acquire` waits for a replacement
         self.revivals = 0  # engines replaced so far
         self.migrations = 0  # samples that continued on another engine after theirs died
         self._max_model_len = min(e.max_model_len for e in engines)
@@ -146,6 +156,20 @@ class EnginePool:
                                  (" (replacements are starting)" if not self.errored else ""))
         return Lease(min(live, key=lambda m: (m.outstanding_tokens, m.index)), tokens)
 
+    async def acquire(self, tokens: int = 0) -> Lease:
+        """`route(tokens)`, waiting for a replacement while no engine is alive but one is
+        starting (a one-engine pool survives its engine's death). AllEnginesLost when none is
+        coming back, or none is back within `revival_timeout_s`."""
+        deadline = asyncio.get_running_loop().time() + self.revival_timeout_s
+        while not self.live:
+            starting = [m.reviving for m in self.members if m.reviving is not None]
+            left = deadline - asyncio.get_running_loop().time()
+            if not starting or left <= 0:
+                raise AllEnginesLost("every engine of the pool is dead" + (
+                    f" (no replacement was back within {self.revival_timeout_s:.0f} s)" if starting else ""))
+            await asyncio.wait(starting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        return self.route(tokens)
+
     # ---- requests ----------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], max_tokens: int,
@@ -153,7 +177,7 @@ class EnginePool:
                        request_id: str | None = None) -> TokenChunk:
         """A whole response (evaluation); retried on another engine if its engine dies."""
         while True:
-            lease = self.route(max_tokens)
+            lease = await self.acquire(max_tokens)
             engine = lease.member.engine
             try:
                 return await engine.generate(prompt_ids, max_tokens, sampling, request_id)
@@ -176,6 +200,12 @@ class EnginePool:
 
     async def wake_up(self) -> None:
         await self._each(lambda e: e.wake_up())
+
+    async def weight_probe(self, token_ids: list[int]) -> list[Any]:
+        """Every live engine's probe reading (rollout/weight_check.py), in member order."""
+        ids = list(token_ids)
+        return [reading for readings in await self._each(lambda e: e.weight_probe(ids))
+                for reading in readings]
 
     async def _each(self, call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
         """`call` on every live engine at once; an engine found dead is replaced, not an error."""
@@ -206,7 +236,11 @@ class EnginePool:
         return target
 
     def _shareable(self, named_tensors: Any) -> Any:
-        """One copy every engine can take: an object-store ref when Ray runs, else CPU tensors."""
+        """One copy every engine can take: the tensors as given when the engines take the
+        trainer's own (nccl: broadcast from them, no copy, no object store), else an object-store
+        ref when Ray runs, else CPU tensors."""
+        if self.members and all(getattr(m.engine, "takes_local_tensors", False) for m in self.members):
+            return dict(pairs(named_tensors))
         tensors = to_cpu_unshared(pairs(named_tensors))
         try:
             import ray

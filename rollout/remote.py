@@ -10,9 +10,15 @@ the evaluator and the trainer do not know the difference. What stays on the call
 
 A stream is a Ray streaming generator: every chunk the engine yields reaches the caller as it
 is produced, so an abort (or an actor that dies) leaves the caller every token streamed so far.
-Weights travel as one object in Ray's object store (put once by the pool, fetched by each
-actor), then go into the actor's engine through the engine's own transport (shared memory on
-the actor's machine), so CPU engines on other machines get them too.
+How weights travel (rollout/weight_transfer.py has the details):
+- shared_memory (CPU) and ipc (colocated: the engine on the trainer's GPU): one CPU copy in Ray's
+  object store (put once by the pool, fetched by each actor), loaded by the actor's own transport:
+  a shared-memory file, or CUDA-IPC buckets staged on the engine's GPU one at a time.
+- nccl (engines on other GPUs): the trainer process is NCCL rank 0 and broadcasts straight to the
+  engine's workers; `RemoteEngine` holds the trainer-side sender (one NCCL group per engine) and
+  the actor only relays vLLM's control calls (init, start, update metadata, finish) to its engine
+  (weight_relay.py). No tensor goes through the object store or the actor. A push that fails after
+  its broadcast began retires the engine (its actor is killed; the pool replaces it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 
 from rollover.rollout.engine import RolloutEngine, TokenChunk
 from rollover.rollout.settings import EngineSettings, SamplingSettings
-from rollover.rollout.weight_sync import NamedTensors, pairs, to_cpu_unshared
+from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs, to_cpu_unshared
 
 
 class EngineLost(RuntimeError):
@@ -38,17 +44,21 @@ class EngineHost:
 
     def __init__(self, settings: EngineSettings, env: dict[str, str] | None = None,
                  backend: str = "shared_memory", slot: tuple[int, int] = (0, 1)) -> None:
-        from rollover.rollout.weight_transfer import weight_transport_for
+        from rollover.rollout.weight_transfer import engine_side_transport
 
         os.environ.update(env or {})
         cores = cpu_share(sorted(os.sched_getaffinity(0)), *slot)
         if cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # a CPU engine's worker
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-        self.engine = RolloutEngine(settings, weight_transport_for(backend))
+        # ipc / shared memory load what the actor holds; nccl relays the trainer's sender.
+        self.engine = RolloutEngine(settings, engine_side_transport(backend, settings))
 
     async def start(self) -> dict[str, Any]:
+        from rollover.rollout.weight_transfer import transfer_workers
+
         await asyncio.to_thread(self.engine.start)  # ~20 s on CPU; the actor's loop stays free
-        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid(),
+                "transfer_workers": transfer_workers(self.engine.llm)}
 
     async def stream(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingSettings,
                      request_id: str) -> AsyncIterator[TokenChunk]:
@@ -65,6 +75,8 @@ class EngineHost:
         return await self.engine.generate(prompt_ids, max_tokens, sampling, request_id)
 
     async def abort(self, request_ids: list[str]) -> int:
+        """May run before the aborted request's `stream` call reaches this actor: the engine
+        remembers such ids and ends the request when it arrives."""
         return await self.engine.abort(request_ids)
 
     async def wait_idle(self, timeout: float, request_ids: list[str] | None) -> None:
@@ -75,6 +87,35 @@ class EngineHost:
         return await self.engine.update_weights(tensors, version=version, keep_requests=keep_requests,
                                                 recompute_kv=recompute_kv)
 
+    # ---- nccl: the trainer's sender drives these (weight_relay.py); metadata only, no tensors ----
+
+    def _relay(self) -> Any:
+        from rollover.rollout.weight_relay import WeightRelay
+
+        relay = self.engine.weight_transport
+        if not isinstance(relay, WeightRelay):
+            raise RuntimeError("this engine loads weights itself (not started for nccl weight transfer)")
+        return relay
+
+    async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        self._relay()
+        await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    async def shutdown_weight_transfer_engine(self) -> None:
+        self._relay()
+        await self.engine.llm.shutdown_weight_transfer_engine()
+
+    async def start_weight_update(self, version: int, keep_requests: bool, recompute_kv: bool) -> None:
+        await self._relay().start(self.engine, version, keep_requests, recompute_kv)
+
+    async def update_weights_info(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        await self._relay().update(update_info)
+
+    async def finish_weight_update(self) -> int:
+        return await self._relay().finish()
+
     async def set_policy_version(self, version: int) -> None:
         self.engine.policy_version = version
 
@@ -82,6 +123,10 @@ class EngineHost:
         """What the engine itself holds (for checks; the client keeps its own copies)."""
         return {"policy_version": self.engine.policy_version, "open_requests": len(self.engine.active_requests),
                 "pid": os.getpid()}
+
+    async def weight_probe(self, token_ids: list[int]) -> list[Any]:
+        """The engine's own version and probe log-probs (rollout/weight_check.py)."""
+        return await self.engine.weight_probe(token_ids)
 
     async def sleep(self, level: int) -> None:
         await self.engine.sleep(level)
@@ -113,8 +158,11 @@ def _lost(exc: BaseException) -> bool:
 class RemoteEngine:
     """The client handle of one engine actor (see the module doc)."""
 
-    def __init__(self, actor: Any, settings: EngineSettings, name: str) -> None:
+    def __init__(self, actor: Any, settings: EngineSettings, name: str, sender: Any = None) -> None:
         self.actor, self.settings, self.name = actor, settings, name
+        self.sender = sender  # nccl: the trainer-side NativeWeightTransport (this process is rank 0)
+        self._client: Any = None  # its ActorWeightSyncClient
+        self.transfer_workers = 1  # the engine's vLLM workers (NCCL ranks 1..N), set at start
         self._version = 0
         self._max_model_len = settings.max_model_len
         self._active: set[str] = set()
@@ -132,12 +180,13 @@ class RemoteEngine:
 
         host = ray.remote(EngineHost).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name,
                                               max_concurrency=10_000, **options)
-        return cls(host.remote(settings, env, backend, slot), settings, name)
+        return cls(host.remote(settings, env, backend, slot), settings, name, trainer_sender(backend))
 
     async def start(self) -> "RemoteEngine":
         info = await self._call(self.actor.start.remote())
         self._max_model_len = int(info["max_model_len"])
         self.pid = int(info["pid"])
+        self.transfer_workers = int(info.get("transfer_workers", 1))
         return self
 
     async def _call(self, ref: Any) -> Any:
@@ -242,17 +291,81 @@ class RemoteEngine:
 
     # ---- weights and lifecycle -----------------------------------------------------------
 
+    @property
+    def takes_local_tensors(self) -> bool:
+        """nccl: give `update_weights` the trainer's tensors as they are (no CPU copy, no object store)."""
+        return self.sender is not None
+
     async def update_weights(self, named_tensors: NamedTensors | Any, version: int | None = None,
                              keep_requests: bool = False, recompute_kv: bool = False) -> int:
         """Load weights (named tensors, or an object-store ref of a name -> tensor dict)."""
         import ray
 
+        target = self._version + 1 if version is None else int(version)
+        if self.sender is not None:
+            self._version = await self._push_from_trainer(named_tensors, target, keep_requests, recompute_kv)
+            return self._version
         if not isinstance(named_tensors, ray.ObjectRef):
             named_tensors = ray.put(to_cpu_unshared(pairs(named_tensors)))
-        target = self._version + 1 if version is None else int(version)
         self._version = await self._call(
             self.actor.update_weights.remote(named_tensors, target, keep_requests, recompute_kv))
         return self._version
+
+    # ---- nccl: this process sends, the actor relays (see the module doc) ---------------------
+
+    def weight_sync_client(self) -> Any:
+        """vLLM's `VLLMWeightSyncClient` over this engine's actor (for the trainer-side sender)."""
+        from rollover.rollout.weight_relay import ActorWeightSyncClient
+
+        if self._client is None:
+            self._client = ActorWeightSyncClient(self.actor)
+        return self._client
+
+    async def shutdown_weight_transfer_engine(self) -> None:
+        await self._call(self.actor.shutdown_weight_transfer_engine.remote())
+
+    async def _push_from_trainer(self, named_tensors: Any, target: int, keep_requests: bool,
+                                 recompute_kv: bool) -> int:
+        """Broadcast from this process to the engine's workers; the actor relays the control
+        calls. A failure after the broadcast began retires the engine (EngineLost)."""
+        if self._lost:
+            raise EngineLost(self._lost)
+        client = self.weight_sync_client()
+        client.order = (target, keep_requests, recompute_kv)
+        client.served_version = None
+        try:
+            with self._deaths_as_lost():
+                await self.sender.push(self, pairs(named_tensors))
+        except (WeightsUntouched, EngineLost):
+            raise
+        except Exception as exc:
+            if not client.updates_sent:  # refused before any broadcast: the group is intact
+                raise
+            self.retire(f"engine {self.name}: the NCCL weight push failed ({type(exc).__name__}: {exc})")
+            raise EngineLost(self._lost) from exc
+        if client.served_version is None:
+            raise RuntimeError(f"engine {self.name} finished a weight update without a version")
+        return client.served_version
+
+    def retire(self, why: str) -> None:
+        """Give up on this engine: its NCCL group is unusable (the pool replaces it)."""
+        import ray
+
+        self.mark_lost(why)
+        if self.sender is not None:
+            self.sender.close()
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+
+    async def weight_probe(self, token_ids: list[int]) -> list[Any]:
+        """What the actor's engine serves: its own version (not this client's copy) and its
+        probe log-probs (rollout/weight_check.py)."""
+        readings = await self._call(self.actor.weight_probe.remote(list(token_ids)))
+        for reading in readings:  # which actor, for the one-line error
+            reading.engine = f"{self.name}: {reading.engine}"
+        return readings
 
     async def sleep(self, level: int = 1) -> None:
         await self._call(self.actor.sleep.remote(level))
@@ -271,4 +384,23 @@ class RemoteEngine:
                 pass
         ray.kill(self.actor, no_restart=True)
         self.mark_lost(f"engine {self.name} shut down")
+        if self.sender is not None:
+            self.sender.close()
+
+
+def trainer_sender(backend: str) -> Any:
+    """nccl: the sender this (trainer) process runs for one engine, as NCCL rank 0 of a group of
+    its own with that engine's workers (ranks 1..N), meeting at this node's address. One group
+    per engine, not one over all engines: an NCCL communicator cannot lose a member, and the
+    pool loses, replaces and reloads engines one at a time (a group over all would have to be
+    rebuilt by every engine whenever one dies); vLLM's trainer engine also places workers at
+    rank offset 1, which a shared group would have to shift per engine. The price: the trainer
+    sends the weights once per engine (one send at a time), not once in all. None otherwise."""
+    if backend != "nccl":
+        return None
+    import ray
+
+    from rollover.rollout.weight_transfer import NativeWeightTransport
+
+    return NativeWeightTransport("nccl", master_address=ray.util.get_node_ip_address())
 

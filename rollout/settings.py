@@ -32,6 +32,8 @@ class EngineSettings:
     seed: int = 0
     kv_cache_gib: float = 1.0  # CPU build: VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1)
     gpu_memory_utilization: float = 0.5  # GPU build
+    # ipc weight loads stage at most this much of the weights on the engine's GPU at a time.
+    weight_bucket_mb: float = 512.0
     enforce_eager: bool = True
     enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
     # KV block size. A resumed request re-uses its cached KV only for *full* blocks, so small
@@ -53,6 +55,8 @@ class EngineSettings:
 
         `has_cuda` (default: detected) decides the GPU-sane defaults: `dtype: auto` is bfloat16
         and `enforce_eager: null` turns CUDA graphs on with a GPU; float32 and eager on CPU.
+        The engine's dtype is the trainer's compute dtype (`Policy.engine_weights` sends casts
+        of the float32 masters in it), resolved by the same `resolve_dtype`.
         `sleep_mode: true` without CUDA raises `SleepModeUnavailable` (one line).
         """
         from rollover.trainer.builtin_model import resolve_model_path
@@ -70,6 +74,7 @@ class EngineSettings:
             seed=rollout_cfg.seed,
             kv_cache_gib=rollout_cfg.kv_cache_gib,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            weight_bucket_mb=float(getattr(rollout_cfg, "weight_bucket_mb", 512.0)),
             enforce_eager=(not has_cuda) if eager is None else eager,
             sleep_mode=bool(getattr(rollout_cfg, "sleep_mode", False)),
         )

@@ -1,28 +1,30 @@
 """Trainer weights into vLLM through vLLM's own weight-transfer API (GPU builds).
 
-`SharedMemoryTransport` (weight_sync.py) is the CPU path. Here the engine starts with
-`engine_args_for(backend)`; each worker then builds a receiving engine at model load
-(`Worker.load_model` -> `WeightTransferEngineFactory.create_engine`), and `NativeWeightTransport`
-runs vLLM's own trainer-side sender (`WeightTransferTrainerFactory.trainer_init` once, then
-`send_weights()` per push), which calls AsyncLLM in this order: init_weight_transfer_engine (once),
-then per push start_weight_update -> update_weights (one or more) -> finish_weight_update.
-Workers: start/finish open and close a layerwise reload, update runs `model.load_weights`, finish
-also drops all loaded LoRA adapters. A LoRA trainer sends merged weights (it merges before
-producing the named tensors).
+How weights travel, per `cluster.weight_transfer` (chosen by rollout/cluster.py):
 
-* ipc (trainer on the engine's GPU): init_info {"packed"}; per push one update (names,
-  dtype_names, shapes, a CUDA-IPC handle per tensor keyed by GPU UUID; the trainer keeps the
-  tensors alive to finish) or, packed, one per buffer chunk (+ tensor_sizes). The handles hold
-  torch classes and dtypes: the AsyncLLM msgpack hop carries them only with
+* shared_memory (CPU, any build): `SharedMemoryTransport` (weight_sync.py) in the engine's process.
+  Under Ray the pool puts one CPU copy in the object store and each engine actor fetches it.
+* ipc (an engine on the trainer's GPU): `BucketedIpcTransport` (ipc_buckets.py) in the process
+  that holds the weights beside the engine: the trainer for the in-process engine, the engine's
+  actor for colocated Ray engines (weights from the object store). A bucket of tensors at a time
+  is staged on the GPU in the served dtype, its CUDA-IPC handles are loaded by the worker, then
+  freed: never a second full copy on the GPU. Handles cross the AsyncLLM msgpack hop only with
   VLLM_ALLOW_INSECURE_SERIALIZATION=1 set before the engine starts (RolloutEngine.start sets it).
-  With torch.distributed on >1 rank vLLM all-gathers handles over the default group (every rank
-  would have to push): refused.
-* nccl (other GPUs/machines): the trainer is NCCL rank 0 hosting the TCPStore at
-  master_address:master_port, workers are ranks 1..N (world_size = 1 + TP*PP*DP); init blocks until
-  both sides meet. update_weights (names, dtype_names, shapes; plain msgpack) runs concurrently
-  with the broadcast. Packed (vLLM's default) stages through 2 x 1 GiB buffers on both sides. A
-  failed push leaves the group unusable: that engine is refused until restarted.
+* nccl (engines on other GPUs/machines): `NativeWeightTransport` below, in the TRAINER process,
+  which is NCCL rank 0 hosting the TCPStore at master_address:master_port; the engine's workers are
+  ranks 1..N (world_size = 1 + TP*PP*DP), one group per engine. It runs vLLM's own trainer engine
+  (`WeightTransferTrainerFactory.trainer_init` once, then `send_weights()` per push), which calls,
+  through a `VLLMWeightSyncClient`: init_weight_transfer_engine (once), then per push
+  start_weight_update -> update_weights (names, dtype_names, shapes; plain msgpack; concurrent
+  with the broadcast) -> finish_weight_update. The client is `_LoopClient` for an in-process
+  AsyncLLM, or `ActorWeightSyncClient` (weight_relay.py) for a Ray engine, whose actor only relays
+  those calls: no tensor enters the actor or the object store. Packed (vLLM's default) stages
+  through 2 x 1 GiB buffers on both sides. A push that fails after its broadcast began leaves the
+  group unusable: that engine is refused until restarted (a Ray engine is replaced by its pool).
 Packed mode needs each tensor aligned to its itemsize inside the buffer: see `packing_order`.
+
+Workers: start/finish open and close a layerwise reload, update runs `model.load_weights`, finish
+also drops all loaded LoRA adapters. A LoRA trainer sends merged weights.
 
 Versions: `finish_weight_update(v)` is finish plus a separate `update_weight_version(v)`; vLLM's
 senders pass none, and EngineControl sets the label itself while paused, so none is set here.
@@ -50,7 +52,11 @@ from rollover.rollout.weight_sync import (NamedTensors, SharedMemoryTransport, W
                                           WeightTransport)
 
 BACKENDS = ("shared_memory", "ipc", "nccl")
-NATIVE_BACKENDS = ("ipc", "nccl")
+NATIVE_BACKENDS = ("nccl",)  # NativeWeightTransport; ipc is BucketedIpcTransport (ipc_buckets.py)
+
+# NCCL sends from this process run one at a time: one group per engine shares the trainer's GPU,
+# and concurrent collectives on several communicators of one device can deadlock.
+_NCCL_SENDS = threading.Lock()
 
 
 def _check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
@@ -118,6 +124,7 @@ class _LoopClient:
 
     def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.llm, self.loop, self.loop_thread = llm, loop, threading.get_ident()
+        self.updates_sent = 0  # update calls this push (none: no broadcast began)
 
     def _wait(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if threading.get_ident() == self.loop_thread:
@@ -131,11 +138,13 @@ class _LoopClient:
         self._wait(self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)))
 
     def start_weight_update(self) -> None:
+        self.updates_sent = 0
         self._wait(self.llm.start_weight_update())
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
+        self.updates_sent += 1
         self._wait(self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info)))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
@@ -143,50 +152,52 @@ class _LoopClient:
 
 
 class NativeWeightTransport:
-    """`WeightTransport` over vLLM's ipc or nccl transfer; connects on the first push to an engine.
+    """`WeightTransport` over vLLM's nccl transfer, run where the trainer's weights are (rank 0);
+    connects on the first push to an engine.
 
-    `device`: the sending GPU (default: the first CUDA tensor's, else the current one); tensors
-    elsewhere are copied there one at a time. `packed*`: vLLM's defaults unless given. nccl meets
-    at `master_address`:`master_port` (default a free port), `world_size` default 1 + workers.
+    The engine `push` gets is an in-process AsyncLLM, or anything with `weight_sync_client()`
+    (a `VLLMWeightSyncClient`), `transfer_workers` and `shutdown_weight_transfer_engine()` — a
+    Ray engine's `RemoteEngine`. `device`: the sending GPU (default: the first CUDA tensor's, else
+    the current one); tensors elsewhere are copied there one at a time. `packed*`: vLLM's defaults
+    unless given. nccl meets at `master_address`:`master_port` (default a free port), `world_size`
+    default 1 + the engine's workers.
     """
 
     def __init__(self, backend: str, *, device: str | torch.device | None = None,
                  packed: bool | None = None, packed_buffer_size_bytes: int | None = None,
                  packed_num_buffers: int | None = None, master_address: str = "127.0.0.1",
                  master_port: int | None = None, world_size: int | None = None) -> None:
+        if backend == "ipc":
+            raise ValueError("ipc weight transfer is BucketedIpcTransport (rollout/ipc_buckets.py)")
         _check_backend(backend, NATIVE_BACKENDS)
-        if backend == "ipc" and packed_num_buffers is not None:
-            raise ValueError("packed_num_buffers applies to the nccl backend only")
         self.backend = backend
         self.device = torch.device(device) if device is not None else None
         wire = dict(packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
                     packed_num_buffers=packed_num_buffers)
         self.wire = {k: v for k, v in wire.items() if v is not None}  # vLLM's defaults for the rest
-        self.packed = packed if packed is not None else backend == "nccl"  # vLLM's defaults
+        self.packed = True if packed is None else packed  # vLLM's default
         self.master_address, self.master_port, self.world_size = master_address, master_port, world_size
         self._trainer: Any = None  # vLLM's trainer engine, connected to self._llm
         self._source: Any = None
         self._llm: Any = None
         self._dead_llm: Any = None  # an engine whose NCCL group broke mid-push
+        self._client: Any = None  # the VLLMWeightSyncClient of self._llm
 
     def trainer_init_info(self, llm: Any) -> Any:
-        """vLLM's `IPCTrainerInitInfo` / `NCCLTrainerInitInfo` for `llm` (this process is rank 0)."""
-        if self.backend == "ipc":
-            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-
-            return IPCTrainerInitInfo(rank=0, **self.wire)
+        """vLLM's `NCCLTrainerInitInfo` for `llm`: this process is rank 0, its workers 1..N."""
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
         from vllm.utils.network_utils import get_open_port
 
-        world = self.world_size or 1 + llm.vllm_config.parallel_config.world_size_across_dp
+        world = self.world_size or 1 + transfer_workers(llm)
         return NCCLTrainerInitInfo(rank=0, master_address=self.master_address,
                                    master_port=self.master_port or get_open_port(),
                                    world_size=world, **self.wire)
 
     def _on_device(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run `fn` with the sending GPU current (a fresh thread starts on GPU 0)."""
+        """Run `fn` with the sending GPU current (a fresh thread starts on GPU 0), one NCCL
+        send of this process at a time."""
         on_gpu = self.device is not None and self.device.type == "cuda"
-        with torch.cuda.device(self.device) if on_gpu else contextlib.nullcontext():
+        with _NCCL_SENDS, torch.cuda.device(self.device) if on_gpu else contextlib.nullcontext():
             return fn(*args, **kwargs)
 
     def _preflight(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
@@ -197,16 +208,6 @@ class NativeWeightTransport:
             update_metadata(pairs)
         except ValueError as exc:
             raise WeightsUntouched(str(exc)) from exc
-        if self.backend == "ipc":
-            from vllm import envs
-
-            if not envs.VLLM_ALLOW_INSECURE_SERIALIZATION:
-                raise WeightsUntouched("ipc weight transfer needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 "
-                                       "before the engine starts (CUDA-IPC handles are pickled)")
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                raise WeightsUntouched("ipc weight transfer all-gathers over the default process group: "
-                                       "every trainer rank would have to push; use nccl")
 
     async def _connect(self, llm: Any, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """vLLM's trainer_init against `llm` (nccl: the rendezvous); failures touch no weight."""
@@ -218,17 +219,18 @@ class NativeWeightTransport:
             if self.device is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         source = _tensor_source_cls()(self.device)
+        make_client = getattr(llm, "weight_sync_client", None)
+        client = make_client() if make_client else _LoopClient(llm, asyncio.get_running_loop())
         try:
             await llm.shutdown_weight_transfer_engine()  # drop a previous trainer connection
             trainer = await asyncio.to_thread(
                 self._on_device, WeightTransferTrainerFactory.trainer_init,  # factory.py
-                self.trainer_init_info(llm), client=_LoopClient(llm, asyncio.get_running_loop()),
-                source=source)
+                self.trainer_init_info(llm), client=client, source=source)
         except Exception as exc:  # noqa: BLE001 - init touches no weight
             raise WeightsUntouched(
                 f"{self.backend} weight transfer init failed ({type(exc).__name__}: {exc}); "
                 f"was the engine started with engine_args_for({self.backend!r})?") from exc
-        self._trainer, self._source, self._llm = trainer, source, llm
+        self._trainer, self._source, self._llm, self._client = trainer, source, llm, client
 
     async def push(self, llm: Any, named_tensors: NamedTensors) -> None:
         """Send every tensor through vLLM's trainer engine (`send_weights`: start, update, finish)."""
@@ -243,8 +245,8 @@ class NativeWeightTransport:
         try:
             await asyncio.to_thread(self._on_device, self._trainer.send_weights)  # ipc/nccl_engine.py
         except BaseException as exc:
-            if self.backend == "nccl":  # vLLM: after a failed send the group is unusable
-                self._dead_llm = llm
+            if getattr(self._client, "updates_sent", 1):  # vLLM: after a failed send the group
+                self._dead_llm = llm                       # is unusable (a refused start is not)
                 if not isinstance(exc, asyncio.CancelledError):  # else the thread still sends
                     self.close()
             raise
@@ -256,12 +258,43 @@ class NativeWeightTransport:
         """Tear down the trainer side (the NCCL communicator); the next push connects again."""
         if self._trainer is not None:
             self._trainer.shutdown()
-        self._trainer = self._source = self._llm = None
+        self._trainer = self._source = self._llm = self._client = None
+
+
+def transfer_workers(llm: Any) -> int:
+    """The vLLM workers of an engine (TP x PP x DP): its ranks 1..N in an NCCL group."""
+    workers = getattr(llm, "transfer_workers", None)
+    if workers is not None:
+        return int(workers)
+    return int(llm.vllm_config.parallel_config.world_size_across_dp)
 
 
 def weight_transport_for(backend: str, **options: Any) -> WeightTransport:
-    """The transport for `backend`: shared_memory (CPU, any build), ipc or nccl (GPU builds)."""
+    """The transport for `backend` in the process that holds the weights beside the engine:
+    shared_memory (CPU, any build), ipc (bucketed, `BucketedIpcTransport` options) or nccl."""
     _check_backend(backend)
     if backend == "shared_memory":
         return SharedMemoryTransport(**options)
+    if backend == "ipc":
+        from rollover.rollout.ipc_buckets import BucketedIpcTransport
+
+        return BucketedIpcTransport(**options)
     return NativeWeightTransport(backend, **options)
+
+
+def engine_side_transport(backend: str, settings: Any) -> WeightTransport:
+    """The transport of the process that hosts an engine (the trainer for the in-process engine,
+    the actor for a Ray engine): shared memory or bucketed ipc load tensors it holds; for nccl it
+    holds none, and relays the trainer's sender (weight_relay.py)."""
+    _check_backend(backend)
+    if backend == "nccl":
+        from rollover.rollout.weight_relay import WeightRelay
+
+        return WeightRelay()
+    if backend == "ipc":
+        from rollover.rollout.ipc_buckets import bucket_bytes_of
+
+        dtype = getattr(torch, str(settings.dtype), None)
+        return weight_transport_for("ipc", bucket_bytes=bucket_bytes_of(settings.weight_bucket_mb),
+                                    dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    return weight_transport_for(backend)

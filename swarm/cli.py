@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import threading
+import unicodedata
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -30,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     boot.add_argument("--identity", default="swarm-bootstrap",
                       help="folder keeping the node's keys, so its peer id survives restarts")
     boot.add_argument("--name", default="rollover", help="the swarm's DHT namespace (swarm.name)")
+    boot.add_argument("--round-seconds", type=float, default=None,
+                      help="the swarm's swarm.round_seconds (default: the recipe default, 30)")
     join = commands.add_parser("join", help="train as RECIPE says, sharing rollouts with --peers")
     join.add_argument("recipe")
     join.add_argument("--peers", nargs="+", required=True, help="multiaddrs printed by `rl-swarm bootstrap`")
@@ -79,6 +82,7 @@ def bootstrap(args: argparse.Namespace) -> int:
     from rollover.swarm.identity import load_or_create_identity
     from rollover.swarm.records import SwarmError
     from rollover.swarm.transport import SwarmTransport
+    from rollover.trainer.config import SwarmConfig
 
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -86,7 +90,8 @@ def bootstrap(args: argparse.Namespace) -> int:
     try:
         identity = load_or_create_identity(Path(args.identity))
         transport = SwarmTransport(args.name, identity, host_maddrs=args.host_maddrs,
-                                   announce_maddrs=args.announce_maddrs)
+                                   announce_maddrs=args.announce_maddrs,
+                                   round_seconds=args.round_seconds or SwarmConfig().round_seconds)
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)
@@ -101,12 +106,43 @@ def bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_REASONS_SHOWN = 24
+MAX_REASON_CHARS = 40
+
+
+def printable(text: str, limit: int) -> str:
+    """A peer's text made safe for a terminal: control and format characters (escape sequences,
+    bidi overrides) dropped, at most `limit` characters."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "CZ" or ch == " ")[:limit]
+
+
+def rejections_text(status: object) -> str:
+    """A peer's status (whatever it holds) as "reason count, ..." for the table, or "-".
+
+    Peers write their statuses: only string reasons with integer counts are shown, cleaned and
+    cut, and the caller renders the result as plain text (never as rich markup).
+    """
+    rejected = status.get("rejected") if isinstance(status, dict) else None
+    if not isinstance(rejected, dict):
+        return "-"
+    shown = []
+    for reason, count in rejected.items():
+        if isinstance(reason, str) and isinstance(count, int) and not isinstance(count, bool):
+            reason = printable(reason, MAX_REASON_CHARS)
+            if reason:
+                shown.append(f"{reason} {count}")
+    shown.sort()
+    extra = f", ... {len(shown) - MAX_REASONS_SHOWN} more" if len(shown) > MAX_REASONS_SHOWN else ""
+    return ", ".join(shown[:MAX_REASONS_SHOWN]) + extra if shown else "-"
+
+
 def status(args: argparse.Namespace) -> int:
     """Read the swarm's recent rounds as a client (it stores nothing)."""
     import time
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from rollover.swarm.records import SwarmError, round_at
     from rollover.swarm.transport import SwarmTransport
@@ -114,7 +150,8 @@ def status(args: argparse.Namespace) -> int:
 
     round_seconds = args.round_seconds or SwarmConfig().round_seconds
     try:
-        transport = SwarmTransport(args.name, None, initial_peers=args.peers, client_mode=True)
+        transport = SwarmTransport(args.name, None, initial_peers=args.peers, client_mode=True,
+                                   round_seconds=round_seconds)
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)
@@ -134,9 +171,7 @@ def status(args: argparse.Namespace) -> int:
     senders = sorted({item.sender for items in records.values() for item in items} | set(statuses))
     for sender in senders:
         counts = [str(sum(item.sender == sender for item in records[r])) for r in rounds]
-        rejected = statuses.get(sender, {}).get("rejected", {})
-        text = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()) if isinstance(v, int)) or "-"
-        table.add_row(sender, *counts, text)
+        table.add_row(sender, *counts, Text(rejections_text(statuses.get(sender))))
     console = Console()
     console.print(table if senders else f"no peer has published in rounds {rounds[0]}..{rounds[-1]}")
     console.print(f"{len(senders)} peers seen")

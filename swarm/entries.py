@@ -18,9 +18,31 @@ from hivemind.dht.crypto import RSASignatureValidator
 from rollover.swarm.identity import sender_id
 
 SIGNATURE_RE = re.compile(re.escape(RSASignatureValidator.SIGNATURE_FORMAT).replace(b"_value_", rb"(.+?)"))
-_PAYLOAD_SUBKEY_RE = re.compile(rb"(\[owner:[^\]]+\])/([0-9]{1,6})")
+# An index has one spelling ("/01" would be a second subkey for slot 1).
+_PAYLOAD_SUBKEY_RE = re.compile(rb"(\[owner:[^\]]+\])/(0|[1-9][0-9]{0,5})")
 _STATUS_SUBKEY_RE = re.compile(rb"\[owner:[^\]]+\]")
 _OWNER_TAG = b"[owner:"
+
+
+def payload_key(namespace: str, round: int, shard: int) -> str:
+    """The DHT key of one shard of a round's payloads."""
+    return f"{namespace}/r{round}/s{shard}"
+
+
+def status_key(namespace: str, round: int) -> str:
+    """The DHT key holding nodes' statuses for a round."""
+    return f"{namespace}/status/r{round}"
+
+
+def split_payload_subkey(subkey: bytes) -> tuple[bytes, int] | None:
+    """(owner marker, index) of a payload subkey in its one canonical spelling, else None."""
+    match = _PAYLOAD_SUBKEY_RE.fullmatch(subkey)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def is_status_subkey(subkey: bytes) -> bool:
+    """Whether `subkey` is exactly one owner marker (a status entry's subkey)."""
+    return _STATUS_SUBKEY_RE.fullmatch(subkey) is not None
 
 
 @dataclass(frozen=True)
@@ -46,10 +68,10 @@ def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards
         return "malformed"
     if _OWNER_TAG not in subkey:
         return "missing_signature"
-    match = _PAYLOAD_SUBKEY_RE.fullmatch(subkey)
-    if match is None:
+    split = split_payload_subkey(subkey)
+    if split is None:
         return "malformed"
-    marker, index = match.group(1), int(match.group(2))
+    marker, index = split
     if shard_of(marker, index, shards) != shard or not isinstance(raw, bytes):
         return "malformed"
     if len(raw) > max_record_bytes:
@@ -63,7 +85,7 @@ def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple
         return "malformed"
     if _OWNER_TAG not in subkey:
         return "missing_signature"
-    if _STATUS_SUBKEY_RE.fullmatch(subkey) is None or not isinstance(raw, bytes):
+    if not is_status_subkey(subkey) or not isinstance(raw, bytes):
         return "malformed"
     if len(raw) > max_record_bytes:
         return "oversized"

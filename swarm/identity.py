@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +26,13 @@ from rollover.swarm.records import SwarmError  # noqa: F401  (raised here; impor
 KEY_FILENAME = "swarm_key.pem"
 P2P_FILENAME = "swarm_p2p.key"
 _KEY_BITS = (2048, 4096)  # what we accept from disk; hivemind itself generates 2048-bit keys
+PEER_KEY_BITS = (2048, 4096)  # the modulus sizes accepted from peers, inclusive
+PEER_KEY_EXPONENTS = (65537,)  # what every RSA library generates; a huge one makes each check slow
+_MARKER_RE = re.compile(rb"\[owner:(.+?)\]")
+
+
+class BadKey(ValueError):
+    """A peer's owner marker that is not an acceptable RSA public key (one line)."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,42 @@ class Identity:
 
 
 def sender_id(public_key_marker: bytes) -> str:
-    """A short stable id for an owner marker (sha256 hex, 16 digits), for logs and credit."""
-    return hashlib.sha256(public_key_marker).hexdigest()[:16]
+    """A short stable id for an owner marker (sha256 hex, 16 digits), for logs and credit.
+
+    Derived from the key itself (modulus and exponent), not from its text: one key written
+    with another comment or encoding is the same sender. Raises BadKey for a marker that is not
+    an RSA key of PEER_KEY_BITS with a standard exponent.
+    """
+    modulus, exponent = public_key_numbers(public_key_marker)
+    return hashlib.sha256(f"rsa:{modulus:x}:{exponent:x}".encode("ascii")).hexdigest()[:16]
+
+
+def check_public_key(public_key_marker: bytes) -> None:
+    """Raise BadKey unless the marker holds an acceptable key: call it before verifying a
+    signature with that key (an exponent of thousands of bits makes each check ~300x dearer)."""
+    public_key_numbers(public_key_marker)
+
+
+@lru_cache(maxsize=8192)
+def public_key_numbers(public_key_marker: bytes) -> tuple[int, int]:
+    """(modulus, exponent) of an owner marker "[owner:ssh-rsa ...]" (or the bare key), checked."""
+    if not isinstance(public_key_marker, bytes) or len(public_key_marker) > 4096:
+        raise BadKey("owner marker is not bytes of a sane size")
+    match = _MARKER_RE.fullmatch(public_key_marker)
+    text = match.group(1) if match else public_key_marker
+    try:
+        key = serialization.load_ssh_public_key(text)
+    except Exception as exc:  # cryptography raises ValueError, UnsupportedAlgorithm, ...
+        raise BadKey(f"owner key does not parse ({type(exc).__name__})") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise BadKey("owner key is not RSA")
+    numbers = key.public_numbers()
+    bits = numbers.n.bit_length()
+    if not PEER_KEY_BITS[0] <= bits <= PEER_KEY_BITS[1]:
+        raise BadKey(f"owner key has {bits} bits, accepted {PEER_KEY_BITS[0]}..{PEER_KEY_BITS[1]}")
+    if numbers.e not in PEER_KEY_EXPONENTS:
+        raise BadKey(f"owner key exponent is not one of {PEER_KEY_EXPONENTS}")
+    return numbers.n, numbers.e
 
 
 def identity_from_key(private_key: RSAPrivateKey, p2p_identity_path: Path | None = None) -> Identity:

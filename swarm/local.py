@@ -58,7 +58,8 @@ def run_local(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stopped.set())
     try:
         transport = SwarmTransport(recipes[0].swarm.name, load_or_create_identity(out / "bootstrap"),
-                                   host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+                                   host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                   round_seconds=recipes[0].swarm.round_seconds)
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)

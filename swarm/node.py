@@ -28,6 +28,7 @@ from rollover.trainer.config import SwarmConfig
 
 log = logging.getLogger(__name__)
 AUDIT_LOG = "swarm_audit.jsonl"
+TOP_SENDERS = 16  # senders named in metrics and the status: their size must not grow with the swarm
 
 
 class SwarmNode:
@@ -63,7 +64,8 @@ class SwarmNode:
         identity = load_or_create_identity(Path(self.cfg.identity_path or self.run_folder).expanduser())
         self.transport = SwarmTransport(
             self.cfg.name, identity, initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
-            announce_maddrs=self.cfg.announce_maddrs or None, max_record_bytes=self.cfg.max_record_bytes)
+            announce_maddrs=self.cfg.announce_maddrs or None, max_record_bytes=self.cfg.max_record_bytes,
+            round_seconds=self.cfg.round_seconds)
         await asyncio.to_thread(self.transport.start)
         self.sender = self.transport.sender
         self._collector = asyncio.create_task(self._collect_forever())
@@ -104,8 +106,9 @@ class SwarmNode:
                    "swarm/local_reward": sum(local_rewards) / max(1, len(local_rewards)),
                    "swarm/received": float(self.inbox.received),
                    "swarm/external_senders": float(len(senders)), "swarm/pool": float(len(self.inbox.pool)),
-                   **{f"swarm/credit/{s}": self.credit.credit(s) for s in self.credit.judged},
-                   **{f"swarm/used/{s}": float(n) for s, n in self._used.items()},
+                   **{f"swarm/credit/{s}": c for s, c in self.credit.top(TOP_SENDERS)},
+                   **{f"swarm/used/{s}": float(n) for s, n in self._used.most_common(TOP_SENDERS)},
+                   "swarm/senders_judged": float(len(self.credit.judged)),
                    "swarm/slow_reads": float(self._slow_reads),
                    "swarm/rejected": float(sum(self.inbox.rejected.values())),
                    **{f"swarm/rejected/{reason}": float(n) for reason, n in self.inbox.rejected.items()},
@@ -153,7 +156,7 @@ class SwarmNode:
     def _status(self, round_index: int) -> dict[str, Any]:
         """What `rl-swarm status` shows of us: rejections by reason and the credit we give peers."""
         return {"round": round_index, "rejected": dict(self.inbox.rejected),
-                "credit": {s: round(self.credit.credit(s), 3) for s in self.credit.judged}}
+                "credit": {s: round(c, 3) for s, c in self.credit.top(TOP_SENDERS)}}
 
     async def _collect_briefly(self) -> None:
         """One fresh read of the DHT, waited for at most `collect_wait` seconds.
@@ -178,7 +181,7 @@ class SwarmNode:
             for item in await asyncio.to_thread(self.transport.collect, round_index):
                 if item.sender != self.sender:
                     incoming.append(Incoming(item.sender, item.round, item.index, item.raw))
-        self.inbox.admit(incoming, current)
+        self.inbox.admit(incoming, current, self.credit)
 
     async def _collect_forever(self) -> None:
         """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""

@@ -1,8 +1,11 @@
 """A node's inbox of peers' records: cheap checks on arrival, costly ones only for what it trains.
 
-Arrival (`admit`): schema and caps, signed round against the key's round, per-peer counts,
-copies (group digests), and regeneration of the task from its spec with this node's registry.
-What passes waits in a pool for at most two rounds.
+Arrival (`admit`): per-round and per-pool counts, a budget of new senders per round and the pool's
+global cap (all before a byte is parsed), then schema and caps, signed round against the key's
+round, regeneration of the task from its spec with this node's registry, and the copy check on
+each completion (swarm/copies.py). What passes waits in the pool (swarm/candidates.py) for at
+most two rounds. Nothing a record holds can stop admission: any error is that record's, counted
+`malformed`, and the poll goes on.
 
 Training (`take`): groups are drawn from the pool by sender credit, each rebuilt and judged by
 this node alone (`Judge`: re-tokenise, re-score, likelihood under its own policy), until J
@@ -11,6 +14,8 @@ pass. A peer can spend our compute only up to the caps; it cannot choose what we
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 import statistics
 from collections import Counter, deque
@@ -19,11 +24,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rollover.rollout.types import Group
-from rollover.swarm.records import Caps, Rejected, SharedGroup, decode_group, group_digest
-from rollover.swarm.sampler import SenderCredit, per_sender_cap
+from rollover.swarm.candidates import POOL_CAP, Candidate, CandidatePool, Rank
+from rollover.swarm.copies import CopyMemory
+from rollover.swarm.records import Caps, Rejected, completion_digest, decode_group, group_digest
+from rollover.swarm.sampler import SenderCredit, draw_weights, per_sender_cap
 from rollover.tasks.registry import SpecError, Task, record_from_spec
 
+__all__ = ["Candidate", "Inbox", "Incoming", "Judge", "ROUNDS_KEPT"]
+
+log = logging.getLogger(__name__)
 ROUNDS_KEPT = 2  # a record is usable in its own round and the next: publishers finish late
+NEW_SENDERS_PER_ROUND = 8  # senders never judged here admitted per round (keys are free)
+COPY_SHARE = 0.5  # a group whose completions were at least this share seen elsewhere is a copy
 
 
 @dataclass(frozen=True)
@@ -34,17 +46,6 @@ class Incoming:
     round: int
     index: int
     raw: Any
-
-
-@dataclass
-class Candidate:
-    """A record that passed the arrival checks, with this node's own regeneration of its task."""
-
-    sender: str
-    round: int
-    shared: SharedGroup
-    record: dict[str, Any]
-    digest: str
 
 
 class Judge(Protocol):
@@ -60,91 +61,166 @@ class Judge(Protocol):
 class Inbox:
     """Admits, pools and judges peers' records; counts every rejection by reason."""
 
-    def __init__(self, task: Task, caps: Caps, likelihood_z: float, min_reference: int = 16):
+    def __init__(self, task: Task, caps: Caps, likelihood_z: float, min_reference: int = 16,
+                 pool_cap: int = POOL_CAP, new_senders_per_round: int = NEW_SENDERS_PER_ROUND):
         self.task, self.caps, self.likelihood_z = task, caps, likelihood_z
         self.min_reference = min_reference
+        self.new_senders_per_round = new_senders_per_round
         self.rejected: Counter[str] = Counter()
         self.received = 0  # distinct records read from peers, over the run
-        self.pool: list[Candidate] = []
-        self._handled: dict[tuple[str, int, int], int] = {}  # (sender, round, index) -> round
-        self._digests: dict[str, tuple[str, int]] = {}  # group digest -> (first sender, round)
+        self._pool = CandidatePool(pool_cap)
+        self._copies = CopyMemory()
+        self._handled: dict[int, set[tuple[str, int]]] = {}  # round -> {(sender, index)} read
         self._per_round: Counter[tuple[str, int]] = Counter()  # admitted records per (sender, round)
+        self._new_senders: dict[int, set[str]] = {}  # round -> never-judged senders admitted
         self.reference: deque[float] = deque(maxlen=512)  # own samples' mean log-probs
+
+    @property
+    def pool(self) -> list[Candidate]:
+        """The pooled candidates, oldest first (a copy: the pool itself is indexed)."""
+        return list(self._pool)
 
     # ---- arrival -------------------------------------------------------------------------------
 
     def note_own(self, sender: str, round_index: int, spec: dict[str, Any], completions: list[str]) -> None:
-        """Our own published group: a peer echoing it back is a copy."""
-        self._digests.setdefault(group_digest(spec, completions), (sender, round_index))
+        """Our own published group: a peer echoing its completions back is a copy."""
+        self._copies.note((completion_digest(spec, c) for c in completions), sender, round_index)
 
     def note_reference(self, values: Iterable[float]) -> None:
         """Mean log-probs of our own samples under our own policy (the behaviour log-probs)."""
         self.reference.extend(values)
 
-    def admit(self, incoming: Iterable[Incoming], current_round: int) -> int:
-        """Check newly read records; returns how many joined the pool."""
+    def admit(self, incoming: Iterable[Incoming], current_round: int, credit: SenderCredit | None = None) -> int:
+        """Check newly read records; returns how many joined the pool. `credit` (the node's)
+        ranks senders for the pool cap and tells newcomers apart; None: every sender is new."""
+        credit = SenderCredit() if credit is None else credit
         self._forget_before(current_round - ROUNDS_KEPT + 1)
-        admitted = 0
+        self._pool.forget_ranks()
+        fresh = []
         for item in incoming:
-            key = (item.sender, item.round, item.index)
-            if key in self._handled:
-                continue  # read again on a later poll: judged once
-            self._handled[key] = item.round
-            self.received += 1
             try:
-                self.pool.append(self._check(item, current_round))
+                key = (item.sender, item.index)
+                handled = self._handled.setdefault(item.round, set())
+            except Exception:  # not hashable: nothing a peer controls should get this far
+                self.rejected["malformed"] += 1
+                continue
+            if key in handled:
+                continue  # read again on a later poll: judged once
+            handled.add(key)
+            self.received += 1
+            fresh.append(item)
+        newcomers = self._choose_newcomers(fresh, credit)
+        admitted = 0
+        for item in fresh:
+            try:
+                self._admit_one(item, current_round, credit, newcomers)
                 admitted += 1
             except Rejected as exc:
                 self.rejected[exc.reason] += 1
+            except Exception as exc:  # one bad record must never stop the rest of the poll
+                log.debug("swarm: record from %s raised %s", str(item.sender)[:16], type(exc).__name__)
+                self.rejected["malformed"] += 1
         return admitted
 
-    def _check(self, item: Incoming, current_round: int) -> Candidate:
+    def _choose_newcomers(self, items: list[Incoming], credit: SenderCredit) -> dict[int, set[str]]:
+        """Per round, the never-judged senders that may still be admitted: the round's remaining
+        budget, filled in an order no key can choose (a hash of round and sender)."""
+        wanting: dict[int, set[str]] = {}
+        for item in items:
+            if isinstance(item.sender, str) and isinstance(item.round, int) and credit.is_new(item.sender):
+                wanting.setdefault(item.round, set()).add(item.sender)
+        chosen = {}
+        for round_index, senders in wanting.items():
+            admitted = self._new_senders.get(round_index, set())
+            room = max(0, self.new_senders_per_round - len(admitted))
+            order = sorted(senders - admitted,
+                           key=lambda s: hashlib.sha256(f"{round_index}:{s}".encode()).digest())
+            chosen[round_index] = admitted | set(order[:room])
+        return chosen
+
+    def _rank(self, sender: str, round_index: int, credit: SenderCredit) -> Rank:
+        return (credit.is_proven(sender), credit.credit(sender), round_index)
+
+    def _admit_one(self, item: Incoming, current_round: int, credit: SenderCredit,
+                   newcomers: dict[int, set[str]]) -> None:
+        # Cheap checks first: a flood is turned away before its bytes are parsed.
+        if not isinstance(item.sender, str) or not isinstance(item.round, int) or not isinstance(item.index, int):
+            raise Rejected("malformed", "incoming item of the wrong types")
         if item.round > current_round:
             raise Rejected("wrong_round", f"key of round {item.round}, now {current_round}")
         if item.round < current_round - ROUNDS_KEPT + 1:
             raise Rejected("replayed", f"round {item.round} has closed")
+        if not 0 <= item.index < self.caps.max_groups_per_peer or \
+                self._per_round[(item.sender, item.round)] >= self.caps.max_groups_per_peer:
+            raise Rejected("too_many_groups", f"over {self.caps.max_groups_per_peer} in round {item.round}")
+        if self._pool.count(item.sender) >= self.caps.max_groups_per_peer:
+            raise Rejected("flooding", "the sender already fills its share of the pool")
+        is_new = credit.is_new(item.sender)
+        if is_new and item.sender not in newcomers.get(item.round, ()):
+            raise Rejected("new_senders", f"over {self.new_senders_per_round} new senders in round {item.round}")
+        rank = self._rank(item.sender, item.round, credit)
+        if self._pool.full():
+            lowest_rank, _ = self._pool.lowest(lambda c: self._rank(c.sender, c.round, credit))
+            if rank <= lowest_rank:
+                raise Rejected("pool_full", "the pool holds only senders of equal or higher credit")
+
         shared = decode_group(item.raw, self.caps)
         if shared.round != item.round:
             # A signed record copied from another round's key: the signature binds the key,
             # the payload names the round it was made for.
             raise Rejected("replayed" if shared.round < item.round else "wrong_round",
                            f"record of round {shared.round} under round {item.round}")
-        if item.index >= self.caps.max_groups_per_peer or \
-                self._per_round[(item.sender, item.round)] >= self.caps.max_groups_per_peer:
-            raise Rejected("too_many_groups", f"over {self.caps.max_groups_per_peer} in round {item.round}")
-        if sum(c.sender == item.sender for c in self.pool) >= self.caps.max_groups_per_peer:
-            raise Rejected("flooding", "the sender already fills its share of the pool")
-        digest = group_digest(shared.spec, shared.completions)
-        if digest in self._digests:
-            first_sender, _ = self._digests[digest]
-            if first_sender == item.sender:
-                raise Rejected("duplicate")
-            # Who wrote it first cannot be known (a copier may be faster): neither copy is
-            # trained on, so copying earns nothing. Our own groups are never in the pool.
-            contested = [c for c in self.pool if c.digest == digest]
-            self.pool = [c for c in self.pool if c.digest != digest]
-            self.rejected["copied"] += len(contested)
-            raise Rejected("copied")
         try:
             record = record_from_spec(self.task, dict(shared.spec))
         except SpecError as exc:
             raise Rejected(exc.reason, str(exc)) from None
-        self._digests[digest] = (item.sender, item.round)
+        # Digests over OUR regeneration of the spec and the normalised text (records.py).
+        digests = tuple(completion_digest(record["spec"], c) for c in shared.completions)
+        self._check_copies(item.sender, digests)
+
+        candidate = Candidate(item.sender, item.round, shared, record,
+                              group_digest(record["spec"], list(shared.completions)), digests)
+        if self._pool.full():
+            _, evicted = self._pool.lowest(lambda c: self._rank(c.sender, c.round, credit))
+            self._pool.remove(evicted)
+            self.rejected["pool_full"] += 1
+        self._pool.add(candidate)
+        self._copies.note(digests, item.sender, item.round)
         self._per_round[(item.sender, item.round)] += 1
-        return Candidate(item.sender, item.round, shared, record, digest)
+        if is_new:
+            self._new_senders.setdefault(item.round, set()).add(item.sender)
+
+    def _check_copies(self, sender: str, digests: tuple[str, ...]) -> None:
+        """Refuse a group most of whose completions were seen before; the first sender's group
+        stays (a copier must not be able to censor it) but earns no one credit."""
+        distinct = set(digests)
+        others, own = self._copies.split(distinct, sender)
+        if (len(others) + len(own)) < COPY_SHARE * len(distinct):
+            return  # mostly new text: two honest peers may well write the same right answer
+        for digest in others:
+            holder = self._pool.holding(digest)
+            if holder is not None:
+                holder.contested = True
+        if others:
+            raise Rejected("copied", f"{len(others)} of {len(distinct)} completions seen from others")
+        raise Rejected("duplicate", f"{len(own)} of {len(distinct)} completions sent before")
 
     def _forget_before(self, oldest_round: int) -> None:
         """Drop pooled records and bookkeeping of closed rounds (the round check covers them)."""
-        self.pool = [c for c in self.pool if c.round >= oldest_round]
-        self._handled = {k: r for k, r in self._handled.items() if r >= oldest_round - 1}
-        self._digests = {d: v for d, v in self._digests.items() if v[1] >= oldest_round - 1}
-        self._per_round = Counter({k: n for k, n in self._per_round.items() if k[1] >= oldest_round - 1})
+        self._pool.forget_before(oldest_round)
+        for table in (self._handled, self._new_senders):
+            for round_index in [r for r in table if r < oldest_round - 1]:
+                del table[round_index]
+        if any(k[1] < oldest_round - 1 for k in self._per_round):
+            self._per_round = Counter({k: n for k, n in self._per_round.items() if k[1] >= oldest_round - 1})
+        self._copies.forget_before(oldest_round)
 
     # ---- training ------------------------------------------------------------------------------
 
     def take(self, count: int, judge: Judge, credit: SenderCredit, max_share: float,
              rng: random.Random, max_judged: int | None = None) -> list[tuple[Candidate, Group]]:
-        """Up to `count` judged groups, drawn one by one in proportion to sender credit, at most
+        """Up to `count` judged groups, drawn one by one by sender credit (`draw_weights`: a
+        sender's groups weigh its credit together, unproven senders share one prior), at most
         `per_sender_cap(count, max_share)` from one sender.
 
         Every drawn candidate leaves the pool whether it passes or not, and at most `max_judged`
@@ -156,31 +232,65 @@ class Inbox:
         per_sender: Counter[str] = Counter()
         judged = 0
         while len(accepted) < count and judged < max_judged:
-            eligible = [c for c in self.pool if per_sender[c.sender] < cap]
+            eligible = [c for c in self._pool if per_sender[c.sender] < cap]
             if not eligible:
                 break
-            candidate = rng.choices(eligible, weights=[credit.credit(c.sender) for c in eligible])[0]
-            self.pool.remove(candidate)
+            weights = draw_weights([c.sender for c in eligible], credit)
+            candidate = rng.choices(eligible, weights=weights)[0]
+            self._pool.remove(candidate)
             judged += 1
-            group = self._judge(candidate, judge, credit)
+            try:
+                group = self._judge(candidate, judge, credit)
+            except Exception as exc:  # e.g. text our tokenizer refuses: that group's problem only
+                log.debug("swarm: judging a group from %s raised %s", candidate.sender, type(exc).__name__)
+                self.rejected["malformed"] += 1
+                self._credit(credit, candidate, useful=False)
+                group = None
             if group is not None:
                 per_sender[candidate.sender] += 1
                 accepted.append((candidate, group))
+        self._pool.forget_ranks()  # credit moved
         return accepted
 
     def _judge(self, candidate: Candidate, judge: Judge, credit: SenderCredit) -> Group | None:
-        group = judge.build_group(candidate.record, list(candidate.shared.completions), candidate.sender)
+        completions = list(candidate.shared.completions)
+        group = judge.build_group(candidate.record, completions, candidate.sender)
+        wrong_steps = self._check_steps(group, completions, candidate.record)
         rewards = group.rewards
         if max(rewards) == min(rewards):
             self.rejected["uninformative"] += 1
-            credit.record(candidate.sender, useful=False)
+            self._credit(credit, candidate, useful=False)
             return None
         if self.is_unlikely(judge.mean_logprobs(group)):
             self.rejected["unlikely"] += 1
-            credit.record(candidate.sender, useful=False)
+            self._credit(credit, candidate, useful=False)
             return None
-        credit.record(candidate.sender, useful=max(rewards) > 0)
+        # A group whose right answers rest on wrong working disagrees with our verifier: it is
+        # trained with those completions scored wrong, and costs its sender credit.
+        self._credit(credit, candidate, useful=max(rewards) > 0 and not wrong_steps)
         return group
+
+    def _check_steps(self, group: Group, completions: list[str], record: dict[str, Any]) -> int:
+        """Score as wrong each completion whose answer our verifier accepted but whose worked
+        steps the task finds wrong (tasks with `check_steps`); returns how many."""
+        check = getattr(self.task, "check_steps", None)
+        if check is None:
+            return 0  # this task checks final answers only (see the README's swarm section)
+        wrong = 0
+        for sample, sent in zip(group.samples, completions):
+            if sample.reward is not None and sample.reward > 0 and not check(sample.text or sent, record):
+                sample.reward = min(sample.reward, 0.0)
+                wrong += 1
+        if wrong:
+            self.rejected["wrong_steps"] += wrong
+        return wrong
+
+    @staticmethod
+    def _credit(credit: SenderCredit, candidate: Candidate, useful: bool) -> None:
+        """Record a verdict on the sender, unless a copy of the group arrived: then who wrote it
+        cannot be known, and nobody earns or loses credit for it."""
+        if not candidate.contested:
+            credit.record(candidate.sender, useful=useful)
 
     def is_unlikely(self, values: list[float]) -> bool:
         """True when any completion's mean log-likelihood lies far below our own samples'.
@@ -201,11 +311,14 @@ class Inbox:
     def state_dict(self) -> dict[str, Any]:
         """What must survive a restart: what was already handled (so nothing is trained twice)."""
         return {"rejected": dict(self.rejected), "received": self.received,
-                "handled": [[*k, r] for k, r in self._handled.items()],
-                "digests": {d: list(v) for d, v in self._digests.items()}}
+                "handled": [[s, r, i, r] for r, keys in self._handled.items() for s, i in keys],
+                "copies": self._copies.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rejected = Counter(state["rejected"])
         self.received = state.get("received", 0)
-        self._handled = {(s, rnd, i): r for s, rnd, i, r in state["handled"]}
-        self._digests = {d: (v[0], v[1]) for d, v in state["digests"].items()}
+        self._handled = {}
+        for sender, _, index, round_index in state["handled"]:
+            self._handled.setdefault(round_index, set()).add((sender, index))
+        if "copies" in state:  # checkpoints before per-completion digests kept group digests only
+            self._copies.load_state_dict(state["copies"])

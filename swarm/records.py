@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 FORMAT = 1
 
@@ -22,7 +24,9 @@ REJECTION_REASONS = (
     "malformed", "oversized", "not_utf8", "bad_signature", "missing_signature", "replayed",
     "wrong_round", "duplicate", "copied", "unknown_task", "index_out_of_range", "too_many_groups",
     "too_many_completions", "completion_too_long", "flooding", "unlikely", "uninformative",
+    "pool_full", "new_senders", "wrong_steps",
 )
+MAX_NESTING = 3  # a record is an object holding a spec object and a list of strings: depth 2
 
 
 class SwarmError(RuntimeError):
@@ -48,8 +52,15 @@ class Caps:
     max_groups_per_peer: int = 8
 
 
+def _round_trips_utf8(text: str) -> str:
+    text.encode("utf-8")  # a lone surrogate ("\\ud800" is valid JSON) raises UnicodeEncodeError
+    return text
+
+
+# Text that is valid Unicode: digests, tokenizers and logs all encode it without error.
+Text = Annotated[StrictStr, AfterValidator(_round_trips_utf8)]
 # A spec is a flat mapping of names to scalars: all that regenerating a task needs.
-SpecValue = StrictStr | StrictInt | float | bool | None
+SpecValue = Text | StrictInt | float | bool | None
 
 
 class SharedGroup(BaseModel):
@@ -59,15 +70,18 @@ class SharedGroup(BaseModel):
 
     format: int = Field(FORMAT, ge=FORMAT, le=FORMAT)
     round: StrictInt = Field(ge=0)
-    spec: dict[StrictStr, SpecValue] = Field(max_length=32)
-    completions: list[StrictStr] = Field(min_length=1)
+    spec: dict[Text, SpecValue] = Field(max_length=32)
+    completions: list[Text] = Field(min_length=1)
 
 
 def encode_group(round_index: int, spec: dict[str, Any], completions: list[str]) -> bytes:
     """The bytes a node stores for one of its groups (compact, key-sorted JSON)."""
     record = SharedGroup(round=round_index, spec=spec, completions=completions)
-    return json.dumps(record.model_dump(), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    text = json.dumps(record.model_dump(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # hivemind strips every "[signature:...]" from a stored value, which breaks our signature and
+    # fails the whole publish; outside strings "[" is never followed by a letter, so escaping it
+    # as JSON's \u005b changes no decoded value.
+    return text.replace("[signature:", "\\u005bsignature:").encode("utf-8")
 
 
 def decode_group(raw: bytes, caps: Caps) -> SharedGroup:
@@ -80,11 +94,13 @@ def decode_group(raw: bytes, caps: Caps) -> SharedGroup:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise Rejected("not_utf8") from None
+    if nesting_exceeds(text, MAX_NESTING):
+        raise Rejected("malformed", f"JSON nested deeper than {MAX_NESTING}")
     try:
         data = json.loads(text, parse_constant=_no_constant)
         record = SharedGroup.model_validate(data)
-    except (ValueError, ValidationError) as exc:
-        raise Rejected("malformed", str(exc).splitlines()[0][:120]) from None
+    except Exception as exc:  # anything a peer's bytes make the parser raise is their fault
+        raise Rejected("malformed", (str(exc).splitlines() or [type(exc).__name__])[0][:120]) from None
     if any(isinstance(v, float) and not math.isfinite(v) for v in record.spec.values()):
         raise Rejected("malformed", "non-finite number in spec")
     if len(record.completions) > caps.max_completions:
@@ -99,14 +115,44 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# JSON strings (escapes included), matched without backtracking; what is left is the structure.
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_INNERMOST_RE = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+
+
+def nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON `text` nests arrays/objects deeper than `limit`, found without parsing it
+    (a nesting bomb makes the parser recurse): strings are blanked, then innermost brackets are
+    removed `limit` times; any bracket left was deeper (or unbalanced, malformed anyway)."""
+    structure = _JSON_STRING_RE.sub("", text)
+    for _ in range(limit):
+        structure, removed = _INNERMOST_RE.subn("", structure)
+        if not removed:
+            break
+    return any(bracket in structure for bracket in "[]{}")
+
+
 def spec_key(spec: dict[str, Any]) -> str:
     """A canonical text form of a spec, for digests and de-duplication."""
     return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# Whitespace and characters that render as nothing: editing them does not make a new text.
+_INVISIBLE_RE = re.compile(r"[\s\u00ad\u034f\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e"
+                           r"\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]+")
+
+
+def normalised_text(text: str) -> str:
+    """A completion's text as compared for copies: NFKC (look-alike forms folded), whitespace and
+    invisible characters removed."""
+    return _INVISIBLE_RE.sub("", unicodedata.normalize("NFKC", text))
+
+
 def completion_digest(spec: dict[str, Any], completion: str) -> str:
-    """The digest of one completion of one task: equal text for the same task, equal digest."""
-    return hashlib.sha256(f"{spec_key(spec)}\x00{completion}".encode("utf-8")).hexdigest()
+    """The digest of one completion of one task: the same normalised text for the same canonical
+    spec (pass this node's regeneration of it), the same digest."""
+    key = f"{spec_key(spec)}\x00{normalised_text(completion)}"
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def group_digest(spec: dict[str, Any], completions: list[str]) -> str:

@@ -1,10 +1,10 @@
 """The swarm's DHT transport: signed, size-capped, sharded round records over hivemind.
 
 Every peer may be malicious. Inside the DHT process a guard refuses records no swarm node writes
-(oversized, undecodable, not bytes, no subkey) and a signature validator lets only a subkey's
-owner write it; both count what they refuse. On our side every record is parsed defensively:
-nothing a peer stores can raise here, it is skipped and counted. The key layout and the
-parsers are in entries.py.
+(guard.py: foreign keys, unsigned or non-canonical subkeys, oversized values, far expirations)
+and a signature validator lets only a subkey's owner write it; both count what they refuse. On
+our side every record is parsed defensively: nothing a peer stores can raise here, it is skipped
+and counted. The key layout and the parsers are in entries.py.
 """
 
 from __future__ import annotations
@@ -18,76 +18,21 @@ from collections import Counter
 from typing import Any, Callable
 
 from hivemind import DHT
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.mpfuture import MPFuture
 
-from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_payload, parse_status, shard_of
+from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_payload, parse_status, payload_key, \
+    shard_of, status_key
+from rollover.swarm.guard import GUARD_REASONS, MAX_GROUPS_PER_ROUND, MAX_STATUS_BYTES, MAX_VALUE_BYTES, \
+    ROUNDS_AHEAD, CountingSignatureValidator, GuardValidator
 from rollover.swarm.identity import Identity, SwarmError, identity_from_key
 
-REJECTION_REASONS = ("oversized", "malformed", "bad_signature", "missing_signature")
-SIGNED_OVERHEAD = 1024  # msgpack header + "[signature:...]" of up to a 4096-bit key, on the wire
-MAX_SUBKEY_BYTES = 2048  # an owner marker of a 4096-bit key plus "/index" fits easily
-MAX_INDEX = 999_999
+REJECTION_REASONS = (*GUARD_REASONS, "bad_signature")
+DEFAULT_ROUND_SECONDS = 30.0  # swarm.round_seconds' default: a swarm shares one round length
 
 
-
-# --- validators: these run inside the DHT's child process --------------------------------------
-
-
-def _reject(rejections: dict[str, int], reason: str) -> bool:
-    rejections[reason] = rejections.get(reason, 0) + 1
-    return False
-
-
-class GuardValidator(RecordValidatorBase):
-    """Refuses oversized, undecodable or non-bytes records, and records without a bytes subkey.
-
-    It runs first (highest priority) on the wire value, signature included, so a huge value costs
-    no signature check. Subkey-less values are refused because a plain value with a later
-    expiration replaces a whole shard dictionary on every replica that accepts it.
-    """
-
-    def __init__(self, max_record_bytes: int, rejections: dict[str, int]):
-        self.max_value_bytes = max_record_bytes + SIGNED_OVERHEAD
-        self.rejections = rejections
-
-    @property
-    def priority(self) -> int:
-        return 20  # above RSASignatureValidator's 10: validated first
-
-    def validate(self, record: DHTRecord) -> bool:
-        if len(record.value) > self.max_value_bytes or len(record.subkey) > MAX_SUBKEY_BYTES:
-            return _reject(self.rejections, "oversized")
-        try:  # what hivemind will decode once the signature is stripped
-            subkey = MSGPackSerializer.loads(record.subkey)
-            value = MSGPackSerializer.loads(SIGNATURE_RE.sub(b"", record.value))
-        except Exception:
-            return _reject(self.rejections, "malformed")
-        if not isinstance(subkey, bytes) or not isinstance(value, bytes):
-            return _reject(self.rejections, "malformed")
-        return True
-
-
-class CountingSignatureValidator(RSASignatureValidator):
-    """hivemind's owner-signature check, counting refusals; a garbled owner key is a refusal too.
-
-    RSASignatureValidator.merge_with absorbs any later RSASignatureValidator, so as the first one
-    given to the DHT this instance stays the one that validates (and counts).
-    """
-
-    def __init__(self, private_key: RSAPrivateKey, rejections: dict[str, int]):
-        super().__init__(private_key)
-        self.rejections = rejections
-
-    def validate(self, record: DHTRecord) -> bool:
-        try:
-            ok = super().validate(record)
-        except Exception:  # e.g. "[owner:garbage]": hivemind's key parser raises
-            ok = False
-        return True if ok else _reject(self.rejections, "bad_signature")
+# --- the DHT process -----------------------------------------------------------------------------
 
 
 class _SwarmDHT(DHT):
@@ -143,11 +88,17 @@ class SwarmTransport:
     def __init__(self, namespace: str, identity: Identity | None, *, initial_peers: list[str] = (),
                  host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
                  max_record_bytes: int = 12288, shards: int = 4, client_mode: bool = False,
-                 startup_timeout: float = 60, request_timeout: float = 30):
+                 startup_timeout: float = 60, request_timeout: float = 30,
+                 round_seconds: float = DEFAULT_ROUND_SECONDS, rounds_ahead: int = ROUNDS_AHEAD):
         if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", namespace):
             raise SwarmError(f"bad swarm namespace {namespace!r} (letters, digits, ._:/- only)")
-        if max_record_bytes < 1 or shards < 1:
-            raise SwarmError("max_record_bytes and shards must be positive")
+        if not 1 <= max_record_bytes <= MAX_VALUE_BYTES or shards < 1:
+            raise SwarmError(f"max_record_bytes must be 1..{MAX_VALUE_BYTES} and shards positive")
+        if not round_seconds > 0 or rounds_ahead < 0:
+            raise SwarmError("round_seconds must be positive and rounds_ahead >= 0")
+        # the guard's rules must be the same on every node of a swarm: round_seconds is the
+        # swarm's, and rounds_ahead is for tests only (more future rounds than one)
+        self.round_seconds, self.rounds_ahead = float(round_seconds), rounds_ahead
         self.namespace = namespace
         self.identity = identity if identity is not None else identity_from_key(RSAPrivateKey())
         self.initial_peers = [str(peer) for peer in initial_peers]
@@ -172,7 +123,8 @@ class SwarmTransport:
         if self._dht is not None:
             raise SwarmError("swarm transport already started")
         rejections: dict[str, int] = {}
-        validators = [GuardValidator(self.max_record_bytes, rejections),
+        validators = [GuardValidator(self.namespace, self.shards, self.round_seconds, rejections,
+                                     rounds_ahead=self.rounds_ahead),
                       CountingSignatureValidator(self.identity.private_key, rejections)]
         options: dict[str, Any] = dict(host_maddrs=self.host_maddrs, client_mode=self.client_mode,
                                        startup_timeout=self.startup_timeout)
@@ -233,7 +185,7 @@ class SwarmTransport:
 
     def shard_keys(self, round: int) -> list[str]:
         """The DHT keys holding a round's payloads."""
-        return [f"{self.namespace}/r{_check_round(round)}/s{shard}" for shard in range(self.shards)]
+        return [payload_key(self.namespace, _check_round(round), shard) for shard in range(self.shards)]
 
     def publish(self, round: int, payloads: list[bytes], expiration_time: float, first_index: int = 0) -> int:
         """Store our payloads for `round` as indices first_index, first_index + 1, ..., signed,
@@ -243,8 +195,8 @@ class SwarmTransport:
         so a node publishing twice in a round continues its indices.
         """
         keys = self.shard_keys(round)
-        if first_index < 0 or first_index + len(payloads) > MAX_INDEX + 1:
-            raise SwarmError(f"payload indices of a round are 0..{MAX_INDEX}")
+        if first_index < 0 or first_index + len(payloads) > MAX_GROUPS_PER_ROUND:
+            raise SwarmError(f"payload indices of a round are 0..{MAX_GROUPS_PER_ROUND - 1}")
         for i, payload in enumerate(payloads):
             self._check_value(payload, f"payload {i}")
         self._check_expiration(expiration_time)
@@ -275,7 +227,7 @@ class SwarmTransport:
 
     def status_key(self, round: int) -> str:
         """The DHT key holding nodes' statuses for a round."""
-        return f"{self.namespace}/status/r{_check_round(round)}"
+        return status_key(self.namespace, _check_round(round))
 
     def publish_status(self, round: int, status: dict, expiration_time: float) -> bool:
         """Store our small JSON status for `round` (signed) until `expiration_time`."""
@@ -285,7 +237,7 @@ class SwarmTransport:
             raw = json.dumps(status, sort_keys=True, separators=(",", ":")).encode()
         except (TypeError, ValueError) as e:
             raise SwarmError(f"status is not JSON: {_one_line(e)}") from None
-        self._check_value(raw, "status")
+        self._check_value(raw, "status", MAX_STATUS_BYTES)
         self._check_expiration(expiration_time)
         request = dict(key=self.status_key(round), subkey=self.identity.public_key_marker, value=raw,
                        expiration_time=expiration_time)
@@ -378,11 +330,12 @@ class SwarmTransport:
                 results.append(None)
         return results
 
-    def _check_value(self, value: object, what: str) -> None:
+    def _check_value(self, value: object, what: str, cap: int | None = None) -> None:
+        cap = self.max_record_bytes if cap is None else cap
         if not isinstance(value, (bytes, bytearray)):
             raise SwarmError(f"{what} must be bytes, not {type(value).__name__}")
-        if len(value) > self.max_record_bytes:
-            raise SwarmError(f"{what} is {len(value)} bytes, over the {self.max_record_bytes}-byte record cap")
+        if len(value) > cap:
+            raise SwarmError(f"{what} is {len(value)} bytes, over the {cap}-byte record cap")
         if SIGNATURE_RE.search(bytes(value)):  # hivemind would strip it and fail our signature
             raise SwarmError(f"{what} contains a '[signature:...]' sequence, which hivemind strips")
 

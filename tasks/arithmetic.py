@@ -66,6 +66,46 @@ def solution_text(numbers: list[int], with_scratchpad: bool = True) -> str:
     return f"{pad}{ANSWER_MARK}{sum(numbers)}"
 
 
+# One scratchpad step: "7+5=12;" (spaces allowed around the signs).
+_STEP_RE = re.compile(r"\s*(\d+(?:\s*\+\s*\d+)*)\s*=\s*(\d+)\s*;")
+
+
+def column_steps(numbers: list[int]) -> list[tuple[list[int], int]]:
+    """The (terms, sum) of each column step of `scratchpad(numbers)`, units first."""
+    width = max(len(str(n)) for n in numbers)
+    steps, carry = [], 0
+    for column in range(width):
+        terms = [n // 10**column % 10 for n in numbers if column < len(str(n))] + ([carry] if carry else [])
+        steps.append((terms, sum(terms)))
+        carry = sum(terms) // 10
+    return steps
+
+
+def steps_are_right(completion: str, numbers: list[int]) -> bool:
+    """Whether everything before the answer mark is the worked column addition of `numbers`,
+    step by step (the right digits, carries and sums): a right answer after a wrong or missing
+    working does not pass. Linear in the completion's length."""
+    working = completion.split(ANSWER_MARK, 1)[0]
+    steps, position = [], 0
+    while True:
+        match = _STEP_RE.match(working, position)
+        if match is None:
+            break
+        terms, total = match.group(1), match.group(2)
+        if len(total) > 64 or len(terms) > 4096:
+            return False  # no real step is that long; int() of it would be slow
+        steps.append(([int(t) for t in terms.split("+")], int(total)))
+        position = match.end()
+    if working[position:].strip():
+        return False  # something else than steps in the working
+    return steps == column_steps(numbers)
+
+
+def question_numbers(question: str) -> list[int]:
+    """The operands of a question as `question_text` writes it ("47+85=")."""
+    return [int(n) for n in question.rstrip("=").split("+")]
+
+
 def extract_answer(completion: str) -> int | None:
     """The integer after the first `#`, or None when the completion gives no answer."""
     match = _ANSWER_RE.search(completion)

@@ -6,6 +6,7 @@ to regenerate the record elsewhere (a resumed run, a swarm peer), and never the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -64,6 +65,17 @@ class ArithmeticTask:
     def score(self, completion: str, record: dict[str, Any]) -> float:
         return float(arithmetic.extract_answer(completion) == int(record["answer"]))
 
+    def check_steps(self, completion: str, record: dict[str, Any]) -> bool:
+        """Whether a completion's worked steps are right (always True without a scratchpad).
+
+        Used on peers' completions: a peer could otherwise pair a wrong scratchpad with the right
+        answer and have us reward the wrong working. Tasks without this method check final
+        answers only.
+        """
+        if not self.scratchpad:
+            return True
+        return arithmetic.steps_are_right(completion, arithmetic.question_numbers(record["question"]))
+
 
 class ReasoningGymTask:
     """A reasoning-gym dataset by name, regenerated from (name, seed, index)."""
@@ -82,13 +94,15 @@ class ReasoningGymTask:
         except Exception as exc:  # unknown name or bad config: reasoning-gym raises many kinds
             raise TaskError(f"task.gym_dataset '{dataset}': {exc}") from None
         self.dataset, self.seed, self.config = dataset, seed, config
+        # A spec holds scalars only (it crosses the swarm): the config is named by its digest.
+        self.config_digest = content_digest([json.dumps(config, sort_keys=True, default=str)])
 
     def _record(self, data, seed: int, index: int) -> dict[str, Any]:
         entry = data[index % self.SIZE]
         return {"question": entry["question"], "answer": str(entry["answer"]),
                 "metadata": entry["metadata"],
                 "spec": {"task": "reasoning_gym", "dataset": self.dataset, "seed": seed,
-                         "index": index % self.SIZE, "config": self.config}}
+                         "index": index % self.SIZE, "config": self.config_digest}}
 
     def record(self, index: int) -> dict[str, Any]:
         return self._record(self.train, self.seed, index)
@@ -155,12 +169,18 @@ class DatasetTask:
             raise TaskError(f"task.path {path}: {len(self.answers)} usable rows, need more than "
                             f"task.eval_size={eval_size}")
         self.path = path
+        # Specs name the dataset by its kept rows' content, not by this machine's path: peers
+        # holding the same data elsewhere (or in another format) regenerate the same records.
+        self.content = content_digest(json.dumps([r, q, a]) for r, q, a in
+                                      zip(self.row_numbers, self.questions, self.answers))
         self.verifier = AnswerVerifier()
         self.train_size = len(self.answers) - eval_size
+        # file row number -> kept index, for training rows only (peers' specs name file rows)
+        self.train_rows = {row: i for i, row in enumerate(self.row_numbers[: self.train_size])}
 
     def _record(self, kept_index: int) -> dict[str, Any]:
         return {"question": self.questions[kept_index], "answer": self.answers[kept_index],
-                "spec": {"task": "dataset", "path": self.path, "row": self.row_numbers[kept_index]}}
+                "spec": {"task": "dataset", "dataset": self.content, "row": self.row_numbers[kept_index]}}
 
     def record(self, index: int) -> dict[str, Any]:
         return self._record(index % self.train_size)
@@ -171,6 +191,14 @@ class DatasetTask:
 
     def score(self, completion: str, record: dict[str, Any]) -> float:
         return self.verifier.score(completion, record)
+
+
+def content_digest(parts) -> str:
+    """A short sha256 over text parts (one per line): names content the same on every machine."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()[:32]
 
 
 def math_verify_score(completion: str, gold: str) -> float:
@@ -294,16 +322,21 @@ def record_from_spec(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(index, int) or isinstance(index, bool):
         raise SpecError("unknown_task", f"spec has no integer {key!r}")
     if task.name == "dataset":
-        kept = {row: i for i, row in enumerate(task.row_numbers[: task.train_size])}
-        if index not in kept:
+        if index not in task.train_rows:
             raise SpecError("index_out_of_range", f"row {index} is not a training row here")
-        index = kept[index]
+        index = task.train_rows[index]
     elif not 0 <= index < getattr(task, "SIZE", 2**62):
         raise SpecError("index_out_of_range", f"index {index}")
     record = task.record(index)
-    if record["spec"] != spec:
+    # Compared as canonical JSON, not with ==: `true` or `1.0` for 1 are equal in Python but
+    # would be another spec (and another digest) elsewhere.
+    if _canonical(record["spec"]) != _canonical(spec):
         raise SpecError("unknown_task", "spec differs from this node's task settings")
     return record
+
+
+def _canonical(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def build_task(cfg) -> Task:

@@ -22,6 +22,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = "builtin:tiny-math"  # a local folder, a hub id, or builtin:tiny-math
+    # The compute dtype: forward passes (autocast), the engine's weights, the KL reference.
+    # Trained weights and AdamW state are float32 whatever it is (trainer/policy.py).
     # auto: bfloat16 when CUDA is present, float32 otherwise (`resolve_dtype`).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
@@ -95,12 +97,16 @@ class RolloutConfig(Section):
     # None: vLLM's choice (all cores but one), the trainer unpinned (trainer/cpu_split.py).
     engine_cpus: str | None = None
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
+    weight_bucket_mb: float = Field(512.0, gt=0)  # ipc weight loads stage this much on the GPU at a time
     enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU
     # Colocated trainer on one GPU: the engine sleeps (frees its weights and KV cache) during
     # the update and wakes for the next rollout. CUDA only.
     sleep_mode: bool = False
     # A step stops with one line once the filter rejects this many groups (None: 50 x N').
     max_rejections_per_step: int | None = Field(None, ge=1)
+    # Deadline of each weight load and of its check (rollout/weight_check.py), every engine
+    # included: a load past it stops the run in one line, naming the last intact checkpoint.
+    weight_load_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("over_provision", mode="before")
     @classmethod
@@ -282,6 +288,14 @@ class Recipe(Section):
                 f"rollout.top_p={self.rollout.top_p} needs algo.offpolicy: none (with "
                 f"'{self.algo.offpolicy}' the engine's top-p log-probs would be compared with the "
                 f"trainer's untruncated ones); or set rollout.top_p: 1.0")
+        if self.algo.offpolicy == "mask" and self.rollout.max_async > 0:
+            # A batch generated ahead is max_async versions old by design: "mask" would leave it
+            # almost no token to train on (and masking only older tokens would train the rest
+            # with no correction at all, which is what "mask" exists to avoid).
+            raise ValueError(
+                f"algo.offpolicy: mask with rollout.max_async={self.rollout.max_async} would mask "
+                "nearly every token (batches generated ahead are older than the trainer's weights "
+                "by design); use algo.offpolicy: tis (corrects them) or rollout.max_async: 0")
         samples = self.rollout.groups_per_step * self.rollout.group_size
         if self.train.updates_per_batch > samples:
             # The LR schedule counts steps x updates_per_batch optimizer updates; a batch cannot

@@ -3,6 +3,10 @@
 `swarm/` decides what to trust; this turns accepted text into groups the trainer can use, with
 nothing of the sender's kept but the words: token ids come from our tokenizer (capped at our
 `max_tokens`), rewards from our verifier, likelihoods from our policy.
+
+Peer text is tokenised as plain text: a literal "</s>" or "<|im_end|>" in it stays characters,
+never our special token (a peer must not choose where we teach the model to stop), so decoding
+the trained ids for scoring gives back the text itself.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ class LocalJudge:
         prompt = prompt_ids(record, tokenizer, self.recipe.task.prompt_format, self.recipe.task.system_prompt)
         samples = []
         for text in completions:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) < rollout.max_tokens and tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)  # it ended: our own samples end the same way
-            finish = "length" if len(ids) > rollout.max_tokens else "stop"
+            ids = plain_text_ids(tokenizer, text)
+            # It ended within our budget only if our end-of-sequence token still fits after it,
+            # as our own samples end; text that fills the budget was cut off there.
+            ended = len(ids) < rollout.max_tokens
+            if ended and tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
             samples.append(Sample(prompt_ids=list(prompt), response_ids=ids[: rollout.max_tokens],
-                                  finish_reason=finish))
+                                  finish_reason="stop" if ended else "length"))
         group = Group(uid=EXTERNAL_UID, task=record, samples=samples, sender=sender)
         for sample, reward in zip(samples, self.score_group(group)):  # scores our tokens' text
             sample.reward = reward
@@ -47,6 +53,19 @@ class LocalJudge:
     def mean_logprobs(self, group: Group) -> list[float]:
         return mean_logprobs(self.policy, group.samples, self.recipe.train.micro_batch_tokens,
                              self.recipe.rollout.temperature)
+
+
+def plain_text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with special-token markup left as text (`split_special_tokens`).
+
+    Raises ValueError if a special id comes out anyway (a tokenizer that ignores the option):
+    the group is then refused rather than trained with a peer-chosen special token.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # unknown text is still text
+    if special.intersection(ids):
+        raise ValueError("peer text tokenised to a special token")
+    return ids
 
 
 def mean_logprobs(policy: Policy, samples: list[Sample], token_budget: int, temperature: float) -> list[float]:

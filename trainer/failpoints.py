@@ -11,7 +11,9 @@ tens of milliseconds here), so the kill test (bench/chaos.py) also names the mom
 - `weight_sync`: step <step>'s weight sync, with the weights file written, before the engine loads it;
 - `checkpoint_write`: checkpoint <step>'s files written, its manifest not yet (a cut checkpoint);
 - `checkpoint_replace`: checkpoint <step> saved again, its old folder moved aside, the new one
-  not yet moved in.
+  not yet moved in;
+- `skip_weight_push`: no signal: step <step>'s weight push does nothing and reports success (a
+  transport that silently skips the update); the check after the load must stop the run.
 
 Unset (always, outside tests) nothing is wrapped and `failpoint()` is one dictionary lookup.
 """
@@ -67,7 +69,7 @@ class _FireOnLoad:
 
 def arm(trainer: Any) -> None:
     """Wrap the trainer's parts so the point named by ROLLOVER_FAILPOINT fires (no-op when unset)."""
-    at = {p: _armed(p) for p in ("rollout", "update", "weight_sync")}
+    at = {p: _armed(p) for p in ("rollout", "update", "weight_sync", "skip_weight_push")}
     now = lambda: trainer.step + 1  # noqa: E731 - the step being trained
 
     if at["rollout"] is not None:
@@ -103,3 +105,12 @@ def arm(trainer: Any) -> None:
             await push(_FireOnLoad(llm) if now() == at["weight_sync"] else llm, named_tensors)
 
         transport.push = push_then_fire
+    if at["skip_weight_push"] is not None:
+        transport = trainer.engine.weight_transport
+        real_push = transport.push
+
+        async def push_or_skip(llm: Any, named_tensors: Any) -> None:
+            if now() != at["skip_weight_push"]:
+                await real_push(llm, named_tensors)
+
+        transport.push = push_or_skip

@@ -19,7 +19,6 @@ from statistics import pstdev, stdev
 from typing import Any
 
 import torch
-from transformers import get_scheduler
 
 from rollover.algos.advantages import group_advantages
 from rollover.algos.filters import is_informative, overlong_penalty
@@ -28,6 +27,7 @@ from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
+from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed
 from rollover.swarm.node import AUDIT_LOG, SwarmNode
 from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
@@ -37,6 +37,7 @@ from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.external import LocalJudge
+from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.policy import Policy
 from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
 from rollover.trainer.tracking import Tracker, busy_text, console, forget_steps_after, progress_bar
@@ -70,12 +71,9 @@ class Trainer:
         self.swarm = swarm  # SAPO: peers' groups join each step's batch (swarm/node.py)
         self.judge = LocalJudge(recipe, policy, self.score_group)
         train = recipe.train
-        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.lr,
-                                           weight_decay=train.weight_decay)
-        self.lr_schedule = get_scheduler(
-            "cosine" if train.schedule == "cosine" else "constant_with_warmup", self.optimizer,
-            num_warmup_steps=train.warmup_steps * train.updates_per_batch,
-            num_training_steps=train.steps * train.updates_per_batch)
+        self.optimizer = build_optimizer(policy.trainable_parameters(), lr=train.lr,
+                                         weight_decay=train.weight_decay)
+        self.lr_schedule = build_lr_schedule(self.optimizer, train)
         if recipe.algo.kl_coef > 0:
             policy.enable_reference()
         self.prompts = PromptStream(task, policy.tokenizer, recipe)
@@ -83,6 +81,8 @@ class Trainer:
                                         self.keep_group if recipe.algo.dynamic_sampling else None,
                                         max_rejections_per_step=recipe.rollout.max_rejections_per_step)
         self.ahead = RolloutAhead(self.scheduler, recipe.rollout.max_async, recipe.rollout.interrupt)
+        # Every load under a deadline, then proven by a log-prob probe (rollout/weight_check.py).
+        self.weight_sync = CheckedWeightSync(engine, policy, recipe.rollout.weight_load_timeout_s)
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
                                         recipe.task.system_prompt) for r in self.eval_records]
@@ -201,7 +201,12 @@ class Trainer:
         await self.engine.wake_up()
         # Any applied update changes the weights the engine must serve.
         weights = self.policy.engine_weights() if stats["updates"] > 0 else None
-        await self.ahead.load_weights(None if weights is None else lambda: self._load(weights))
+        try:
+            await self.ahead.load_weights(None if weights is None else lambda: self._load(weights))
+        except WeightSyncFailed:
+            self.tracker.log(self.step + 1, {"weights/fingerprint_ok": 0.0,
+                                             "time/weight_sync": time.perf_counter() - sync_started})
+            raise
         sync_seconds = time.perf_counter() - sync_started
         self.step += 1
         step_seconds = time.perf_counter() - started
@@ -213,6 +218,7 @@ class Trainer:
                    **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
                    "time/rollout": rollout_seconds, "time/train": train_seconds,
                    "time/weight_sync": sync_seconds, "time/step": step_seconds,
+                   **self.weight_sync.take_metrics(),  # weights/fingerprint_ok, when weights loaded
                    "pipeline/max_token_age": token_age, **self.ahead.window_metrics(), **swarm_metrics,
                    "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
         self.tracker.log(self.step, metrics)
@@ -235,13 +241,17 @@ class Trainer:
 
     async def _load(self, weights) -> None:
         """Put new weights into the engine: in place under running requests (`interrupt: keep`
-        while rolling out ahead), else into the idle engine."""
+        while rolling out ahead), else into the idle engine; under the deadline, then checked
+        (WeightSyncFailed stops the run)."""
         rollout = self.recipe.rollout
-        if rollout.max_async > 0 and rollout.interrupt == "keep":
-            await self.engine.update_weights(weights, keep_requests=True)
-        else:
+
+        async def load() -> int:
+            if rollout.max_async > 0 and rollout.interrupt == "keep":
+                return await self.engine.update_weights(weights, keep_requests=True)
             await self.engine.wait_idle()
-            await self.engine.update_weights(weights)
+            return await self.engine.update_weights(weights)
+
+        await self.weight_sync.load(load, f"step {self.step + 1}'s weight sync")
 
     def _count_bad_step(self, reason: str) -> None:
         """One more non-finite step; stop the run past `train.max_bad_steps`."""
@@ -262,6 +272,11 @@ class Trainer:
         train = self.recipe.train
         if resumed:  # the engine must serve the checkpoint's weights: this eval shows it
             await stoppable(self.run_eval(prefix="resume_eval"))
+        # and this proves it (as at a fresh start): the references later syncs are checked against
+        await stoppable(self.weight_sync.verify(self.engine.policy_version,
+                                                "the weight check at the start" if not resumed else
+                                                "the weight check after the resume"))
+        self.weight_sync.take_metrics()
         missed = self.evals and self.evals[-1]["step"] < self.step and (  # a stop cut it short
             self.step % train.eval_every == 0 or self.step >= train.steps)
         if not self.evals or missed:

@@ -1,17 +1,26 @@
-"""The policy: a Hugging Face causal LM (optionally with a LoRA adapter) and its per-token log-probs."""
+"""The policy: a Hugging Face causal LM (optionally with a LoRA adapter) and its per-token log-probs.
+
+Mixed precision (trainer/precision.py): `model.dtype` names the *compute* dtype (what the
+forward passes run in and what the engine serves). Trained parameters are always float32
+master weights, so AdamW's state is float32 too and an update of lr 1e-6 is not rounded away;
+with a bfloat16/float16 compute dtype the forward passes run under `torch.autocast`, the engine
+gets casts of the weights in that dtype (`engine_weights`), and the frozen KL reference is held
+in it. With LoRA the frozen base weights are held in the compute dtype (they get no update) and
+only the adapter is float32.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rollover.kernels.logprobs import chunked_logprobs
 from rollover.trainer.builtin_model import resolve_model_path
 from rollover.trainer.config import LoraConfig, ModelConfig, resolve_dtype
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from rollover.trainer.precision import DTYPES, ServedCasts, autocast_to, low_precision
+from rollover.trainer.precision import token_logprobs as _token_logprobs
 
 
 class ModelLoadError(RuntimeError):
@@ -73,13 +82,6 @@ def disable_dropout(model) -> None:
             setattr(config, name, 0.0)
 
 
-def _token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, temperature: float):
-    """Next-token log-probs and entropies through the decoder and the chunked LM-head kernel."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    head = model.get_output_embeddings().weight
-    return chunked_logprobs(hidden[:, :-1], head, input_ids[:, 1:], temperature=temperature)
-
-
 def engine_name(name: str) -> str:
     """A PEFT state-dict or module name in plain checkpoint naming (what vLLM loads)."""
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -99,13 +101,18 @@ def merged_lora_weight(base: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: fl
 
 
 class Policy:
-    """The trainable model, the weights the engine should serve, and log-probs of sequences."""
+    """The trainable model, the weights the engine should serve, and log-probs of sequences.
+
+    `dtype` is the compute dtype's name (as the engine takes it), `compute_dtype` the torch dtype.
+    """
 
     def __init__(self, model_cfg: ModelConfig, lora: LoraConfig, device: torch.device | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = resolve_dtype(model_cfg.dtype, self.device.type == "cuda")
-        model, self.tokenizer, self.path = load_model(model_cfg.path, dtype, self.device)
-        self.dtype = dtype
+        self.dtype = resolve_dtype(model_cfg.dtype, self.device.type == "cuda")
+        self.compute_dtype = DTYPES[self.dtype]
+        # Trained weights load as float32 masters; LoRA's frozen base in the compute dtype.
+        model, self.tokenizer, self.path = load_model(
+            model_cfg.path, self.dtype if lora.enabled else "float32", self.device)
         check_lm_head(model)
         disable_dropout(model)
         if model_cfg.gradient_checkpointing:
@@ -117,8 +124,15 @@ class Policy:
 
             model = get_peft_model(model, PeftLoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
-                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                target_modules=lora.target_modules, task_type="CAUSAL_LM"), autocast_adapter_dtype=True)
         self.model = model
+        wrong = low_precision(self.trainable_parameters())
+        if wrong:  # AdamW on low-precision weights rounds RL-sized updates to zero
+            raise ModelLoadError(f"trainable parameters must be float32 master weights, found {wrong}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the forward passes run in: autocast to the compute dtype (none for float32)."""
+        return autocast_to(self.compute_dtype, self.device)
 
     @property
     def base(self):
@@ -136,13 +150,15 @@ class Policy:
         tokens x vocabulary log-softmax is never held whole. `temperature` must match the
         engine's (its behaviour log-probs are of the temperature-scaled distribution).
         """
-        return _token_logprobs(self.base, input_ids, attention_mask, temperature)
+        with self.autocast():
+            return _token_logprobs(self.base, input_ids, attention_mask, temperature)
 
     def enable_reference(self) -> None:
         """Keep the starting policy (`model.path`) for the KL penalty; LoRA: the base, adapter off.
 
         Loaded afresh from `model.path`, never copied from the live model: after a resume the
-        live weights are the checkpoint's, and the reference must stay the starting model.
+        live weights are the checkpoint's, and the reference must stay the starting model. Held
+        frozen in the compute dtype (it is never updated, so it needs no float32 master).
         """
         if not self.lora:
             reference, _, _ = load_model(self.path, self.dtype, self.device)
@@ -151,22 +167,28 @@ class Policy:
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
-        if self.lora:
-            with self.model.disable_adapter():
-                return _token_logprobs(self.base, input_ids, attention_mask, temperature)[0]
-        return _token_logprobs(self.reference, input_ids, attention_mask, temperature)[0]
+        with self.autocast():
+            if self.lora:
+                with self.model.disable_adapter():
+                    return _token_logprobs(self.base, input_ids, attention_mask, temperature)[0]
+            return _token_logprobs(self.reference, input_ids, attention_mask, temperature)[0]
 
     @torch.no_grad()
-    def engine_weights(self) -> dict[str, Tensor]:
-        """Full weights in checkpoint naming, as the engine loads them (LoRA merged in).
+    def engine_weights(self, cast: bool = True) -> dict[str, Tensor]:
+        """Full weights in checkpoint naming and the compute dtype, as the engine serves them.
 
-        LoRA layers are merged out of place (`merged_lora_weight`): the module is never touched.
+        The float32 masters are cast (a new tensor each; tied weights stay one tensor), which
+        holds a second copy of the weights in the compute dtype until the push ends; `cast=False`
+        returns the masters as they are, for a transport that casts bucket by bucket
+        (rollout/ipc_buckets.py). LoRA layers are merged out of place (`merged_lora_weight`):
+        the module is never touched.
         """
+        served = ServedCasts(self.compute_dtype if cast else None)
         if not self.lora:
-            return {name: t.detach() for name, t in self.model.state_dict().items()}
+            return {name: served(t) for name, t in self.model.state_dict().items()}
         from peft.tuners.lora import LoraLayer
 
-        weights = {engine_name(name): t.detach() for name, t in self.model.state_dict().items()
+        weights = {engine_name(name): served(t) for name, t in self.model.state_dict().items()
                    if "lora_" not in name}
         for name, module in self.model.named_modules():
             if not isinstance(module, LoraLayer):
@@ -178,14 +200,20 @@ class Policy:
                     merged = merged_lora_weight(merged, module.lora_A[adapter].weight,
                                                 module.lora_B[adapter].weight, module.scaling[adapter],
                                                 module.fan_in_fan_out)
-            weights[engine_name(f"{name}.weight")] = merged
+            weights[engine_name(f"{name}.weight")] = served(merged)
         return weights
 
     def save_pretrained(self, folder: Path) -> None:
-        """A checkpoint loadable by transformers and vLLM as is (LoRA merged; adapter beside it)."""
+        """A checkpoint loadable by transformers and vLLM as is (LoRA merged; adapter beside it).
+
+        Full fine-tune: the float32 master weights themselves (exact resume; vLLM and
+        transformers cast them to the dtype they are asked for). LoRA: the float32 adapter (the
+        trained masters) beside the merged weights in the compute dtype.
+        """
         if self.lora:
             self.model.save_pretrained(folder / "adapter")
             self.base.save_pretrained(folder, state_dict=self.engine_weights())
         else:
             self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+

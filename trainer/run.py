@@ -18,6 +18,7 @@ from rollover.rollout.cluster import ClusterError, disconnect, start_engines
 from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, WeightLoadError
 from rollover.rollout.remote import EngineLost
 from rollover.rollout.settings import SleepModeUnavailable
+from rollover.rollout.weight_check import WeightSyncFailed
 from rollover.swarm.node import SwarmNode
 from rollover.swarm.records import SwarmError
 from rollover.tasks.registry import TaskError, build_task
@@ -38,7 +39,8 @@ from rollover.trainer.tracking import Tracker, console
 EXIT_USAGE, EXIT_FAILED = 2, 1
 # Stops the run can meet in normal operation: one line and exit 1, never a traceback.
 EXPECTED_STOPS = (TrainingStopped, TooManyRejections, TooManyFailures, RolloutExhausted,
-                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError, EngineLost)
+                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError, EngineLost,
+                  WeightSyncFailed)
 
 
 def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:

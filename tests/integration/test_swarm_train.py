@@ -88,7 +88,7 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
             time.sleep(0.5)
         peers = (out / "peers.txt").read_text().split()
         hostile = SwarmTransport("rollover", load_or_create_identity(tmp_path / "hostile"), initial_peers=peers,
-                                 host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+                                 host_maddrs=["/ip4/127.0.0.1/tcp/0"], round_seconds=ROUND_SECONDS)
         hostile.start()
         nodes = [out / "node-0", out / "node-1"]
         deadline = time.monotonic() + 420

@@ -86,6 +86,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
         (["rollout.over_provision=lots"], "rollout.over_provision: must be a number >= 1 .* or 'auto'"),
         (["rollout.max_async=5"], "max_async=5 exceeds max_staleness=4"),
         (["rollout.max_async=1", "rollout.partial=false"], "max_async > 0 needs partial: true"),
+        (["rollout.max_async=1", "algo.offpolicy=mask"], "offpolicy: mask with rollout.max_async=1 would mask"),
         (["rollout.interrupt=pause"], "rollout.interrupt"),
         (["cluster.engines=2"], "cluster.engines=2 needs Ray: set cluster.address"),
         (["cluster.address=remote"], "cluster.address"),
@@ -98,6 +99,13 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_settings_that_would_train_wrongly_are_refused(overrides, expected):
     with pytest.raises(RecipeError, match=expected):
         load_recipe(ROOT / "recipes/grpo_math.yaml", overrides)
+
+
+def test_masking_stale_tokens_is_allowed_without_running_ahead_and_tis_with_it():
+    masked = load_recipe(ROOT / "recipes/grpo_math.yaml", ["algo.offpolicy=mask"])
+    ahead = load_recipe(ROOT / "recipes/grpo_math.yaml", ["rollout.max_async=1", "algo.offpolicy=tis"])
+    assert (masked.algo.offpolicy, masked.rollout.max_async) == ("mask", 0)
+    assert (ahead.algo.offpolicy, ahead.rollout.max_async) == ("tis", 1)
 
 
 def test_top_p_is_allowed_without_importance_weights():

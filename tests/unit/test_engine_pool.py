@@ -178,6 +178,80 @@ def test_with_every_engine_dead_and_no_replacement_the_step_stops_in_one_line():
         pool.route()
 
 
+def test_a_one_engine_pool_waits_for_its_replacement_and_counts_no_failure():
+    # The only engine dies mid-step; while its replacement starts no engine is alive. The groups
+    # wait for it and finish there: nothing is retried, dropped or counted as a failed attempt.
+    a, spare = MortalEngine("a", dies_after=9, tick=0.002), MortalEngine("a2", tick=0.002)
+
+    async def replace(index):
+        await asyncio.sleep(0.3)  # an engine start takes a while
+        return spare
+
+    pool = EnginePool([a], replace=replace)
+    sched = scheduler(pool, n=4, max_tokens=20)
+    try:
+        result = run(sched.step())
+    finally:
+        sched.close()
+    assert a.errored and pool.members[0].engine is spare and pool.revivals == 1
+    assert len(result.groups) == 4 and not sched.attempts
+    assert result.metrics["rollout/retries"] == {} and result.metrics["rollout/drops"] == {}
+    sched.check_conservation()
+    for g in result.groups:
+        for i, s in enumerate(g.samples):
+            mine = [rid for e in (a, spare) for rid, _, _ in e.requests if _sample_of(rid) == (g.uid, i)]
+            streamed = sum(e.streamed_by_request[r] for e in (a, spare) for r in mine)
+            assert len(s.response_ids) == streamed == 20
+    assert pool.members[0].outstanding_tokens == 0  # the dead engine's leases left no load behind
+
+
+def test_a_replacement_that_does_not_come_back_in_time_stops_the_step_without_failing_groups():
+    a = MortalEngine("a", dies_after=5, tick=0.002)
+
+    async def replace(index):
+        await asyncio.sleep(60)  # hangs far beyond the pool's deadline
+        return MortalEngine("never")
+
+    pool = EnginePool([a], replace=replace, revival_timeout_s=0.3)
+    sched = scheduler(pool, n=4, max_tokens=20)
+
+    async def go():
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(AllEnginesLost, match="no replacement was back within"):
+            await sched.step()
+        return asyncio.get_running_loop().time() - started
+
+    try:
+        took = run(go())
+    finally:
+        sched.close()
+        pool.shutdown()
+    assert took < 5  # the deadline, not the scheduler's 30 s abort timeout
+    assert not sched.attempts  # the engine's death is no failed attempt of any group
+    sched.check_conservation()  # every group filed before the error left the step
+
+
+def test_a_lease_on_a_replaced_engine_leaves_the_replacement_s_load_alone():
+    a, b, spare = MortalEngine("a"), MortalEngine("b"), MortalEngine("a2")
+
+    async def replace(index):
+        return spare
+
+    async def go():
+        pool = EnginePool([a, b], replace=replace)
+        old = pool.route(30)  # on a (ties: the lowest index)
+        pool.lost(pool.members[0], a)
+        await pool.settle()
+        assert pool.members[0].engine is spare and not old.valid
+        new = await pool.acquire(5)  # the replacement starts empty: it is the least loaded
+        old.release()  # the group that held the old lease moves on
+        return pool, new
+
+    pool, new = run(go())
+    assert new.member is pool.members[0] and new.valid
+    assert pool.load() == [5, 0]  # only the new lease counts, never below it
+
+
 class FirstSampleStopsEarly(MortalEngine):
     """Sample 0 of every group stops after 2 tokens (as at EOS); the others use their budget."""
 

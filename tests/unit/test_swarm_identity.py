@@ -28,7 +28,8 @@ def test_identity_persists_across_loads(tmp_path):
     assert second.public_key_marker.startswith(b"[owner:ssh-rsa ")
     assert (tmp_path / "run" / "swarm_p2p.key").read_bytes() == p2p_bytes
     assert second.p2p_identity_path == tmp_path / "run" / "swarm_p2p.key"
-    assert second.sender_id == hashlib.sha256(first.public_key_marker).hexdigest()[:16]
+    numbers = _public_numbers(first)  # the id is the key's (modulus, exponent), not its text
+    assert second.sender_id == hashlib.sha256(f"rsa:{numbers.n:x}:{numbers.e:x}".encode()).hexdigest()[:16]
     # the reloaded key signs what the first one verifies
     signature = second.private_key.sign(b"round 7")
     assert first.private_key.get_public_key().verify(b"round 7", signature)

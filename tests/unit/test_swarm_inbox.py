@@ -36,9 +36,9 @@ class CharJudge:
 
 
 def right_and_wrong(index: int) -> list[str]:
-    """One correct solution (the task's own reference) and one wrong answer, both computed here."""
+    """One correct solution (the task's own reference, worked steps included) and one wrong answer."""
     numbers = arithmetic.make_problem(0, index, 1, 3, 2, None)
-    return [f"#{sum(numbers)}", f"#{sum(numbers) + 1}"]
+    return [arithmetic.solution_text(numbers), f"#{sum(numbers) + 1}"]
 
 
 def incoming(sender, index, spec_index=None, round_index=ROUND, payload_round=None, completions=None,
@@ -94,9 +94,10 @@ def test_duplicates_copies_and_echoes():
              incoming("b", 0, spec_index=5, completions=right_and_wrong(5)[::-1]),  # reordered copy
              incoming("c", 0, spec_index=20)]  # our own group echoed back
     assert box.admit(items, ROUND) == 1
-    # The copy makes both copies unusable: whoever was first, copying earns nothing.
-    assert dict(box.rejected) == {"duplicate": 1, "copied": 3}
-    assert box.pool == []
+    # The first copy stays (a copier cannot censor it) but, contested, earns no one credit.
+    assert dict(box.rejected) == {"duplicate": 1, "copied": 2}
+    [kept] = box.pool
+    assert kept.sender == "a" and kept.contested
 
 
 def test_a_record_read_again_is_judged_once():

@@ -66,7 +66,7 @@ class CharJudge:
 
 def answers(index: int) -> list[str]:
     numbers = arithmetic.make_problem(0, index, 1, 3, 2, None)
-    return [f"#{sum(numbers)}", f"#{sum(numbers) + 1}"]  # one right, one wrong: informative
+    return [arithmetic.solution_text(numbers), f"#{sum(numbers) + 1}"]  # one right, one wrong: informative
 
 
 def local_group(index: int) -> Group:

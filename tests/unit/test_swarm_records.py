@@ -50,7 +50,9 @@ def test_digests_ignore_order_but_not_task_or_text():
     assert group_digest(SPEC, ["a", "b"]) == group_digest(SPEC, ["b", "a"])
     assert group_digest(SPEC, ["a", "b"]) != group_digest({**SPEC, "index": 8}, ["a", "b"])
     assert group_digest(SPEC, ["a", "b"]) != group_digest(SPEC, ["a", "c"])
-    assert completion_digest(SPEC, "a") != completion_digest(SPEC, "a ")
+    assert completion_digest(SPEC, "a") != completion_digest(SPEC, "b")
+    # Spacing and invisible characters are not a new text: a copy with extra spaces is a copy.
+    assert completion_digest(SPEC, "7+5=12; #12") == completion_digest(SPEC, " 7 + 5=12;\u200b#12\n")
 
 
 def test_rounds_are_epochs_of_the_wall_clock():

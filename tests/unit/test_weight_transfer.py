@@ -17,11 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rollover.rollout.ipc_buckets import BucketedIpcTransport
+from rollover.rollout.weight_relay import WeightRelay
 from rollover.rollout.weight_sync import SharedMemoryTransport, WeightsUntouched
 from rollover.rollout.weight_transfer import (
     NativeWeightTransport,
     _LoopClient,
     engine_args_for,
+    engine_side_transport,
     packing_order,
     update_metadata,
     weight_transport_for,
@@ -147,9 +150,24 @@ def test_nccl_metadata_crosses_the_asyncllm_hop_without_pickle(monkeypatch):
 def test_weight_transport_for_picks_the_transport(tmp_path):
     shm = weight_transport_for("shared_memory", directory=tmp_path)
     assert isinstance(shm, SharedMemoryTransport) and shm.directory == tmp_path
-    for backend in ("ipc", "nccl"):
-        native = weight_transport_for(backend)
-        assert isinstance(native, NativeWeightTransport) and native.backend == backend
+    ipc = weight_transport_for("ipc", bucket_bytes=1 << 20, dtype="bfloat16")
+    assert isinstance(ipc, BucketedIpcTransport) and ipc.bucket_bytes == 1 << 20
+    assert ipc.dtype is torch.bfloat16
+    native = weight_transport_for("nccl")
+    assert isinstance(native, NativeWeightTransport) and native.backend == "nccl"
+
+
+def test_an_engine_host_loads_with_ipc_or_shared_memory_and_relays_nccl():
+    """Inside the process hosting an engine (a Ray actor, or the trainer for the in-process
+    engine) ipc and shared memory load tensors it holds; nccl never builds a sender there."""
+    from rollover.rollout.settings import EngineSettings
+
+    settings = EngineSettings(model="m", dtype="bfloat16", weight_bucket_mb=3)
+    ipc = engine_side_transport("ipc", settings)
+    assert isinstance(ipc, BucketedIpcTransport)
+    assert (ipc.bucket_bytes, ipc.dtype) == (3 << 20, torch.bfloat16)
+    assert isinstance(engine_side_transport("shared_memory", settings), SharedMemoryTransport)
+    assert isinstance(engine_side_transport("nccl", settings), WeightRelay)
 
 
 def test_unknown_backend_is_a_one_line_error_naming_the_valid_ones():
@@ -159,10 +177,10 @@ def test_unknown_backend_is_a_one_line_error_naming_the_valid_ones():
         message = str(err.value)
         assert "\n" not in message and "'rdma'" in message
         assert all(b in message for b in ("shared_memory", "ipc", "nccl"))
-    with pytest.raises(ValueError, match="ipc, nccl"):
+    with pytest.raises(ValueError, match="valid: nccl"):
         NativeWeightTransport("shared_memory")
-    with pytest.raises(ValueError, match="nccl backend only"):
-        NativeWeightTransport("ipc", packed_num_buffers=3)
+    with pytest.raises(ValueError, match="BucketedIpcTransport"):
+        NativeWeightTransport("ipc")
 
 
 @pytest.mark.parametrize("backend, engine_cls", [("ipc", "IPCWeightTransferEngine"),
@@ -192,9 +210,6 @@ def test_shared_memory_needs_no_engine_args():
 def test_trainer_init_info_is_vllms_own():
     llm = SimpleNamespace(vllm_config=SimpleNamespace(
         parallel_config=SimpleNamespace(world_size_across_dp=4)))
-    ipc = NativeWeightTransport("ipc", packed=True).trainer_init_info(llm)
-    assert type(ipc).__name__ == "IPCTrainerInitInfo" and ipc.backend == "ipc"
-    assert ipc.is_sender and ipc.packed
     nccl = NativeWeightTransport("nccl", master_port=29555).trainer_init_info(llm)
     assert type(nccl).__name__ == "NCCLTrainerInitInfo" and nccl.is_sender
     assert (nccl.world_size, nccl.master_port, nccl.packed) == (5, 29555, True)  # vLLM's default
@@ -351,10 +366,10 @@ def test_push_refuses_before_any_call(monkeypatch):
     async def scenario():
         llm = RecordingLLM()
         with pytest.raises(WeightsUntouched, match="VLLM_ALLOW_INSECURE_SERIALIZATION=1"):
-            await NativeWeightTransport("ipc", device="cpu").push(llm, _tensors())
-        for backend in ("ipc", "nccl"):
+            await BucketedIpcTransport(device="cpu").push(llm, _tensors())
+        for transport in (BucketedIpcTransport(device="cpu"), NativeWeightTransport("nccl", device="cpu")):
             with pytest.raises(WeightsUntouched, match="no tensors"):
-                await NativeWeightTransport(backend, device="cpu").push(llm, [])
+                await transport.push(llm, [])
         return llm
 
     assert asyncio.run(scenario()).calls == []
