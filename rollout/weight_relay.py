@@ -68,6 +68,7 @@ class WeightRelay:
         self._inbox, self._started = asyncio.Queue(), loop.create_future()
         self._load = asyncio.ensure_future(engine.update_weights(
             (), version=version, keep_requests=keep_requests, recompute_kv=recompute_kv))
+        self._load.add_done_callback(_seen)
         await asyncio.wait({self._started, self._load}, return_when=asyncio.FIRST_COMPLETED)
         if not self._started.done():
             self._load.result()  # the refusal (it ended before starting)
@@ -94,6 +95,12 @@ class WeightRelay:
                 self._load.result()  # the failure that closed it
             raise RuntimeError("no weight update is open on this engine (start_weight_update first)")
         return self._inbox
+
+
+def _seen(load: asyncio.Future) -> None:
+    """A load's failure reaches the trainer through the RPC that was waiting; no second report."""
+    if not load.cancelled():
+        load.exception()
 
 
 class ActorWeightSyncClient:

@@ -96,22 +96,27 @@ class Inbox:
         credit = SenderCredit() if credit is None else credit
         self._forget_before(current_round - ROUNDS_KEPT + 1)
         self._pool.forget_ranks()
-        fresh = []
+        fresh: list[Incoming] = []
+        oldest = current_round - ROUNDS_KEPT + 1
         for item in incoming:
+            if not isinstance(item.round, int) or not oldest <= item.round <= current_round:
+                fresh.append(item)  # refused by round below; nothing kept for a round we do not read
+                continue
             try:
                 key = (item.sender, item.index)
                 handled = self._handled.setdefault(item.round, set())
+                seen = key in handled
             except Exception:  # not hashable: nothing a peer controls should get this far
                 self.rejected["malformed"] += 1
                 continue
-            if key in handled:
+            if seen:
                 continue  # read again on a later poll: judged once
             handled.add(key)
             self.received += 1
             fresh.append(item)
         newcomers = self._choose_newcomers(fresh, credit)
         admitted = 0
-        for item in fresh:
+        for item in self._in_trust_order(fresh, credit):
             try:
                 self._admit_one(item, current_round, credit, newcomers)
                 admitted += 1
@@ -121,6 +126,25 @@ class Inbox:
                 log.debug("swarm: record from %s raised %s", str(item.sender)[:16], type(exc).__name__)
                 self.rejected["malformed"] += 1
         return admitted
+
+    @staticmethod
+    def _in_trust_order(items: list[Incoming], credit: SenderCredit) -> list[Incoming]:
+        """Proven senders first, by credit; ties in an order no key can choose. When a copy and
+        its original arrive in one poll, the one seen first is kept: not the copier's by luck or
+        by a key ground to sort first."""
+        keys: dict[tuple[str, int], tuple] = {}
+
+        def key(item: Incoming) -> tuple:
+            if not isinstance(item.sender, str) or not isinstance(item.round, int):
+                return (True, 0.0, b"")
+            found = keys.get((item.sender, item.round))
+            if found is None:
+                found = keys[(item.sender, item.round)] = (
+                    not credit.is_proven(item.sender), -credit.credit(item.sender),
+                    hashlib.sha256(f"{item.round}:{item.sender}".encode()).digest())
+            return found
+
+        return sorted(items, key=key)
 
     def _choose_newcomers(self, items: list[Incoming], credit: SenderCredit) -> dict[int, set[str]]:
         """Per round, the never-judged senders that may still be admitted: the round's remaining

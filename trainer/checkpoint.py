@@ -1,8 +1,11 @@
 """Atomic checkpoints: a temporary folder filled, then renamed into place.
 
 A checkpoint holds the model in `save_pretrained` format (loadable by transformers and vLLM as
-is), and `trainer_state.pt`: optimizer, scheduler, RNG states, step, policy version, the APRIL
-buffer and dataset cursor, and counters. A crash mid-write leaves only a `.tmp-*` folder, which
+is): the float32 master weights themselves, whatever the compute dtype, so a resume continues
+from the exact weights (LoRA: the float32 adapter, beside the merged weights in the compute
+dtype; `Policy.save_pretrained`). And `trainer_state.pt`: the optimizer (AdamW's float32
+moments), scheduler, RNG states, step, policy version, the APRIL buffer and dataset cursor, and
+counters. A crash mid-write leaves only a `.tmp-*` folder, which
 is never read; `latest` names the newest complete checkpoint and moves only once it is in place.
 `manifest.json`, written last, holds every file's size and SHA-256, so a checkpoint damaged after
 the fact (a truncated safetensors file, a missing file) is detected and skipped on resume.

@@ -85,7 +85,7 @@ def test_bfloat16_updates_move_the_weights_as_float32_ones_do(tiny_model):
     assert 0.5 * STEPS * LR < flat_want.abs().mean() <= STEPS * LR * 1.01
     ratio = float(flat_got.norm() / flat_want.norm())
     error = float((flat_got - flat_want).norm() / flat_want.norm())
-    assert abs(ratio - 1) < 0.03 and error < 0.15, (ratio, error)  # bfloat16 masters: 0.77, error 0.9
+    assert abs(ratio - 1) < 0.03 and error < 0.15, (ratio, error)  # bfloat16 masters: 0.23, 0.99
     for name, tensor in got.items():  # every tensor moved, none was rounded away
         assert float(tensor.norm() / expected[name].norm()) > 0.9, name
 
@@ -105,6 +105,8 @@ def test_float32_masters_and_state_bfloat16_compute_and_engine_weights(tiny_mode
     for name, tensor in weights.items():
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, live[name].to(torch.bfloat16)), name  # a cast of the master
+    masters = policy.engine_weights(cast=False)  # for a transport that casts bucket by bucket
+    assert all(t.dtype == torch.float32 and t.data_ptr() == live[n].data_ptr() for n, t in masters.items())
     # The forward runs in bfloat16: log-probs match a bfloat16 model's, not the float32 one's.
     ids = torch.tensor([[5, 9, 17, 33, 40, 8, 71]])
     mask = torch.ones_like(ids)

@@ -176,7 +176,9 @@ def test_copy_memory_survives_a_restart():
     box.admit([item("honest", 0, 9)], ROUND)
     restored = inbox()
     restored.load_state_dict(box.state_dict())
-    assert restored.admit([item("copier", 0, 9, round_index=ROUND + 1)], ROUND + 1) == 0
+    respaced = [" ".join(text) for text in group_of(9)]
+    later = ROUND + 3
+    assert restored.admit([item("copier", 0, 9, completions=respaced, round_index=later)], later) == 0
     assert dict(restored.rejected) == {"copied": 1}
 
 
@@ -405,3 +407,12 @@ def test_peer_text_filling_the_budget_is_cut_off_not_stopped():
     assert [len(s.response_ids) for s in group.samples] == [8, 8, 8]
     assert group.samples[1].response_ids[-1] == tokenizer.eos_token_id
     assert group.samples[0].response_ids[-1] != tokenizer.eos_token_id
+
+
+def test_in_one_poll_a_proven_original_beats_a_copier_whose_key_sorts_first():
+    box = inbox()
+    credit = proven("zz-honest")
+    original = group_of(17)
+    box.admit([item("00-copier", 0, 17, completions=original[::-1]),
+               item("zz-honest", 0, 17, completions=original)], ROUND, credit)
+    assert [c.sender for c in box.pool] == ["zz-honest"] and dict(box.rejected) == {"copied": 1}

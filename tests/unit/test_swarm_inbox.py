@@ -89,11 +89,11 @@ def test_bad_records_are_counted_by_reason(item, expected):
 def test_duplicates_copies_and_echoes():
     box = inbox()
     box.note_own("me", ROUND, TASK.record(20)["spec"], right_and_wrong(20))
-    items = [incoming("a", 0, spec_index=5),
-             incoming("a", 1, spec_index=5),  # the same group again from the same sender
+    assert box.admit([incoming("a", 0, spec_index=5)], ROUND) == 1  # seen first
+    items = [incoming("a", 1, spec_index=5),  # the same group again from the same sender
              incoming("b", 0, spec_index=5, completions=right_and_wrong(5)[::-1]),  # reordered copy
              incoming("c", 0, spec_index=20)]  # our own group echoed back
-    assert box.admit(items, ROUND) == 1
+    assert box.admit(items, ROUND) == 0
     # The first copy stays (a copier cannot censor it) but, contested, earns no one credit.
     assert dict(box.rejected) == {"duplicate": 1, "copied": 2}
     [kept] = box.pool
