@@ -178,9 +178,12 @@ class RemoteEngine:
         `slot` = (index, engines) picks its share of a CPU machine's cores (`cpu_share`)."""
         import ray
 
+        from rollover.rollout.weight_relay import trainer_sender
+
         host = ray.remote(EngineHost).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name,
                                               max_concurrency=10_000, **options)
-        return cls(host.remote(settings, env, backend, slot), settings, name, trainer_sender(backend))
+        return cls(host.remote(settings, env, backend, slot), settings, name,
+                   trainer_sender(backend, settings.dtype))
 
     async def start(self) -> "RemoteEngine":
         info = await self._call(self.actor.start.remote())
@@ -386,21 +389,4 @@ class RemoteEngine:
         self.mark_lost(f"engine {self.name} shut down")
         if self.sender is not None:
             self.sender.close()
-
-
-def trainer_sender(backend: str) -> Any:
-    """nccl: the sender this (trainer) process runs for one engine, as NCCL rank 0 of a group of
-    its own with that engine's workers (ranks 1..N), meeting at this node's address. One group
-    per engine, not one over all engines: an NCCL communicator cannot lose a member, and the
-    pool loses, replaces and reloads engines one at a time (a group over all would have to be
-    rebuilt by every engine whenever one dies); vLLM's trainer engine also places workers at
-    rank offset 1, which a shared group would have to shift per engine. The price: the trainer
-    sends the weights once per engine (one send at a time), not once in all. None otherwise."""
-    if backend != "nccl":
-        return None
-    import ray
-
-    from rollover.rollout.weight_transfer import NativeWeightTransport
-
-    return NativeWeightTransport("nccl", master_address=ray.util.get_node_ip_address())
 

@@ -144,3 +144,25 @@ class ActorWeightSyncClient:
         import ray
 
         self.served_version = int(ray.get(self.actor.finish_weight_update.remote()))
+
+
+def trainer_sender(backend: str, dtype: str | None = None) -> Any:
+    """nccl: the sender this (trainer) process runs for one engine, as NCCL rank 0 of a group of
+    its own with that engine's workers (ranks 1..N), meeting at this node's address. One group
+    per engine, not one over all engines: an NCCL communicator cannot lose a member, and the
+    pool loses, replaces and reloads engines one at a time (a group over all would have to be
+    rebuilt by every engine whenever one dies); vLLM's trainer engine also places workers at
+    rank offset 1, which a shared group would have to shift per engine. The price: the trainer
+    sends the weights once per engine (one send at a time), not once in all. Floating tensors go
+    in the served `dtype`, cast one at a time as they are sent. None for other backends."""
+    if backend != "nccl":
+        return None
+    import ray
+    import torch
+
+    from rollover.rollout.weight_transfer import NativeWeightTransport
+
+    served = getattr(torch, str(dtype), None) if dtype else None
+    return NativeWeightTransport("nccl", master_address=ray.util.get_node_ip_address(),
+                                 dtype=served if isinstance(served, torch.dtype) else None)
+

@@ -91,11 +91,14 @@ def update_metadata(named_tensors: NamedTensors) -> dict[str, list]:
             "shapes": [[int(d) for d in t.shape] for _, t in pairs]}
 
 
-def packing_order(pairs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def packing_order(pairs: list[tuple[str, torch.Tensor]],
+                  dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
     """Widest dtype first (stable): vLLM's `unpack_tensor` views each byte slice as its dtype, which
     fails unless the offset is a multiple of the itemsize (fp32 after a 7-element bf16). Sorted,
     every offset in a chunk is a sum of sizes that are multiples of the current itemsize."""
-    return sorted(pairs, key=lambda pair: -pair[1].element_size())
+    from rollover.rollout.ipc_buckets import staged_dtype
+
+    return sorted(pairs, key=lambda pair: -staged_dtype(pair[1], dtype).itemsize)
 
 
 @functools.cache
@@ -103,17 +106,19 @@ def _tensor_source_cls() -> type:
     """A vLLM `WeightSource` whose tensors are replaced before each `send_weights()`."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
+    from rollover.rollout.ipc_buckets import staged_dtype
+
     class TensorSource(WeightSource):
-        def __init__(self, device: torch.device) -> None:
-            self.device = device
+        def __init__(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+            self.device, self.dtype = device, dtype
             self.tensors: list[tuple[str, torch.Tensor]] = []
 
         def metadata(self) -> list[ParamMeta]:  # NCCL sizes the workers' buffers from this
-            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.tensors]
+            return [ParamMeta(n, staged_dtype(t, self.dtype), tuple(t.shape)) for n, t in self.tensors]
 
         def __iter__(self):
-            for name, tensor in self.tensors:  # a no-op move when already on the device
-                yield name, tensor.to(self.device)
+            for name, tensor in self.tensors:  # one cast at a time; a no-op when already there
+                yield name, tensor.to(device=self.device, dtype=staged_dtype(tensor, self.dtype))
 
     return TensorSource
 
@@ -160,17 +165,20 @@ class NativeWeightTransport:
     Ray engine's `RemoteEngine`. `device`: the sending GPU (default: the first CUDA tensor's, else
     the current one); tensors elsewhere are copied there one at a time. `packed*`: vLLM's defaults
     unless given. nccl meets at `master_address`:`master_port` (default a free port), `world_size`
-    default 1 + the engine's workers.
+    default 1 + the engine's workers. `dtype`: the served dtype floating tensors are cast to, one
+    tensor at a time as they are sent (None: as given).
     """
 
     def __init__(self, backend: str, *, device: str | torch.device | None = None,
                  packed: bool | None = None, packed_buffer_size_bytes: int | None = None,
                  packed_num_buffers: int | None = None, master_address: str = "127.0.0.1",
-                 master_port: int | None = None, world_size: int | None = None) -> None:
+                 master_port: int | None = None, world_size: int | None = None,
+                 dtype: torch.dtype | str | None = None) -> None:
         if backend == "ipc":
             raise ValueError("ipc weight transfer is BucketedIpcTransport (rollout/ipc_buckets.py)")
         _check_backend(backend, NATIVE_BACKENDS)
         self.backend = backend
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = torch.device(device) if device is not None else None
         wire = dict(packed=packed, packed_buffer_size_bytes=packed_buffer_size_bytes,
                     packed_num_buffers=packed_num_buffers)
@@ -218,7 +226,7 @@ class NativeWeightTransport:
             self.device = next((t.device for _, t in pairs if t.is_cuda), None)
             if self.device is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-        source = _tensor_source_cls()(self.device)
+        source = _tensor_source_cls()(self.device, self.dtype)
         make_client = getattr(llm, "weight_sync_client", None)
         client = make_client() if make_client else _LoopClient(llm, asyncio.get_running_loop())
         try:
@@ -241,7 +249,7 @@ class NativeWeightTransport:
         self._preflight(pairs)
         if self._trainer is None or llm is not self._llm:
             await self._connect(llm, pairs)
-        self._source.tensors = packing_order(pairs) if self.packed else pairs
+        self._source.tensors = packing_order(pairs, self.dtype) if self.packed else pairs
         try:
             await asyncio.to_thread(self._on_device, self._trainer.send_weights)  # ipc/nccl_engine.py
         except BaseException as exc:

@@ -126,6 +126,32 @@ def test_after_a_sync_both_engines_serve_the_same_version_and_weights(pool, run,
     assert run(greedy_on_each()) == [before[0], before[0]]
 
 
+def test_every_engine_actor_answers_the_weight_check_and_a_stale_one_is_named(pool, run):
+    from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed
+    from rollover.trainer.config import LoraConfig, ModelConfig
+    from rollover.trainer.policy import Policy
+
+    policy = Policy(ModelConfig(path="builtin:tiny-math", dtype="float32"), LoraConfig())
+    sync = CheckedWeightSync(pool, policy, timeout_s=60)
+    readings = run(pool.weight_probe(sync.ids))
+    assert [r.engine.split(":")[0] for r in readings] == [m.engine.name for m in pool.members]
+    run(sync.verify(pool.policy_version, "start"))
+    with torch.no_grad():  # one lr-1e-5 AdamW-sized step
+        generator = torch.Generator().manual_seed(1)
+        for p in policy.model.parameters():
+            p.add_(1e-5 * torch.sign(torch.randn(p.shape, generator=generator)))
+    assert run(sync.load(lambda: pool.update_weights(policy.engine_weights()), "step 1"))[
+        "weights/fingerprint_ok"] == 1.0
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(1e-5)
+    pool.policy_version = pool.policy_version + 1  # the version moves, the weights do not
+    with pytest.raises(WeightSyncFailed, match=f"step 2: engine {pool.members[0].engine.name}: .* still serves"):
+        run(sync.verify(pool.policy_version, "step 2"))
+    run(pool.update_weights(Policy(ModelConfig(path="builtin:tiny-math", dtype="float32"),
+                                   LoraConfig()).engine_weights()))  # back to the model the others expect
+
+
 def test_an_engine_killed_mid_step_hands_its_groups_to_the_other_and_comes_back(pool, run, tokenizer):
     import ray
 

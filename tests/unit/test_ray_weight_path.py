@@ -264,12 +264,13 @@ def test_nccl_the_trainer_is_rank_0_of_one_group_per_engine_and_actors_get_metad
         assert {j.world_size for j in group} == {1 + workers}
     ports = [end.info.master_port for end in ends]
     assert ports[0] != ports[1] and {j.master for j in joins} == {("10.0.0.7", p) for p in ports}
-    # What each engine's workers receive is the trainer's tensors, straight from its broadcast.
+    # Each engine's workers receive the trainer's tensors in the served dtype, from its broadcast.
     for end, llm in zip(ends, world.fake_llms):
         loaded = _received(llm, end.sent)
         assert set(loaded) == set(weights)
         for name, tensor in weights.items():
-            assert torch.equal(loaded[name], tensor)
+            assert loaded[name].dtype == torch.bfloat16
+            assert torch.equal(loaded[name], tensor.to(torch.bfloat16))
 
 
 def test_nccl_a_refused_start_broadcasts_nothing_and_keeps_the_engine(ray_stand_in):
