@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hivemind.dht.crypto import RSASignatureValidator
 
@@ -45,15 +46,16 @@ def is_status_subkey(subkey: bytes) -> bool:
     return _STATUS_SUBKEY_RE.fullmatch(subkey) is not None
 
 
-@dataclass(frozen=True)
-class Received:
-    """One payload a peer published for a round; `sender_key` is its verified owner marker."""
+class Received(NamedTuple):
+    """One payload a peer published for a round; `sender_key` is its verified owner marker,
+    `expiration` the DHT time its signed entry expires."""
 
     sender: str
     sender_key: bytes
     index: int
     raw: bytes
     round: int
+    expiration: float = math.inf
 
 
 def shard_of(public_key_marker: bytes, index: int, shards: int) -> int:
@@ -62,7 +64,7 @@ def shard_of(public_key_marker: bytes, index: int, shards: int) -> int:
 
 
 def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards: int,
-                  max_record_bytes: int) -> Received | str:
+                  max_record_bytes: int, expiration: float = math.inf) -> Received | str:
     """One shard-dictionary entry as a Received, or the reason it is skipped."""
     if not isinstance(subkey, bytes):
         return "malformed"
@@ -76,7 +78,8 @@ def parse_payload(subkey: object, raw: object, *, round: int, shard: int, shards
         return "malformed"
     if len(raw) > max_record_bytes:
         return "oversized"
-    return Received(sender=sender_id(marker), sender_key=marker, index=index, raw=raw, round=round)
+    return Received(sender=sender_id(marker), sender_key=marker, index=index, raw=raw, round=round,
+                    expiration=expiration if isinstance(expiration, float) else math.inf)
 
 
 def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple[str, dict] | str:
@@ -100,7 +103,13 @@ def parse_status(subkey: object, raw: object, *, max_record_bytes: int) -> tuple
 
 def entries(found: object) -> list[tuple[object, object]]:
     """(subkey, value) pairs of a get() result that is a subkey dictionary; [] for anything else."""
+    return [(subkey, raw) for subkey, raw, _ in timed_entries(found)]
+
+
+def timed_entries(found: object) -> list[tuple[object, object, float]]:
+    """(subkey, value, expiration) triples of a get() result that is a subkey dictionary."""
     value = getattr(found, "value", None)
     if not isinstance(value, dict):
         return []
-    return [(subkey, getattr(item, "value", None)) for subkey, item in value.items()]
+    return [(subkey, getattr(item, "value", None), getattr(item, "expiration_time", math.inf))
+            for subkey, item in value.items()]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rollover.rollout.types import Group
+from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ
 from rollover.swarm.receive import Inbox, Incoming, Judge
 from rollover.swarm.records import Caps, encode_group, round_at
 from rollover.swarm.sampler import SenderCredit
@@ -178,10 +179,18 @@ class SwarmNode:
         current = round_at(self.clock(), self.cfg.round_seconds)
         incoming: list[Incoming] = []
         for round_index in (current - 1, current):
-            for item in await asyncio.to_thread(self.transport.collect, round_index):
+            # Entries read on earlier polls were admitted or refused then (the inbox judges a
+            # record once): only what is new costs this poll anything.
+            # A flood is admitted in slices (payload_cache.py), senders we know first.
+            for item in await asyncio.to_thread(self.transport.collect, round_index, True, NEW_ENTRIES_PER_READ,
+                                                self._known):
                 if item.sender != self.sender:
-                    incoming.append(Incoming(item.sender, item.round, item.index, item.raw))
+                    incoming.append(Incoming(item.sender, item.round, item.index, item.raw, item.expiration))
         self.inbox.admit(incoming, current, self.credit)
+
+    def _known(self, sender: str) -> bool:
+        """A sender this node has judged before (its records are read before a flood's)."""
+        return not self.credit.is_new(sender)
 
     async def _collect_forever(self) -> None:
         """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""
@@ -205,10 +214,11 @@ class SwarmNode:
     # ---- records kept ----------------------------------------------------------------------------
 
     def _audit(self, step: int, round_index: int, taken, rejected: Counter) -> None:
-        """One line per step: the external groups trained on (sender, digest, spec), rejections."""
+        """One line per step: the external groups trained on (sender, digest, spec, whether a copy of
+        it came from another sender in the same poll: then who wrote it is unknown), rejections."""
         line = {"step": step + 1, "round": round_index,
                 "external": [{"sender": c.sender, "digest": c.digest, "spec": c.record["spec"],
-                              "round": c.round} for c, _ in taken],
+                              "round": c.round, "contested": c.contested} for c, _ in taken],
                 "rejected": dict(rejected)}
         with (self.run_folder / AUDIT_LOG).open("a") as out:
             out.write(json.dumps(line) + "\n")

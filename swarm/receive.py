@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import random
 import statistics
 from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from rollover.rollout.types import Group
 from rollover.swarm.candidates import POOL_CAP, Candidate, CandidatePool, Rank
@@ -38,14 +39,16 @@ NEW_SENDERS_PER_ROUND = 8  # senders never judged here admitted per round (keys 
 COPY_SHARE = 0.5  # a group whose completions were at least this share seen elsewhere is a copy
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """One value as the transport read it: who signed it, under which round's key, which slot."""
+class Incoming(NamedTuple):
+    """One value as the transport read it: who signed it, under which round's key, which slot,
+    and when its signed entry expires in the DHT (DHT time). A tuple: a flood makes thousands
+    per poll."""
 
     sender: str
     round: int
     index: int
     raw: Any
+    expiration: float = math.inf
 
 
 class Judge(Protocol):
@@ -74,6 +77,9 @@ class Inbox:
         self._per_round: Counter[tuple[str, int]] = Counter()  # admitted records per (sender, round)
         self._new_senders: dict[int, set[str]] = {}  # round -> never-judged senders admitted
         self.reference: deque[float] = deque(maxlen=512)  # own samples' mean log-probs
+        # Ties between senders are broken by a hash salted with this node's secret: no key can be
+        # ground to win them (the round is public, so an unsalted hash of it could be).
+        self._salt = os.urandom(16)
 
     @property
     def pool(self) -> list[Candidate]:
@@ -115,6 +121,7 @@ class Inbox:
             self.received += 1
             fresh.append(item)
         newcomers = self._choose_newcomers(fresh, credit)
+        fresh = self._refuse_newcomers_past_budget(fresh, credit, newcomers, oldest, current_round)
         admitted = 0
         for item in self._in_trust_order(fresh, credit):
             try:
@@ -127,28 +134,63 @@ class Inbox:
                 self.rejected["malformed"] += 1
         return admitted
 
-    @staticmethod
-    def _in_trust_order(items: list[Incoming], credit: SenderCredit) -> list[Incoming]:
-        """Proven senders first, by credit; ties in an order no key can choose. When a copy and
-        its original arrive in one poll, the one seen first is kept: not the copier's by luck or
-        by a key ground to sort first."""
+    def _in_trust_order(self, items: list[Incoming], credit: SenderCredit) -> list[Incoming]:
+        """The order records of one poll are admitted in: earliest round first, then earliest
+        expiration, then proven senders by credit, then a salted hash (`_tie`).
+
+        The order decides who keeps a group when a copy and its original are both new in one poll
+        (later polls: the one seen first). A copier can only copy what was already published, so
+        the original's round is the same or earlier and, among honest publishers (expiration =
+        end of round + 1), its expiration the same or earlier. A copier that forges an earlier
+        round or expiration to win gains nothing: the kept group is contested, credited to no one
+        (`_check_copies`). A true tie is a coin no key can load."""
         keys: dict[tuple[str, int], tuple] = {}
 
         def key(item: Incoming) -> tuple:
             if not isinstance(item.sender, str) or not isinstance(item.round, int):
-                return (True, 0.0, b"")
+                return (math.inf, math.inf, True, 0.0, b"")
+            expiration = item.expiration if isinstance(item.expiration, (int, float)) and \
+                item.expiration == item.expiration else math.inf  # NaN: last
             found = keys.get((item.sender, item.round))
             if found is None:
                 found = keys[(item.sender, item.round)] = (
                     not credit.is_proven(item.sender), -credit.credit(item.sender),
-                    hashlib.sha256(f"{item.round}:{item.sender}".encode()).digest())
-            return found
+                    self._tie(item.round, item.sender))
+            return (item.round, expiration, *found)
 
         return sorted(items, key=key)
 
+    def _tie(self, round_index: int, sender: str) -> bytes:
+        """A per-round order of senders no peer can predict (salted with this node's secret)."""
+        return hashlib.sha256(self._salt + f"{round_index}:{sender}".encode()).digest()
+
+    def _refuse_newcomers_past_budget(self, items: list[Incoming], credit: SenderCredit,
+                                      newcomers: dict[int, set[str]], oldest: int, current_round: int) -> list[Incoming]:
+        """Count as `new_senders` every record that `_admit_one` would refuse for that reason alone,
+        a sender at a time (a flood of keys is thousands of such records per poll); the rest."""
+        by_sender: dict[tuple[str, int], list[Incoming]] = {}
+        rest: list[Incoming] = []
+        for item in items:
+            if item.sender.__class__ is str and item.round.__class__ is int and oldest <= item.round <= current_round:
+                by_sender.setdefault((item.sender, item.round), []).append(item)
+            else:
+                rest.append(item)
+        most = self.caps.max_groups_per_peer
+        for (sender, round_index), group in by_sender.items():
+            if not credit.is_new(sender) or sender in newcomers.get(round_index, ()) or \
+                    self._pool.count(sender) >= most:
+                rest.extend(group)
+                continue
+            for item in group:  # the checks _admit_one makes before the newcomer budget
+                if item.index.__class__ is int and 0 <= item.index < most:
+                    self.rejected["new_senders"] += 1
+                else:
+                    rest.append(item)
+        return rest
+
     def _choose_newcomers(self, items: list[Incoming], credit: SenderCredit) -> dict[int, set[str]]:
         """Per round, the never-judged senders that may still be admitted: the round's remaining
-        budget, filled in an order no key can choose (a hash of round and sender)."""
+        budget, filled in an order no key can choose (`_tie`)."""
         wanting: dict[int, set[str]] = {}
         for item in items:
             if isinstance(item.sender, str) and isinstance(item.round, int) and credit.is_new(item.sender):
@@ -157,8 +199,7 @@ class Inbox:
         for round_index, senders in wanting.items():
             admitted = self._new_senders.get(round_index, set())
             room = max(0, self.new_senders_per_round - len(admitted))
-            order = sorted(senders - admitted,
-                           key=lambda s: hashlib.sha256(f"{round_index}:{s}".encode()).digest())
+            order = sorted(senders - admitted, key=lambda s: self._tie(round_index, s))
             chosen[round_index] = admitted | set(order[:room])
         return chosen
 

@@ -22,11 +22,12 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.mpfuture import MPFuture
 
-from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_payload, parse_status, payload_key, \
-    shard_of, status_key
+from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_status, payload_key, shard_of, \
+    status_key
 from rollover.swarm.guard import GUARD_REASONS, MAX_GROUPS_PER_ROUND, MAX_STATUS_BYTES, MAX_VALUE_BYTES, \
     ROUNDS_AHEAD, CountingSignatureValidator, GuardValidator
 from rollover.swarm.identity import Identity, SwarmError, identity_from_key
+from rollover.swarm.payload_cache import PayloadCache
 
 REJECTION_REASONS = (*GUARD_REASONS, "bad_signature")
 DEFAULT_ROUND_SECONDS = 30.0  # swarm.round_seconds' default: a swarm shares one round length
@@ -115,6 +116,7 @@ class SwarmTransport:
         self._counts_lock = threading.Lock()
         self._rejections: Counter[str] = Counter()  # found on our side, while parsing
         self._failures: Counter[str] = Counter()  # requests that failed or timed out
+        self._payloads = PayloadCache(shards, max_record_bytes)  # each entry read is parsed once
 
     # lifecycle
 
@@ -206,21 +208,14 @@ class SwarmTransport:
                     for i, payload in enumerate(payloads, start=first_index)]
         return sum(self._store_many(requests))
 
-    def collect(self, round: int) -> list[Received]:
-        """Every well-formed, signed payload of `round` found in the DHT (ours included)."""
-        keys = self.shard_keys(round)
-        received: list[Received] = []
-        for shard, found in enumerate(self._get_many(keys)):
-            for subkey, raw in entries(found):
-                try:
-                    item = parse_payload(subkey, raw, round=round, shard=shard, shards=self.shards,
-                                         max_record_bytes=self.max_record_bytes)
-                except Exception:  # nothing a peer stores may raise here
-                    item = "malformed"
-                if isinstance(item, Received):
-                    received.append(item)
-                else:
-                    self._count(self._rejections, item)
+    def collect(self, round: int, new_only: bool = False, budget: int | None = None,
+                prefer: Callable[[str], bool] | None = None) -> list[Received]:
+        """Every well-formed, signed payload of `round` found in the DHT (ours included), each
+        subkey parsed once (payload_cache.py). With `new_only`, only entries not returned before,
+        at most `budget` of them, those of senders `prefer` names first (the rest come later)."""
+        found = self._get_many(self.shard_keys(round))
+        count = lambda reason: self._count(self._rejections, reason)  # noqa: E731
+        received = self._payloads.read(round, found, count, new_only=new_only, budget=budget, prefer=prefer)
         return sorted(received, key=lambda item: (item.sender, item.index))
 
     # status records

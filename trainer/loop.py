@@ -27,7 +27,7 @@ from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
-from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed
+from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed, within
 from rollover.swarm.node import AUDIT_LOG, SwarmNode
 from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
@@ -198,7 +198,8 @@ class Trainer:
             self._count_bad_step(f"{refused}; the step's later updates were not applied")
         train_seconds = time.perf_counter() - train_started
         sync_started = time.perf_counter()
-        await self.engine.wake_up()
+        await within(self.engine.wake_up(), self.recipe.rollout.weight_load_timeout_s,
+                     f"step {self.step + 1}'s engine wake-up")
         # Any applied update changes the weights the engine must serve.
         weights = self.policy.engine_weights() if stats["updates"] > 0 else None
         try:

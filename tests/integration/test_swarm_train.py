@@ -149,8 +149,12 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
                 local.kill()
     for folder in nodes:
         assert sorted((folder / "checkpoints").glob("step-*")), f"{folder}: no checkpoint on Ctrl-C"
-        trained = senders_trained_on(folder)
-        assert hostile.sender not in trained, "a hostile group was trained on"
+        # The hostile peer republishes honest records in their own round: read in the same poll as
+        # the original, the copy may be the one kept (who wrote it cannot be known then). Such a
+        # group is honest text, trained once, marked contested and credited to no one; none of
+        # the hostile peer's own records is ever trained on.
+        from_hostile = [g for line in audit(folder) for g in line["external"] if g["sender"] == hostile.sender]
+        assert all(g["contested"] for g in from_hostile), f"a hostile group was trained on: {from_hostile}"
         rejected: dict[str, float] = {}
         metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         for entry in metrics:
@@ -162,7 +166,8 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
         other = ids[1 - nodes.index(folder)]
         last = metrics[-1]
         assert last.get(f"swarm/used/{other}", 0) > 0 and f"swarm/credit/{other}" in last
-        assert last.get(f"swarm/used/{hostile.sender}", 0) == 0
+        assert last.get(f"swarm/used/{hostile.sender}", 0) == len(from_hostile)
+        assert last.get(f"swarm/credit/{hostile.sender}", 0.0) <= 0.5  # it earned nothing
     # The groups judged in full (wrong answers, unlikely text) were met by at least one node.
     judged = {}
     for folder in nodes:

@@ -15,7 +15,7 @@ import torch
 from test_signals import Run, recipe_args, rl_train_lines, trained_steps
 
 from rollover.rollout.engine import WeightLoadError
-from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed
+from rollover.rollout.weight_check import CANCEL_GRACE_S, CheckedWeightSync, WeightSyncFailed
 from rollover.trainer.config import Recipe
 from rollover.trainer.policy import Policy
 
@@ -85,7 +85,7 @@ def test_a_hanging_load_is_stopped_at_the_deadline_and_a_full_load_recovers(
     started = time.monotonic()
     with pytest.raises(WeightSyncFailed, match=r"did not finish within 2 s \(rollout.weight_load_timeout_s\)"):
         run(sync.load(lambda: engine.update_weights(policy.engine_weights()), "step 1's weight sync"))
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 2 + CANCEL_GRACE_S  # the cancelled load cleaned up in time
     with pytest.raises(WeightLoadError, match="load a full set of weights again"):
         run(engine.generate([5, 6, 7], 4))  # the gate is open again; the weights are marked broken
     monkeypatch.setattr(engine, "weight_transport", real)

@@ -345,7 +345,8 @@ class IpcWorld:
             raise RuntimeError("worker failed to load")
         info = IPCWeightTransferUpdateInfo(**request.update_info)
         self.live_at_update.append(self.live_bytes)
-        for name, dtype_name, shape, handle in zip(info.names, info.dtype_names, info.shapes, info.ipc_handles):
+        rows = zip(info.names, info.dtype_names, info.shapes, info.ipc_handles)
+        for name, dtype_name, shape, handle in rows:
             tensor = self.exported[handle["GPU-0"][0]]
             assert str(tensor.dtype) == f"torch.{dtype_name}" and list(tensor.shape) == shape
             self.loaded[name] = tensor.clone()
@@ -385,7 +386,8 @@ def test_ipc_buckets_end_between_layers_and_a_big_tensor_goes_alone():
             assert {n for n, _ in b if n.startswith(f"model.layers.{layer}.")} == {
                 n for n in weights if n.startswith(f"model.layers.{layer}.")}
     embed = weights["model.embed_tokens.weight"]
-    small = plan_buckets([("model.embed_tokens.weight", embed), ("model.norm.weight", weights["model.norm.weight"])],
+    norm = weights["model.norm.weight"]
+    small = plan_buckets([("model.embed_tokens.weight", embed), ("model.norm.weight", norm)],
                          embed.numel() * 4 - 1)
     assert [[n for n, _ in b] for b in small] == [["model.embed_tokens.weight"], ["model.norm.weight"]]
 

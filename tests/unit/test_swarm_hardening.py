@@ -416,3 +416,20 @@ def test_in_one_poll_a_proven_original_beats_a_copier_whose_key_sorts_first():
     box.admit([item("00-copier", 0, 17, completions=original[::-1]),
                item("zz-honest", 0, 17, completions=original)], ROUND, credit)
     assert [c.sender for c in box.pool] == ["zz-honest"] and dict(box.rejected) == {"copied": 1}
+
+
+@pytest.mark.parametrize("later", ["round", "expiration"])
+def test_in_one_poll_the_earlier_record_is_the_original_whatever_the_keys(later):
+    """A copier can only republish what was already published: its copy is of the same or a later
+    round and expires no earlier. Read in one poll with neither sender proven, the earlier record
+    is kept, for every pair of keys (was: a hash of round and key decided, half the time wrong)."""
+    original = group_of(18)
+    for trial in range(16):
+        box = inbox()
+        honest, copier = f"honest{trial}", f"copier{trial}"
+        first = ROUND - 1 if later == "round" else ROUND
+        copy_expiration = 1000.0 if later == "round" else 1001.0
+        items = [Incoming(copier, ROUND, 0, encode_group(ROUND, spec(18), original[::-1]), copy_expiration),
+                 Incoming(honest, first, 0, encode_group(first, spec(18), original), 1000.0)]
+        assert box.admit(items, ROUND) == 1, trial
+        assert [c.sender for c in box.pool] == [honest] and dict(box.rejected) == {"copied": 1}, trial
