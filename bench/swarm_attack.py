@@ -17,6 +17,7 @@ only parsed (sender ids), never used to verify, and real key generation would ta
 from __future__ import annotations
 
 import argparse
+import gc
 import pickle
 import platform
 import random
@@ -121,6 +122,10 @@ def run(sybils: int, rounds: int, flood: bool, seed: int) -> dict:
                                               next_spec, 8).items():
                 published[round_index][shard].extend(items)
         published.pop(round_index - 2, None)
+        # The published records stand for the DHT's storage, which lives in the DHT's own process:
+        # keep them out of this process's garbage collector (a node's GC never scans them).
+        gc.collect()
+        gc.freeze()
         for _ in range(polls_per_round):
             # What the DHT's get() hands back, as fresh objects (no hash cached from a last poll).
             found = {r: {shard: pickle.loads(pickle.dumps(shard_value(items, r, cfg.round_seconds)))
@@ -130,8 +135,8 @@ def run(sybils: int, rounds: int, flood: bool, seed: int) -> dict:
             incoming = []
             for r, shards in found.items():
                 values = [shards.get(shard) for shard in range(SHARDS)]
-                for item in reader.read(r, values, lambda reason: None, new_only=True,
-                                        budget=NEW_ENTRIES_PER_READ, prefer=lambda s: not credit.is_new(s)):
+                for item in reader.read(r, values, lambda reason: None, new_only=True, budget=NEW_ENTRIES_PER_READ,
+                                        prefer=list(credit.judged), max_index=caps.max_groups_per_peer):
                     incoming.append(Incoming(item.sender, item.round, item.index, item.raw, item.expiration))
             incoming.sort(key=lambda item: (item.sender, item.index))
             read = time.process_time()

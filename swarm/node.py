@@ -182,15 +182,12 @@ class SwarmNode:
             # Entries read on earlier polls were admitted or refused then (the inbox judges a
             # record once): only what is new costs this poll anything.
             # A flood is admitted in slices (payload_cache.py), senders we know first.
+            known = list(self.credit.judged)  # bounded (sampler.py): the senders we kept credit for
             for item in await asyncio.to_thread(self.transport.collect, round_index, True, NEW_ENTRIES_PER_READ,
-                                                self._known):
+                                                known, self.cfg.max_groups_per_peer):
                 if item.sender != self.sender:
                     incoming.append(Incoming(item.sender, item.round, item.index, item.raw, item.expiration))
         self.inbox.admit(incoming, current, self.credit)
-
-    def _known(self, sender: str) -> bool:
-        """A sender this node has judged before (its records are read before a flood's)."""
-        return not self.credit.is_new(sender)
 
     async def _collect_forever(self) -> None:
         """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""

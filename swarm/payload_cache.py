@@ -4,18 +4,21 @@ A node reads the current and the previous round's shard dictionaries every few s
 every entry comes back every time. Parsing one (owner marker, index, sender id from the key's
 numbers) costs tens of microseconds; under 1,000 sybil keys with 16 entries each, that was about
 0.4 s of CPU per poll. A subkey's verdict (who sent it, or why it is skipped) is the same in
-every round, so it is worked out once; an entry of a round is identified by (shard, subkey,
-expiration): hivemind replaces a subkey only with a later expiration, so the same three mean
-the same signed entry. Values are never kept: the cache is a few hundred bytes per entry, and
+every round, so it is worked out once. A round's entry is new when its subkey is: a later
+expiration under the same subkey is its owner republishing the same slot, which the inbox
+judges once per round anyway (receive.py). Values are never kept: the cache is a few hundred bytes per entry, and
 bounded (MAX_VERDICTS subkeys; ROUNDS_CACHED rounds of MAX_ENTRIES_PER_ROUND entries).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rollover.swarm.entries import Received, parse_payload, shard_of, split_payload_subkey
+from rollover.swarm.guard import MAX_GROUPS_PER_ROUND
 
 ROUNDS_CACHED = 3  # a node reads two rounds per poll; one more for a poll across a round's end
 MAX_ENTRIES_PER_ROUND = 65_536  # entries remembered as handed out, per round (past it: handed again)
@@ -28,72 +31,103 @@ Verdict = tuple[str, bytes, int, int] | str  # (sender, owner marker, index, its
 
 class PayloadCache:
     """Parses each subkey once (its verdict holds in every round: a sender's slot i has one subkey)
-    and remembers, per round and shard, which entries were handed out (subkey -> expiration)."""
+    and remembers, per round and shard, which subkeys were handed out or counted."""
 
     def __init__(self, shards: int, max_record_bytes: int, max_entries_per_round: int = MAX_ENTRIES_PER_ROUND):
         self.shards, self.max_record_bytes = shards, max_record_bytes
+        self._markers: dict[str, bytes] = {}  # sender -> owner marker (cleared with the verdicts)
+        self._parses = MAX_PARSES_PER_READ
         self.max_entries_per_shard = max(1, max_entries_per_round // shards)
         self._verdicts: dict[bytes, Verdict] = {}
-        self._seen: dict[int, list[dict[bytes, float]]] = {}  # round -> per shard: subkey -> expiration
+        self._seen: dict[int, list[set[bytes]]] = {}  # round -> per shard: subkeys handed out
 
     def read(self, round: int, found: list[object], count: Callable[[str], None], new_only: bool = False,
-             budget: int | None = None, prefer: Callable[[str], bool] | None = None) -> list[Received]:
+             budget: int | None = None, prefer: Iterable[str] = (),
+             max_index: int = MAX_GROUPS_PER_ROUND) -> list[Received]:
         """The well-formed entries of a round, from each shard's get() result (`found[shard]`).
 
-        `count(reason)` is called once per skipped entry (and expiration), when first seen. With
-        `new_only`, entries handed out before are left out. The work is bounded: at most
-        MAX_PARSES_PER_READ subkeys never seen before are parsed, and at most `budget` new
-        entries are handed out, those of senders `prefer` names first; the others wait for a
-        later read, neither lost nor counted."""
-        fresh: list[tuple[dict[bytes, float], bytes, Received]] = []
-        parses = MAX_PARSES_PER_READ
-        seen_round = self._seen_in(round)
-        verdicts = self._verdicts
+        `count(reason)` is called once per skipped entry, when first seen. With `new_only`, only
+        entries not handed out before, at most `budget` of them: first those of the senders in
+        `prefer` (their slots below `max_index` looked up by subkey), then others in no
+        order a peer can choose. The rest wait for a later read, neither lost nor counted; at most
+        MAX_PARSES_PER_READ subkeys never seen before are parsed. A poll's work is bounded by the
+        budget however many entries a flood stores (the set difference runs in C)."""
+        limit = sys.maxsize if budget is None or not new_only else max(0, budget)
+        tables: list[tuple[int, dict, set[bytes], Any]] = []  # (shard, table, seen, subkeys to look at)
         for shard, result in enumerate(found[: self.shards]):
             table = getattr(result, "value", None)
-            if not isinstance(table, dict):
+            if isinstance(table, dict):
+                seen = self._seen_in(round)[shard]
+                tables.append((shard, table, seen, table.keys() - seen if new_only else table.keys()))
+        taken: list[tuple] = []  # (seen set or None, subkey, verdict, raw, expiration)
+        self._parses = MAX_PARSES_PER_READ
+        if new_only:  # known senders first: their slots' subkeys are looked up, not searched for
+            for shard, table, seen, new in tables:
+                for subkey in self._subkeys_of(prefer, shard, new, max_index):
+                    if len(taken) >= limit:
+                        break
+                    self._take(round, shard, table, seen, subkey, False, count, taken)
+        looked = 0  # past limit + parse budget looked at, the rest waits: the work stays bounded
+        for shard, table, seen, new in tables:
+            for subkey in new:
+                if len(taken) >= limit or (new_only and looked >= limit + MAX_PARSES_PER_READ):
+                    break
+                looked += 1
+                if subkey in seen:  # a preferred sender's entry, taken above
+                    if new_only:
+                        continue
+                    self._take(round, shard, table, seen, subkey, True, count, taken)
+                else:
+                    self._take(round, shard, table, seen, subkey, False, count, taken)
+        received = []
+        for seen, subkey, verdict, raw, expiration in taken:
+            received.append(Received(verdict[0], verdict[1], verdict[2], raw, round,
+                                     expiration if expiration.__class__ is float else math.inf))
+        return received
+
+    def _take(self, round: int, shard: int, table: dict, seen: set[bytes], subkey: object, again: bool,
+              count: Callable[[str], None], taken: list[tuple]) -> None:
+        """Hand out one entry (into `taken`), or count why it is skipped (once)."""
+        try:
+            entry = table[subkey]
+            raw, expiration = entry.value, entry.expiration_time
+        except Exception:  # not a ValueWithExpiration: nothing a peer sends should be this
+            count("malformed")
+            return
+        verdict = self._verdicts.get(subkey)
+        if verdict is None:
+            if self._parses <= 0:
+                return  # parsed on a later read: a flood of new keys costs a bounded slice
+            self._parses -= 1
+            verdict = self._parse(subkey)
+            if len(self._verdicts) >= MAX_VERDICTS:
+                self._verdicts.clear()
+                self._markers.clear()
+            self._verdicts[subkey] = verdict
+            if verdict.__class__ is not str:
+                self._markers[verdict[0]] = verdict[1]
+        reason = self._skip(verdict, shard, raw)
+        if not again:
+            self._remember(seen, subkey)
+        if reason is not None:
+            if not again:
+                count(reason)
+            return
+        taken.append((None if again else seen, subkey, verdict, raw, expiration))
+
+    def _subkeys_of(self, senders: Iterable[str], shard: int, new: set[bytes], max_index: int) -> list[bytes]:
+        """The new subkeys in `shard` of the senders named (whose owner markers were parsed)."""
+        found = []
+        for sender in senders:
+            marker = self._markers.get(sender)
+            if marker is None:
                 continue
-            seen = seen_round[shard]
-            for subkey, entry in table.items():
-                try:
-                    raw, expiration = entry.value, entry.expiration_time
-                    again = seen.get(subkey) == expiration
-                    if again and new_only:
-                        continue  # handed out (or counted) on an earlier read
-                    verdict = verdicts.get(subkey)
-                except Exception:  # an odd entry or an unhashable subkey: nothing to remember it by
-                    count("malformed")
-                    continue
-                if verdict is None:
-                    if parses <= 0:
-                        continue  # parsed on a later read: a flood of new keys costs a bounded slice
-                    parses -= 1
-                    verdict = self._parse(subkey)
-                    if len(verdicts) >= MAX_VERDICTS:
-                        verdicts.clear()
-                    verdicts[subkey] = verdict
-                reason = self._skip(verdict, shard, raw)
-                if reason is not None:
-                    if not again:
-                        self._remember(seen, subkey, expiration)
-                        count(reason)
-                    continue
-                item = Received(verdict[0], verdict[1], verdict[2], raw, round,
-                                expiration if expiration.__class__ is float else math.inf)
-                fresh.append((seen, subkey, item) if not again else (None, subkey, item))
-        if budget is not None and sum(seen is not None for seen, _, _ in fresh) > budget:
-            if prefer is not None:  # stable: table order within each class
-                fresh.sort(key=lambda entry: not prefer(entry[2].sender))
-            kept, left = [], budget
-            for entry in fresh:
-                if entry[0] is None or left > 0:
-                    kept.append(entry)
-                    left -= entry[0] is not None
-            fresh = kept
-        for seen, subkey, item in fresh:
-            if seen is not None:
-                self._remember(seen, subkey, item.expiration)
-        return [item for _, _, item in fresh]
+            offset = shard_of(marker, 0, self.shards)
+            for index in range((shard - offset) % self.shards, max_index, self.shards):
+                subkey = marker + b"/%d" % index
+                if subkey in new:
+                    found.append(subkey)
+        return found
 
     def _skip(self, verdict: Verdict, shard: int, raw: object) -> str | None:
         """Why an entry is skipped, or None."""
@@ -103,9 +137,9 @@ class PayloadCache:
             return "malformed"
         return "oversized" if len(raw) > self.max_record_bytes else None
 
-    def _remember(self, seen: dict[bytes, float], subkey: bytes, expiration: float) -> None:
+    def _remember(self, seen: set[bytes], subkey: bytes) -> None:
         if len(seen) < self.max_entries_per_shard:
-            seen[subkey] = expiration
+            seen.add(subkey)
 
     def _parse(self, subkey: bytes) -> Verdict:
         """parse_payload's verdict on a subkey (the value is checked per read), with the shard
@@ -119,10 +153,10 @@ class PayloadCache:
             return "malformed"
         return item if isinstance(item, str) else (item.sender, item.sender_key, item.index, home)
 
-    def _seen_in(self, round: int) -> list[dict[bytes, float]]:
+    def _seen_in(self, round: int) -> list[set[bytes]]:
         seen = self._seen.get(round)
         if seen is None:
-            seen = self._seen[round] = [{} for _ in range(self.shards)]
+            seen = self._seen[round] = [set() for _ in range(self.shards)]
             while len(self._seen) > ROUNDS_CACHED:  # forget the oldest round
                 del self._seen[min(self._seen)]
         return seen

@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, Callable
 
 from hivemind import DHT
@@ -208,14 +209,16 @@ class SwarmTransport:
                     for i, payload in enumerate(payloads, start=first_index)]
         return sum(self._store_many(requests))
 
-    def collect(self, round: int, new_only: bool = False, budget: int | None = None,
-                prefer: Callable[[str], bool] | None = None) -> list[Received]:
+    def collect(self, round: int, new_only: bool = False, budget: int | None = None, prefer: Iterable[str] = (),
+                max_index: int = MAX_GROUPS_PER_ROUND) -> list[Received]:
         """Every well-formed, signed payload of `round` found in the DHT (ours included), each
         subkey parsed once (payload_cache.py). With `new_only`, only entries not returned before,
-        at most `budget` of them, those of senders `prefer` names first (the rest come later)."""
+        at most `budget` of them, first those of the senders in `prefer` (their indices below
+        `max_index`); the rest come on later calls."""
         found = self._get_many(self.shard_keys(round))
         count = lambda reason: self._count(self._rejections, reason)  # noqa: E731
-        received = self._payloads.read(round, found, count, new_only=new_only, budget=budget, prefer=prefer)
+        received = self._payloads.read(round, found, count, new_only=new_only, budget=budget, prefer=prefer,
+                                       max_index=max_index)
         return sorted(received, key=lambda item: (item.sender, item.index))
 
     # status records
