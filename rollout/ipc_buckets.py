@@ -118,6 +118,12 @@ class BucketedIpcTransport:
         self.release = release or _release_cuda_ipc
         self._llm: Any = None  # the engine whose worker engines got our init
 
+    @property
+    def casts_per_bucket(self) -> bool:
+        """It casts floating tensors to the served dtype while staging: the trainer hands it its
+        float32 masters as they are (`Policy.engine_weights(cast=False)`), no full cast copy."""
+        return self.dtype is not None
+
     def _target_device(self) -> torch.device:
         if self.device is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -19,6 +19,13 @@ How weights travel (rollout/weight_transfer.py has the details):
   the actor only relays vLLM's control calls (init, start, update metadata, finish) to its engine
   (weight_relay.py). No tensor goes through the object store or the actor. A push that fails after
   its broadcast began retires the engine (its actor is killed; the pool replaces it).
+
+Control calls have a deadline (`settings.weight_load_timeout_s`): abort, wait-idle, sleep, the
+version, the relay's calls. An actor that passes it is retired like a dead one (`EngineLost`): the
+pool already replaces lost engines and moves their groups, and an engine that cannot abort or
+report idle cannot be trusted to load weights either. Streams and generation have no deadline
+(long by nature; the scheduler times its aborts out itself). Ray runs an async actor's calls out
+of order, so the version the client last set is awaited before any later call reaches the actor.
 """
 
 from __future__ import annotations
@@ -168,6 +175,8 @@ class RemoteEngine:
         self._active: set[str] = set()
         self._lost: str | None = None
         self._tokenizer: Any = None
+        self._version_set: Any = None  # the last set_policy_version call, until it is done
+        self.rpc_timeout_s = float(settings.weight_load_timeout_s)
 
     @classmethod
     def create(cls, settings: EngineSettings, name: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
@@ -186,17 +195,51 @@ class RemoteEngine:
                    trainer_sender(backend, settings.dtype))
 
     async def start(self) -> "RemoteEngine":
-        info = await self._call(self.actor.start.remote())
+        info = await self._call(self.actor.start)  # no deadline: a start may take minutes
         self._max_model_len = int(info["max_model_len"])
         self.pid = int(info["pid"])
         self.transfer_workers = int(info.get("transfer_workers", 1))
         return self
 
-    async def _call(self, ref: Any) -> Any:
+    async def _call(self, method: Any, *args: Any, deadline_s: float | None = None) -> Any:
+        """`method.remote(*args)` once the actor has the version last set; EngineLost if the actor
+        is dead, or (the engine is retired) if the call does not return within `deadline_s`."""
         if self._lost:
             raise EngineLost(self._lost)
-        with self._deaths_as_lost():
-            return await ref
+        await self._version_applied()
+
+        async def call() -> Any:
+            with self._deaths_as_lost():
+                return await method.remote(*args)
+
+        if deadline_s is None:
+            return await call()
+        return await self._within(call(), deadline_s, method)
+
+    async def _within(self, awaitable: Any, deadline_s: float, method: Any) -> Any:
+        """`awaitable` under weight_check's deadline; past it the actor is retired (EngineLost)."""
+        from rollover.rollout.weight_check import WeightSyncFailed, within
+
+        what = f"engine {self.name}'s {getattr(method, '_method_name', 'call')}"
+        try:
+            return await within(awaitable, deadline_s, what)
+        except WeightSyncFailed as exc:
+            self.retire(str(exc))
+            raise EngineLost(self._lost) from exc
+
+    async def _version_applied(self) -> None:
+        """Wait (under the deadline) until the actor runs the last set_policy_version call."""
+        ref = self._version_set
+        if ref is None:
+            return
+
+        async def applied() -> None:
+            with self._deaths_as_lost():
+                await ref
+
+        await self._within(applied(), self.rpc_timeout_s, self.actor.set_policy_version)
+        if self._version_set is ref:
+            self._version_set = None
 
     @contextlib.contextmanager
     def _deaths_as_lost(self) -> Iterator[None]:
@@ -222,8 +265,8 @@ class RemoteEngine:
     @policy_version.setter
     def policy_version(self, version: int) -> None:
         self._version = int(version)
-        if not self._lost:
-            self.actor.set_policy_version.remote(self._version)  # ordered before later calls
+        if not self._lost:  # later calls wait for it (`_version_applied`): Ray may reorder them
+            self._version_set = self.actor.set_policy_version.remote(self._version)
 
     @property
     def max_model_len(self) -> int:
@@ -255,11 +298,12 @@ class RemoteEngine:
             raise EngineLost(self._lost)
         if rid in self._active:
             raise ValueError(f"request id {rid!r} is already running (vLLM would abort both)")
-        self._active.add(rid)
-        chunks = self.actor.stream.options(num_returns="streaming").remote(
-            prompt_ids, max_tokens, sampling, rid)
-        finished = False
+        self._active.add(rid)  # an abort from now on reaches the actor (which remembers it)
+        finished, chunks = False, None
         try:
+            await self._version_applied()  # the tokens are stamped with the version last set
+            chunks = self.actor.stream.options(num_returns="streaming").remote(
+                prompt_ids, max_tokens, sampling, rid)
             with self._deaths_as_lost():
                 async for ref in chunks:
                     chunk = await ref
@@ -267,7 +311,7 @@ class RemoteEngine:
                     yield chunk
         finally:
             self._active.discard(rid)
-            if not finished and not self._lost:  # cancelled here: the request must not run on
+            if chunks is not None and not finished and not self._lost:  # cancelled here: it must not run on
                 self.actor.abort.remote([rid])
 
     async def generate(self, prompt_ids: list[int], max_tokens: int,
@@ -276,21 +320,21 @@ class RemoteEngine:
         rid = request_id or uuid.uuid4().hex
         self._active.add(rid)
         try:
-            return await self._call(self.actor.generate.remote(prompt_ids, max_tokens, sampling, rid))
+            return await self._call(self.actor.generate, prompt_ids, max_tokens, sampling, rid)
         finally:
             self._active.discard(rid)
 
     async def abort(self, request_ids: Iterable[str]) -> int:
         ids = [r for r in request_ids if r in self._active]
         if ids and not self._lost:
-            await self._call(self.actor.abort.remote(ids))
+            await self._call(self.actor.abort, ids, deadline_s=self.rpc_timeout_s)
         return len(ids)
 
     async def wait_idle(self, timeout: float = 10.0, request_ids: Iterable[str] | None = None) -> None:
         if self._lost:
             return  # a dead engine runs nothing
         ids = None if request_ids is None else list(request_ids)
-        await self._call(self.actor.wait_idle.remote(timeout, ids))
+        await self._call(self.actor.wait_idle, timeout, ids, deadline_s=timeout + self.rpc_timeout_s)
 
     # ---- weights and lifecycle -----------------------------------------------------------
 
@@ -310,8 +354,8 @@ class RemoteEngine:
             return self._version
         if not isinstance(named_tensors, ray.ObjectRef):
             named_tensors = ray.put(to_cpu_unshared(pairs(named_tensors)))
-        self._version = await self._call(
-            self.actor.update_weights.remote(named_tensors, target, keep_requests, recompute_kv))
+        self._version = await self._call(  # the caller's deadline (CheckedWeightSync) covers loads
+            self.actor.update_weights, named_tensors, target, keep_requests, recompute_kv)
         return self._version
 
     # ---- nccl: this process sends, the actor relays (see the module doc) ---------------------
@@ -321,11 +365,11 @@ class RemoteEngine:
         from rollover.rollout.weight_relay import ActorWeightSyncClient
 
         if self._client is None:
-            self._client = ActorWeightSyncClient(self.actor)
+            self._client = ActorWeightSyncClient(self.actor, self.rpc_timeout_s)
         return self._client
 
     async def shutdown_weight_transfer_engine(self) -> None:
-        await self._call(self.actor.shutdown_weight_transfer_engine.remote())
+        await self._call(self.actor.shutdown_weight_transfer_engine, deadline_s=self.rpc_timeout_s)
 
     async def _push_from_trainer(self, named_tensors: Any, target: int, keep_requests: bool,
                                  recompute_kv: bool) -> int:
@@ -335,15 +379,16 @@ class RemoteEngine:
             raise EngineLost(self._lost)
         client = self.weight_sync_client()
         client.order = (target, keep_requests, recompute_kv)
-        client.served_version = None
+        client.served_version, client.timed_out = None, None
         try:
             with self._deaths_as_lost():
                 await self.sender.push(self, pairs(named_tensors))
-        except (WeightsUntouched, EngineLost):
-            raise
         except Exception as exc:
-            if not client.updates_sent:  # refused before any broadcast: the group is intact
-                raise
+            if client.timed_out:  # a relay call passed its deadline: the update may be open
+                self.retire(f"engine {self.name}: {client.timed_out} (rollout.weight_load_timeout_s)")
+                raise EngineLost(self._lost) from exc
+            if isinstance(exc, WeightsUntouched | EngineLost) or not client.updates_sent:
+                raise  # refused before any broadcast: the group is intact
             self.retire(f"engine {self.name}: the NCCL weight push failed ({type(exc).__name__}: {exc})")
             raise EngineLost(self._lost) from exc
         if client.served_version is None:
@@ -351,7 +396,8 @@ class RemoteEngine:
         return client.served_version
 
     def retire(self, why: str) -> None:
-        """Give up on this engine: its NCCL group is unusable (the pool replaces it)."""
+        """Give up on this engine (its NCCL group is unusable, or it stopped answering): kill
+        its actor; the pool replaces it."""
         import ray
 
         self.mark_lost(why)
@@ -365,16 +411,16 @@ class RemoteEngine:
     async def weight_probe(self, token_ids: list[int]) -> list[Any]:
         """What the actor's engine serves: its own version (not this client's copy) and its
         probe log-probs (rollout/weight_check.py)."""
-        readings = await self._call(self.actor.weight_probe.remote(list(token_ids)))
+        readings = await self._call(self.actor.weight_probe, list(token_ids))  # CheckedWeightSync's deadline
         for reading in readings:  # which actor, for the one-line error
             reading.engine = f"{self.name}: {reading.engine}"
         return readings
 
     async def sleep(self, level: int = 1) -> None:
-        await self._call(self.actor.sleep.remote(level))
+        await self._call(self.actor.sleep, level, deadline_s=self.rpc_timeout_s)
 
     async def wake_up(self) -> None:
-        await self._call(self.actor.wake_up.remote())
+        await self._call(self.actor.wake_up)  # the trainer's deadline (trainer/loop.py)
 
     def shutdown(self) -> None:
         """Stop the engine and its actor (best effort: the actor may be gone already)."""

@@ -46,6 +46,9 @@ class EngineSettings:
     # vLLM sleep mode (CUDA only): `RolloutEngine.sleep()` frees the engine's GPU memory while
     # a colocated trainer updates, `wake_up()` takes it back.
     sleep_mode: bool = False
+    # Deadline of every control call to an engine actor (abort, wait-idle, sleep, version, the
+    # nccl relay's calls): one that passes it retires the engine (rollout.weight_load_timeout_s).
+    weight_load_timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
 
     @classmethod
@@ -77,6 +80,7 @@ class EngineSettings:
             weight_bucket_mb=float(getattr(rollout_cfg, "weight_bucket_mb", 512.0)),
             enforce_eager=(not has_cuda) if eager is None else eager,
             sleep_mode=bool(getattr(rollout_cfg, "sleep_mode", False)),
+            weight_load_timeout_s=float(getattr(rollout_cfg, "weight_load_timeout_s", 600.0)),
         )
         values.update(overrides)
         if values["sleep_mode"] and not has_cuda:

@@ -110,40 +110,44 @@ class ActorWeightSyncClient:
     `order` (version, keep_requests, recompute_kv) is what the next `start_weight_update` asks
     the engine for; `served_version` is what `finish_weight_update` got back.
     `updates_sent` counts update calls issued: none means no broadcast began (NCCL intact).
+    Each call waits at most `timeout_s`; `timed_out` then names it (the engine must be retired:
+    its update may still be open).
     """
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, timeout_s: float | None = None) -> None:
         self.actor = actor
+        self.timeout_s = timeout_s
         self.order: tuple[int, bool, bool] = (0, False, False)
         self.served_version: int | None = None
         self.updates_sent = 0
+        self.timed_out: str | None = None
+
+    def _get(self, method: Any, *args: Any) -> Any:
+        import ray
+
+        try:
+            return ray.get(method.remote(*args), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            name = getattr(method, "_method_name", "a relay call")
+            self.timed_out = f"{name} did not return within {self.timeout_s:g} s"
+            raise
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        import ray
-
-        ray.get(self.actor.init_weight_transfer_engine.remote(init_info))
+        self._get(self.actor.init_weight_transfer_engine, init_info)
 
     def shutdown_weight_transfer_engine(self) -> None:
-        import ray
-
-        ray.get(self.actor.shutdown_weight_transfer_engine.remote())
+        self._get(self.actor.shutdown_weight_transfer_engine)
 
     def start_weight_update(self) -> None:
-        import ray
-
         self.updates_sent = 0
-        ray.get(self.actor.start_weight_update.remote(*self.order))
+        self._get(self.actor.start_weight_update, *self.order)
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        import ray
-
         self.updates_sent += 1
-        ray.get(self.actor.update_weights_info.remote(update_info))
+        self._get(self.actor.update_weights_info, update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        import ray
-
-        self.served_version = int(ray.get(self.actor.finish_weight_update.remote()))
+        self.served_version = int(self._get(self.actor.finish_weight_update))
 
 
 def trainer_sender(backend: str, dtype: str | None = None) -> Any:

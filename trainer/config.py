@@ -25,9 +25,19 @@ class ModelConfig(Section):
     # The compute dtype: forward passes (autocast), the engine's weights, the KL reference.
     # Trained weights and AdamW state are float32 whatever it is (trainer/policy.py).
     # auto: bfloat16 when CUDA is present, float32 otherwise (`resolve_dtype`).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
     max_model_len: int = Field(512, ge=16)  # prompt + response tokens the engine must hold
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, value: Any) -> Any:
+        """float16 computes need loss scaling (small gradients underflow to zero), which the
+        update step does not do; bfloat16 has float32's range and needs none."""
+        if value == "float16":
+            raise ValueError("float16 is not supported (no loss scaling: its small gradients underflow "
+                             "to zero); use bfloat16 or float32")
+        return value
 
 
 class RewardSpec(Section):
@@ -220,7 +230,9 @@ class SwarmConfig(Section):
     identity_path: str | None = None  # folder for the node's keys; None: the run folder
     local_groups: int | None = Field(None, ge=1)  # I; None: rollout.groups_per_step (must match)
     external_groups: int = Field(4, ge=0)  # J: peers' groups trained on per step, when there are any
-    round_seconds: float = Field(30.0, ge=1.0, le=3600.0)  # rounds are epochs of the wall clock
+    # rounds are epochs of the wall clock; whole seconds, so a bootstrap node's DHT guard that was
+    # not told the length serves the swarm anyway (swarm/guard.py)
+    round_seconds: float = Field(30.0, ge=1.0, le=3600.0, multiple_of=1.0)
     max_record_bytes: int = Field(12288, ge=1024, le=16384)  # one group; hivemind's pipe breaks past ~24 KiB
     max_groups_per_peer: int = Field(16, ge=1, le=256)  # per sender per round, and in the pool
     max_external_share_per_peer: float = Field(0.5, gt=0.0, le=1.0)  # of J, per step

@@ -201,7 +201,8 @@ class Trainer:
         await within(self.engine.wake_up(), self.recipe.rollout.weight_load_timeout_s,
                      f"step {self.step + 1}'s engine wake-up")
         # Any applied update changes the weights the engine must serve.
-        weights = self.policy.engine_weights() if stats["updates"] > 0 else None
+        weights = (self.policy.engine_weights(cast=not transport_casts(self.engine))
+                   if stats["updates"] > 0 else None)
         try:
             await self.ahead.load_weights(None if weights is None else lambda: self._load(weights))
         except WeightSyncFailed:
@@ -313,6 +314,13 @@ class Trainer:
                 "reward_failures": dict(self.rewards.failures),
                 "dataset_dropped_rows": getattr(self.task, "dropped_rows", 0),
                 "rollout_drops": dict(self.scheduler.ledger.drop_reasons())}
+
+
+def transport_casts(engine: Any) -> bool:
+    """The engine's weight transport casts to the served dtype bucket by bucket (the in-process
+    engine's bucketed ipc): hand it the float32 masters, not a full cast copy held on the
+    trainer's GPU for the whole push. Shared memory, nccl and Ray engines take the casts."""
+    return bool(getattr(getattr(engine, "weight_transport", None), "casts_per_bucket", False))
 
 
 def oldest_token_age(groups: list[Group], version: int) -> int:

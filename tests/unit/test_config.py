@@ -94,6 +94,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
         (["cluster.address=local", "cluster.tensor_parallel_size=2"], "needs cluster.engine_num_gpus >= 2"),
         (["cluster.placement=colocated", "cluster.engine_num_gpus=0.5"], "set cluster.trainer_num_gpus"),
         (["cluster.engine_num_cpus=-1"], "cluster.engine_num_cpus"),
+        (["model.dtype=float16"], r"model.dtype: float16 is not supported .*; use bfloat16 or float32 \(got"),
     ],
 )
 def test_settings_that_would_train_wrongly_are_refused(overrides, expected):
@@ -127,7 +128,7 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
 
     assert resolve_dtype("auto", has_cuda=True) == "bfloat16"
     assert resolve_dtype("auto", has_cuda=False) == "float32"
-    assert resolve_dtype("float16", has_cuda=True) == "float16"
+    assert resolve_dtype("bfloat16", has_cuda=False) == "bfloat16"
 
 
 def test_a_section_given_twice_is_refused(tmp_path):

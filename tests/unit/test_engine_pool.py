@@ -7,14 +7,19 @@ deaths land exactly where a test wants them, which a real actor kill cannot.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from test_buffer import FakeEngine, _config, _sample_of, _score, _source
 
 from rollover.rollout.april import AprilScheduler
+from rollover.rollout.engine import TokenChunk
 from rollover.rollout.pool import AllEnginesLost, EnginePool
-from rollover.rollout.remote import EngineLost
+from rollover.rollout.remote import EngineLost, RemoteEngine
+from rollover.rollout.settings import EngineSettings
+from rollover.rollout.weight_check import EngineReading
 
 
 class MortalEngine(FakeEngine):
@@ -66,17 +71,21 @@ def run(coro, timeout: float = 20.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def scheduler(pool, n=4, max_tokens=20):
+def scheduler(pool, n=4, max_tokens=20, **config):
     lengths = {}
     return AprilScheduler(pool, _config(groups_per_step=n, group_size=2, over_provision=1.0,
-                                        max_tokens=max_tokens),
+                                        max_tokens=max_tokens, **config),
                           _source(lengths), _score)
 
 
-def test_groups_go_whole_to_the_least_loaded_engine():
-    a, b = MortalEngine("a"), MortalEngine("b")
+@pytest.mark.parametrize("ticks", [(0.0005, 0.0005), (0.0005, 0.003)])
+def test_groups_go_whole_to_the_least_loaded_engine(ticks):
+    # partial: false starts exactly N groups (launched + accepted <= N'); with recycling on, a
+    # group finishing first is replaced by a fresh one, so how many groups ran depended on which
+    # engine's streams ended first (a:3, b:3 under load). The slower `b` makes that order certain.
+    a, b = MortalEngine("a", tick=ticks[0]), MortalEngine("b", tick=ticks[1])
     pool = EnginePool([a, b])
-    sched = scheduler(pool)
+    sched = scheduler(pool, partial=False)
     try:
         result = run(sched.step())
     finally:
@@ -265,12 +274,25 @@ def test_a_sample_that_stops_early_gives_its_unused_budget_back_to_its_engine():
     # The engine's load is what its open requests may still generate: budget minus streamed.
     a = FirstSampleStopsEarly("a", tick=0.002)
     pool = EnginePool([a])
-    sched = scheduler(pool, n=2, max_tokens=20)
-    seen = []
+    # partial: false runs exactly these 2 groups to the end: with recycling on, a refill group is
+    # aborted when the step ends, and its lease is released a round after its requests close.
+    sched = scheduler(pool, n=2, max_tokens=20, partial=False)
+    seen, routed = [], []
+    acquire = pool.acquire
+
+    async def counting_acquire(tokens=0):
+        routed.append(tokens)
+        return await acquire(tokens)
+
+    pool.acquire = counting_acquire
 
     async def watch():
         while True:
             await asyncio.sleep(0.003)
+            if len({_sample_of(rid) for rid, _, _ in a.requests}) < 2 * len(routed):
+                # A group is routed (its budgets count from then on) but its requests start in
+                # the loop's next round: under load this watcher could look in between.
+                continue
             budgets = {rid: budget for rid, _, budget in a.requests}
             left = sum(budgets[rid] - a.streamed_by_request[rid] for rid in a._open)
             open_samples = {_sample_of(rid) for rid in a._open}
@@ -291,3 +313,171 @@ def test_a_sample_that_stops_early_gives_its_unused_budget_back_to_its_engine():
     assert any(alone for _, _, alone in seen), "no moment with one sample of a group done"
     assert all(load == left for load, left, _ in seen), [x for x in seen if x[0] != x[1]][:5]
     assert pool.members[0].outstanding_tokens == 0  # nothing leased once the step is over
+
+
+# ---- engine actors: control calls under a deadline, the version ahead of later calls ------------
+
+
+def _ready(value):
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+class FakeActorHandle:
+    """A Ray engine actor's handle, in process: each `.remote` call runs as its own task, as Ray
+    runs an async actor's calls (concurrently, in no promised order). `abort_hangs`: abort never
+    returns; `version_delay`: set_policy_version takes that long; a stream yields one chunk at
+    the actor's version (or waits for the kill with `stream_hangs`)."""
+
+    def __init__(self, abort_hangs: bool = False, version_delay: float = 0.0, stream_hangs: bool = False):
+        self.version, self.calls = 0, []
+        self.abort_hangs, self.version_delay, self.stream_hangs = abort_hangs, version_delay, stream_hangs
+        self.killed = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        body = getattr(type(self), f"do_{name}")
+
+        def remote(*args):
+            self.calls.append(name)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # from a thread (the nccl relay's client): a ref for ray.get
+                return SimpleNamespace(ref=name)
+            return asyncio.ensure_future(body(self, *args))
+
+        return SimpleNamespace(remote=remote, _method_name=name,
+                               options=lambda **_: SimpleNamespace(remote=lambda *a: self.do_stream(*a)))
+
+    async def do_set_policy_version(self, version):
+        await asyncio.sleep(self.version_delay)
+        self.version = version
+
+    async def do_abort(self, ids):
+        if self.abort_hangs:
+            await asyncio.Event().wait()
+        return len(ids)
+
+    async def do_start_weight_update(self, *order):
+        await asyncio.Event().wait()
+
+    async def do_weight_probe(self, ids):
+        return [EngineReading("pid 1", self.version, [0.0] * (len(ids) - 1))]
+
+    async def do_stream(self, prompt_ids, max_tokens, sampling, rid):
+        self.calls.append("stream")
+        if self.stream_hangs:
+            await self.killed.wait()
+            return
+        yield _ready(TokenChunk([7], [-0.5], self.version, "stop"))
+
+
+@pytest.fixture
+def ray_kill(monkeypatch):
+    import ray
+
+    killed = []
+
+    def kill(actor, no_restart=True):
+        killed.append(actor)
+        actor.killed.set()
+
+    monkeypatch.setattr(ray, "kill", kill)
+    return killed
+
+
+def _remote(actor, timeout_s: float = 600.0) -> RemoteEngine:
+    return RemoteEngine(actor, EngineSettings(model="m", weight_load_timeout_s=timeout_s), "e0")
+
+
+async def _drain(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+def test_an_engine_actor_whose_abort_never_returns_is_retired_and_replaced(ray_kill):
+    hung, spare = FakeActorHandle(abort_hangs=True, stream_hangs=True), MortalEngine("a2")
+    remote, b = _remote(hung, timeout_s=0.3), MortalEngine("b")
+
+    async def replace(index):
+        return spare
+
+    pool = EnginePool([remote, b], replace=replace)
+
+    async def scenario():
+        streaming = asyncio.ensure_future(_drain(remote.stream([1, 2], 5, request_id="r0")))
+        while "stream" not in hung.calls:
+            await asyncio.sleep(0.005)
+        started = time.perf_counter()
+        aborted = await pool.abort(["r0"])  # the other engine answers; this one is lost, not an error
+        elapsed = time.perf_counter() - started
+        await streaming
+        await pool.settle()
+        return aborted, elapsed
+
+    aborted, elapsed = run(scenario(), timeout=10)
+    assert 0.3 <= elapsed < 5 and aborted == 0
+    assert ray_kill == [hung] and remote.errored
+    assert pool.members[0].engine is spare and pool.revivals == 1 and all(m.alive for m in pool.members)
+
+
+def test_a_control_call_past_its_deadline_raises_engine_lost_in_one_line(ray_kill):
+    remote = _remote(FakeActorHandle(abort_hangs=True, stream_hangs=True), timeout_s=0.2)
+
+    async def scenario():
+        streaming = asyncio.ensure_future(_drain(remote.stream([1, 2], 5, request_id="r0")))
+        while "stream" not in remote.actor.calls:
+            await asyncio.sleep(0.005)
+        with pytest.raises(EngineLost) as lost:
+            await remote.abort(["r0"])
+        await streaming
+        return str(lost.value)
+
+    message = run(scenario(), timeout=10)
+    assert message == "engine e0's abort did not finish within 0.2 s (rollout.weight_load_timeout_s)"
+    assert ray_kill == [remote.actor]
+
+
+def test_calls_after_a_version_change_see_that_version_though_ray_may_run_them_first():
+    # Ray runs an async actor's calls out of order: a probe or a stream sent right after
+    # `policy_version = 4` could reach the engine before the version did (seen as "serves policy
+    # version 3, the trainer expects 4" in tests/integration/test_cluster.py).
+    remote = _remote(FakeActorHandle(version_delay=0.05))
+
+    async def scenario():
+        remote.policy_version = 4
+        [reading] = await remote.weight_probe([1, 2, 3])
+        remote.policy_version = 5
+        chunks = await _drain(remote.stream([1, 2], 5, request_id="r1"))
+        return reading, chunks
+
+    reading, chunks = run(scenario())
+    assert reading.policy_version == 4 and reading.engine == "e0: pid 1"
+    assert [c.version for c in chunks] == [5]
+
+
+def test_an_nccl_relay_call_past_its_deadline_retires_the_engine(monkeypatch, ray_kill):
+    import ray
+
+    waited = []
+
+    def get(ref, timeout=None):  # the actor never answers start_weight_update
+        waited.append(timeout)
+        raise ray.exceptions.GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout} s")
+
+    class Sender:  # vLLM's trainer engine: start, then the broadcasts (none get that far here)
+        closed = False
+
+        async def push(self, engine, pairs):
+            await asyncio.to_thread(engine.weight_sync_client().start_weight_update)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(ray, "get", get)
+    actor = FakeActorHandle()
+    remote = RemoteEngine(actor, EngineSettings(model="m", weight_load_timeout_s=0.2), "e0", sender=Sender())
+    with pytest.raises(EngineLost, match="^engine e0: start_weight_update did not return within 0.2 s"):
+        run(remote.update_weights({"w": __import__("torch").zeros(2)}, version=1))
+    assert waited == [0.2] and ray_kill == [actor] and remote.errored and remote.sender.closed

@@ -170,6 +170,21 @@ def test_an_engine_host_loads_with_ipc_or_shared_memory_and_relays_nccl():
     assert isinstance(engine_side_transport("nccl", settings), WeightRelay)
 
 
+def test_only_a_transport_that_casts_per_bucket_gets_the_float32_masters():
+    """The trainer skips its full cast copy (`engine_weights(cast=False)`) only for the in-process
+    engine's bucketed ipc, which casts each bucket to the served dtype as it stages it."""
+    from rollover.rollout.settings import EngineSettings
+    from rollover.trainer.loop import transport_casts
+
+    settings = EngineSettings(model="m", dtype="bfloat16")
+    engine_on = lambda backend: SimpleNamespace(  # noqa: E731 - an in-process engine's attribute
+        weight_transport=engine_side_transport(backend, settings))
+    assert transport_casts(engine_on("ipc"))
+    assert not transport_casts(engine_on("shared_memory")) and not transport_casts(engine_on("nccl"))
+    assert not transport_casts(SimpleNamespace())  # a Ray pool: its actors hold the transports
+    assert not transport_casts(SimpleNamespace(weight_transport=BucketedIpcTransport(dtype=None)))
+
+
 def test_unknown_backend_is_a_one_line_error_naming_the_valid_ones():
     for call in (weight_transport_for, engine_args_for):
         with pytest.raises(ValueError) as err:
