@@ -8,7 +8,11 @@ admitting them (Inbox.admit), and over the run the share of external slots an ho
 established peer gets with and without the flood. Sybil groups are valid-looking (right
 worked solutions of real tasks), so the judge finds them useful: the worst case for credit.
 
-    python bench/swarm_attack.py [--sybils 1000] [--rounds 6] [--out bench/results/swarm_attack.json]
+    python bench/swarm_attack.py [--sybils 1000] [--rounds 6] [--repeats 3] [--out bench/results/swarm_attack.json]
+
+Reading is bounded per poll (payload_cache.py: each subkey parsed once, at most
+NEW_ENTRIES_PER_READ new entries handed to the inbox per round read, known senders first);
+admission refuses a flood's records a sender at a time before parsing them (receive.py).
 
 The sybils' owner markers carry random 2048-bit moduli (exponent 65537): on this path keys are
 only parsed (sender ids), never used to verify, and real key generation would take minutes.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import pickle
 import platform
 import random
@@ -107,8 +112,8 @@ def run(sybils: int, rounds: int, flood: bool, seed: int) -> dict:
     credit = SenderCredit()
     honest_id = parse_payload(honest + b"/0", b"", round=0, shard=shard_of(honest, 0, SHARDS),
                               shards=SHARDS, max_record_bytes=caps.max_record_bytes).sender
-    for _ in range(20):  # established: 20 useful groups judged before the run
-        credit.record(honest_id, useful=True)
+    for earlier in range(-20, 0):  # established: a useful group in each of the 20 rounds before
+        credit.record(honest_id, useful=True, round_index=earlier)
     rng = random.Random(seed)
     judge = TextJudge()
     next_spec = [0]
@@ -152,8 +157,19 @@ def run(sybils: int, rounds: int, flood: bool, seed: int) -> dict:
             "records_per_round": 4 + len(sybil_markers) * cfg.max_groups_per_peer,
             "entries_read_per_poll_max": max(entries_per_poll),
             "admit_cpu_ms_per_poll": summary(admit_cpu), "read_cpu_ms_per_poll": summary(read_cpu),
+            "admission_cpu_ms_per_poll": summary([a + r for a, r in zip(admit_cpu, read_cpu)]),
             "honest_slots": honest_slots, "slots_offered": total_slots,
             "rejected": dict(box.rejected), "senders_judged": len(credit.judged)}
+
+
+def machine() -> dict:
+    """Which machine, and how busy it was when the run started (CPU time still suffers on a
+    shared machine: caches and memory bandwidth are shared)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -168,28 +184,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/swarm_attack.json")
+    parser.add_argument("--repeats", type=int, default=3, help="flood runs (seeds seed, seed+1, ...)")
     args = parser.parse_args(argv)
+    if args.sybils < 1 or args.rounds < 1 or args.repeats < 1:
+        parser.error("--sybils, --rounds and --repeats must be positive")
     baseline = run(0, args.rounds, flood=False, seed=args.seed)
-    flood = run(args.sybils, args.rounds, flood=True, seed=args.seed)
-    share = flood["honest_slots"] / max(1, baseline["honest_slots"])
+    floods = [run(args.sybils, args.rounds, flood=True, seed=args.seed + k) for k in range(args.repeats)]
+    flood = floods[0]
+    shares = [f["honest_slots"] / max(1, baseline["honest_slots"]) for f in floods]
+    share = min(shares)
+    worst = max(f["admission_cpu_ms_per_poll"]["max"] for f in floods)
     result = {
-        "what": "an honest node's admission CPU per poll and an established honest peer's external slots, "
-                "with and without sybil keys publishing full rounds (records as the DHT read delivers them)",
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "what": "an honest node's admission CPU per poll (reading the DHT's entries + the inbox admitting them) "
+                "and an established honest peer's external slots, with and without sybil keys publishing full "
+                "rounds (records as the DHT read delivers them)",
+        "machine": machine(),
         "settings": {"round_seconds": SwarmConfig().round_seconds, "external_groups": SwarmConfig().external_groups,
-                     "max_groups_per_peer": SwarmConfig().max_groups_per_peer, "group_size": 8},
+                     "max_groups_per_peer": SwarmConfig().max_groups_per_peer, "group_size": 8,
+                     "repeats": args.repeats},
         "baseline": baseline, "flood": flood,
+        "repeats": [{"seed": args.seed + k, "admission_cpu_ms_per_poll": f["admission_cpu_ms_per_poll"],
+                     "admit_cpu_ms_per_poll": f["admit_cpu_ms_per_poll"], "honest_slots": f["honest_slots"]}
+                    for k, f in enumerate(floods)],
         "honest_share_of_baseline": round(share, 3),
-        "targets": {"admit_cpu_ms_per_poll_max": 50, "honest_share_of_baseline_min": 0.9},
-        "met": {"admit_cpu": flood["admit_cpu_ms_per_poll"]["max"] <= 50,
-                "read_plus_admit_cpu": (flood["admit_cpu_ms_per_poll"]["max"]
-                                        + flood["read_cpu_ms_per_poll"]["max"]) <= 50,
+        "honest_share_of_baseline_per_repeat": [round(x, 3) for x in shares],
+        "targets": {"admission_cpu_ms_per_poll_max": 50, "honest_share_of_baseline_min": 0.9},
+        "met": {"admission_cpu_every_poll": worst <= 50,
+                "admission_cpu_median": max(f["admission_cpu_ms_per_poll"]["median"] for f in floods) <= 50,
+                "admit_cpu_every_poll": max(f["admit_cpu_ms_per_poll"]["max"] for f in floods) <= 50,
                 "honest_share": share >= 0.9},
     }
     save_json(result, Path(args.out))
     print(f"admit CPU per poll (ms): baseline {baseline['admit_cpu_ms_per_poll']}, flood {flood['admit_cpu_ms_per_poll']}")
     print(f"read CPU per poll (ms): flood {flood['read_cpu_ms_per_poll']}")
-    print(f"honest slots: baseline {baseline['honest_slots']}, flood {flood['honest_slots']} ({share:.0%})")
+    for f in floods:
+        print(f"read + admit CPU per poll (ms): flood {f['admission_cpu_ms_per_poll']}")
+    print(f"honest slots: baseline {baseline['honest_slots']}, flood {[f['honest_slots'] for f in floods]} "
+          f"(worst {share:.0%})")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The inbox's pool of admitted peer groups, indexed so admission stays O(1) per record.
 
 One global cap bounds it, however many senders publish: when it is full, a newcomer takes the
-place of the lowest-ranked candidate (unproven senders first, then lowest credit, oldest round)
+place of the lowest-ranked candidate (newcomers first, then lowest credit, oldest round)
 or, ranking no higher, is refused before its bytes are even parsed.
 """
 
@@ -17,7 +17,7 @@ from rollover.swarm.records import SharedGroup
 
 POOL_CAP = 256  # candidates held at once, over all senders (a step judges at most 4 x J)
 
-Rank = tuple[bool, float, int]  # (sender proven useful, sender credit, round): lowest goes first
+Rank = tuple[bool, float, int]  # (sender established, sender credit, round): lowest goes first
 
 
 @dataclass

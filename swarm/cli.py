@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="folder keeping the node's keys, so its peer id survives restarts")
     boot.add_argument("--name", default="rollover", help="the swarm's DHT namespace (swarm.name)")
     boot.add_argument("--round-seconds", type=float, default=None,
-                      help="the swarm's swarm.round_seconds (default: the recipe default, 30)")
+                      help="the swarm's swarm.round_seconds (default: serve any whole-second round length)")
     join = commands.add_parser("join", help="train as RECIPE says, sharing rollouts with --peers")
     join.add_argument("recipe")
     join.add_argument("--peers", nargs="+", required=True, help="multiaddrs printed by `rl-swarm bootstrap`")
@@ -82,7 +82,6 @@ def bootstrap(args: argparse.Namespace) -> int:
     from rollover.swarm.identity import load_or_create_identity
     from rollover.swarm.records import SwarmError
     from rollover.swarm.transport import SwarmTransport
-    from rollover.trainer.config import SwarmConfig
 
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -91,7 +90,7 @@ def bootstrap(args: argparse.Namespace) -> int:
         identity = load_or_create_identity(Path(args.identity))
         transport = SwarmTransport(args.name, identity, host_maddrs=args.host_maddrs,
                                    announce_maddrs=args.announce_maddrs,
-                                   round_seconds=args.round_seconds or SwarmConfig().round_seconds)
+                                   round_seconds=args.round_seconds)
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)

@@ -11,9 +11,23 @@ and near the current round, a canonical owner marker on every subkey (an unsigne
 refused), payload indices below MAX_GROUPS_PER_ROUND, one status per owner per round, values
 under one size cap, expirations within a few rounds of the key's round, and only standard RSA
 keys (a huge public exponent makes each signature check hundreds of times dearer).
+
+The round window needs the swarm's round length (keys name rounds, and hivemind hands a validator
+only the key's hash, so the guard lists the keys it accepts). A node that trains knows it; a
+bootstrap node may not. Told none, the guard serves every whole-second round length up to
+MAX_ROUND_SECONDS at once: the windows of different lengths name different rounds now (at
+today's clock, lengths L and L + 1 are now / (L (L + 1)) > 100 rounds apart, far more than a
+window), so the namespace and round-window checks and the expiration bound (the key's own
+length) all still hold, at the price of ~100k listed keys (~0.4 s once, ~16 MB) and a few key
+hashes per second. Putting the length into the key namespace instead would not help: the guard
+still could not list keys of a length it does not know; bounds absolute in time alone would let
+a bootstrap node store any key at all.
 """
 
 from __future__ import annotations
+
+import hashlib
+import heapq
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
@@ -34,10 +48,43 @@ MAX_SUBKEY_BYTES = 2048  # an owner marker of a 4096-bit key plus "/index" fits 
 ROUNDS_AHEAD = 1  # a key may name the next round (a peer's clock a little ahead), no later
 ROUNDS_BACK = 4  # older keys hold nothing alive (ROUND_LIFETIME) and are not read
 ROUND_LIFETIME = 3  # a record of round r expires by the end of round r + 2 (+ one round of slack)
+MAX_ROUND_SECONDS = 3600  # swarm.round_seconds' upper bound (trainer/config.py)
+
+VERDICTS_KEPT = 131_072  # records whose verdict is remembered (~10 MB): a flood is checked once
 
 GUARD_REASONS = ("oversized", "malformed", "missing_signature", "bad_key", "foreign_key",
                  "index_out_of_range", "far_expiration")
 _KEY_CACHE_SIZE = 4096
+
+
+class VerdictCache:
+    """Verdicts on records already checked, by a digest of (key, subkey, value, expiration).
+
+    hivemind validates every entry a peer returns to every read: under a flood of keys that is
+    tens of thousands of records per poll, each read every few seconds. A record is the same
+    bytes every time, so it is checked once; the oldest verdicts are forgotten past `size`.
+    """
+
+    def __init__(self, size: int = VERDICTS_KEPT):
+        self.size = size
+        self._verdicts: dict[bytes, bool] = {}
+
+    @staticmethod
+    def digest(record: DHTRecord) -> bytes:
+        h = hashlib.sha256()
+        for part in (record.key, record.subkey, record.value):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        h.update(repr(float(record.expiration_time)).encode())
+        return h.digest()
+
+    def get(self, digest: bytes) -> bool | None:
+        return self._verdicts.get(digest)
+
+    def put(self, digest: bytes, verdict: bool) -> None:
+        if len(self._verdicts) >= self.size:
+            del self._verdicts[next(iter(self._verdicts))]
+        self._verdicts[digest] = verdict
 
 
 def _reject(rejections: dict[str, int], reason: str) -> bool:
@@ -77,13 +124,18 @@ class GuardValidator(RecordValidatorBase):
     its text, so the keys of the rounds near now are hashed here (once per round).
     """
 
-    def __init__(self, namespace: str, shards: int, round_seconds: float, rejections: dict[str, int],
+    def __init__(self, namespace: str, shards: int, round_seconds: float | None, rejections: dict[str, int],
                  rounds_ahead: int = ROUNDS_AHEAD):
         self.namespace, self.shards, self.round_seconds = namespace, shards, round_seconds
         self.rounds_ahead = rounds_ahead
         self.rejections = rejections
-        self._window_round: int | None = None
-        self._keys: dict[bytes, tuple[int, int | None]] = {}  # DHTID bytes -> (round, shard or None)
+        # None: any whole-second round length (see the module docstring); otherwise the swarm's.
+        self._lengths = [float(round_seconds)] if round_seconds is not None else \
+            [float(length) for length in range(1, MAX_ROUND_SECONDS + 1)]
+        self._keys: dict[bytes, tuple[int, int | None, float]] = {}  # DHTID bytes -> (round, shard, length)
+        self._windows: dict[float, int] = {}  # round length -> the round its keys were listed for
+        self._due: list[tuple[float, float]] = []  # heap of (when a length's round ends, length)
+        self._passed = VerdictCache()
 
     @property
     def priority(self) -> int:
@@ -91,7 +143,13 @@ class GuardValidator(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         try:
-            return self._validate(record)
+            digest = VerdictCache.digest(record)
+            if self._passed.get(digest):
+                return True  # checked before; while it lives it stays in the window (ROUNDS_BACK)
+            ok = self._validate(record)
+            if ok:  # a refusal is not kept: a key a little ahead of our clock passes later
+                self._passed.put(digest, True)
+            return ok
         except Exception:  # nothing a peer sends may raise in the DHT process
             return _reject(self.rejections, "malformed")
 
@@ -99,7 +157,7 @@ class GuardValidator(RecordValidatorBase):
         place = self._known_keys().get(record.key)
         if place is None:
             return _reject(self.rejections, "foreign_key")
-        round, shard = place
+        round, shard, length = place
         cap = MAX_STATUS_BYTES if shard is None else MAX_VALUE_BYTES
         if len(record.value) > cap + SIGNED_OVERHEAD or len(record.subkey) > MAX_SUBKEY_BYTES:
             return _reject(self.rejections, "oversized")
@@ -129,20 +187,41 @@ class GuardValidator(RecordValidatorBase):
                 return _reject(self.rejections, "malformed")
         if not owner_key_ok(marker):
             return _reject(self.rejections, "bad_key")
-        if not record.expiration_time <= (round + ROUND_LIFETIME) * self.round_seconds:  # NaN too
+        if not record.expiration_time <= (round + ROUND_LIFETIME) * length:  # NaN too
             return _reject(self.rejections, "far_expiration")
         return True
 
-    def _known_keys(self) -> dict[bytes, tuple[int, int | None]]:
-        now = int(get_dht_time() // self.round_seconds)
-        if now != self._window_round:
-            keys: dict[bytes, tuple[int, int | None]] = {}
-            for round in range(max(0, now - ROUNDS_BACK), now + self.rounds_ahead + 1):
-                for shard in range(self.shards):
-                    keys[_key_id(payload_key(self.namespace, round, shard))] = (round, shard)
-                keys[_key_id(status_key(self.namespace, round))] = (round, None)
-            self._keys, self._window_round = keys, now
+    def _known_keys(self) -> dict[bytes, tuple[int, int | None, float]]:
+        """The keys of the rounds near now, for each round length this guard serves; a length's
+        keys are listed again only when its round changes (a heap says when)."""
+        now = get_dht_time()
+        if not self._windows:
+            for length in self._lengths:
+                self._move(length, now)
+        while self._due and self._due[0][0] <= now:
+            _, length = heapq.heappop(self._due)
+            self._move(length, now)
         return self._keys
+
+    def _move(self, length: float, now: float) -> None:
+        current = int(now // length)
+        before = self._windows.get(length)
+        wanted = set(range(max(0, current - ROUNDS_BACK), current + self.rounds_ahead + 1))
+        had = set(range(max(0, before - ROUNDS_BACK), before + self.rounds_ahead + 1)) if before is not None else set()
+        for round in had - wanted:
+            for key in self._round_keys(round):
+                if self._keys.get(key, (None, None, length))[2] == length:
+                    self._keys.pop(key, None)
+        for round in wanted - had:
+            for shard, key in zip([*range(self.shards), None], self._round_keys(round)):
+                self._keys[key] = (round, shard, length)
+        self._windows[length] = current
+        heapq.heappush(self._due, ((current + 1) * length, length))
+
+    def _round_keys(self, round: int) -> list[bytes]:
+        """A round's payload keys (shard order), then its status key."""
+        return [*(_key_id(payload_key(self.namespace, round, shard)) for shard in range(self.shards)),
+                _key_id(status_key(self.namespace, round))]
 
 
 def _key_id(key: str) -> bytes:
@@ -160,10 +239,19 @@ class CountingSignatureValidator(RSASignatureValidator):
     def __init__(self, private_key: RSAPrivateKey, rejections: dict[str, int]):
         super().__init__(private_key)
         self.rejections = rejections
+        self._verdicts = VerdictCache()
 
     def validate(self, record: DHTRecord) -> bool:
+        """hivemind's check, once per record (a signature's verdict never changes)."""
         try:
-            ok = super().validate(record)
-        except Exception:  # e.g. "[owner:garbage]": hivemind's key parser raises
-            ok = False
+            digest = VerdictCache.digest(record)
+        except Exception:
+            return _reject(self.rejections, "bad_signature")
+        ok = self._verdicts.get(digest)
+        if ok is None:
+            try:
+                ok = bool(super().validate(record))
+            except Exception:  # e.g. "[owner:garbage]": hivemind's key parser raises
+                ok = False
+            self._verdicts.put(digest, ok)
         return True if ok else _reject(self.rejections, "bad_signature")

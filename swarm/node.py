@@ -101,6 +101,8 @@ class SwarmNode:
         senders = {c.sender for c, _ in taken}
         for candidate, _ in taken:
             self._used[candidate.sender] += 1
+        if len(self._used) > 4 * TOP_SENDERS:  # bounded: only the top senders are ever reported
+            self._used = Counter(dict(self._used.most_common(2 * TOP_SENDERS)))
         local_rewards = [r for g in local_groups for r in g.rewards]
         metrics = {"swarm/round": float(round_index), "swarm/external_groups": float(len(groups)),
                    "swarm/external_share": len(groups) / max(1, len(groups) + len(local_groups)),

@@ -22,9 +22,9 @@ from rollover.swarm.guard import MAX_GROUPS_PER_ROUND
 
 ROUNDS_CACHED = 3  # a node reads two rounds per poll; one more for a poll across a round's end
 MAX_ENTRIES_PER_ROUND = 65_536  # entries remembered as handed out, per round (past it: handed again)
-MAX_VERDICTS = 65_536  # subkeys whose verdict is remembered (then all are forgotten)
-MAX_PARSES_PER_READ = 512  # subkeys never seen before parsed per read (~20 us each)
-NEW_ENTRIES_PER_READ = 2048  # new entries a node hands its inbox per round read (SwarmNode)
+MAX_VERDICTS = 65_536  # subkeys whose verdict is remembered (then only known senders' are kept)
+MAX_PARSES_PER_READ = 256  # subkeys never seen before parsed per read (~20 us each)
+NEW_ENTRIES_PER_READ = 1024  # new entries a node hands its inbox per round read (SwarmNode)
 
 Verdict = tuple[str, bytes, int, int] | str  # (sender, owner marker, index, its shard), or why skipped
 
@@ -35,7 +35,8 @@ class PayloadCache:
 
     def __init__(self, shards: int, max_record_bytes: int, max_entries_per_round: int = MAX_ENTRIES_PER_ROUND):
         self.shards, self.max_record_bytes = shards, max_record_bytes
-        self._markers: dict[str, bytes] = {}  # sender -> owner marker (cleared with the verdicts)
+        self._markers: dict[str, bytes] = {}  # sender -> owner marker (trimmed with the verdicts)
+        self._known: set[str] = set()  # the senders preferred by the last read
         self._parses = MAX_PARSES_PER_READ
         self.max_entries_per_shard = max(1, max_entries_per_round // shards)
         self._verdicts: dict[bytes, Verdict] = {}
@@ -60,6 +61,7 @@ class PayloadCache:
                 seen = self._seen_in(round)[shard]
                 tables.append((shard, table, seen, table.keys() - seen if new_only else table.keys()))
         taken: list[tuple] = []  # (seen set or None, subkey, verdict, raw, expiration)
+        self._known = set(prefer)
         self._parses = MAX_PARSES_PER_READ
         if new_only:  # known senders first: their slots' subkeys are looked up, not searched for
             for shard, table, seen, new in tables:
@@ -100,9 +102,12 @@ class PayloadCache:
                 return  # parsed on a later read: a flood of new keys costs a bounded slice
             self._parses -= 1
             verdict = self._parse(subkey)
-            if len(self._verdicts) >= MAX_VERDICTS:
-                self._verdicts.clear()
-                self._markers.clear()
+            if len(self._verdicts) >= MAX_VERDICTS:  # keys churned by a flood: keep the known ones'
+                self._verdicts = {k: v for k, v in self._verdicts.items()
+                                  if v.__class__ is not str and v[0] in self._known}
+                if len(self._verdicts) >= MAX_VERDICTS // 2:  # known ones alone fill it: start over
+                    self._verdicts = {}
+                self._markers = {s: m for s, m in self._markers.items() if s in self._known}
             self._verdicts[subkey] = verdict
             if verdict.__class__ is not str:
                 self._markers[verdict[0]] = verdict[1]

@@ -1,11 +1,11 @@
 """A node's inbox of peers' records: cheap checks on arrival, costly ones only for what it trains.
 
-Arrival (`admit`): per-round and per-pool counts, a budget of new senders per round and the pool's
-global cap (all before a byte is parsed), then schema and caps, signed round against the key's
-round, regeneration of the task from its spec with this node's registry, and the copy check on
-each completion (swarm/copies.py). What passes waits in the pool (swarm/candidates.py) for at
-most two rounds. Nothing a record holds can stop admission: any error is that record's, counted
-`malformed`, and the poll goes on.
+Arrival (`admit`): per-round and per-pool counts, a budget of new senders and one of records from
+not-yet-established senders per round, and the pool's global cap (all before a byte is parsed),
+then schema and caps, signed round against the key's round, regeneration of the task from its
+spec with this node's registry, and the copy check on each completion (swarm/copies.py). What
+passes waits in the pool (swarm/candidates.py) for at most two rounds. Nothing a record holds
+can stop admission: any error is that record's, counted `malformed`, and the poll goes on.
 
 Training (`take`): groups are drawn from the pool by sender credit, each rebuilt and judged by
 this node alone (`Judge`: re-tokenise, re-score, likelihood under its own policy), until J
@@ -28,7 +28,7 @@ from rollover.rollout.types import Group
 from rollover.swarm.candidates import POOL_CAP, Candidate, CandidatePool, Rank
 from rollover.swarm.copies import CopyMemory
 from rollover.swarm.records import Caps, Rejected, completion_digest, decode_group, group_digest
-from rollover.swarm.sampler import SenderCredit, draw_weights, per_sender_cap
+from rollover.swarm.sampler import SenderCredit, draw_weights, newcomer_slots, per_sender_cap
 from rollover.tasks.registry import SpecError, Task, record_from_spec
 
 __all__ = ["Candidate", "Inbox", "Incoming", "Judge", "ROUNDS_KEPT"]
@@ -36,6 +36,7 @@ __all__ = ["Candidate", "Inbox", "Incoming", "Judge", "ROUNDS_KEPT"]
 log = logging.getLogger(__name__)
 ROUNDS_KEPT = 2  # a record is usable in its own round and the next: publishers finish late
 NEW_SENDERS_PER_ROUND = 8  # senders never judged here admitted per round (keys are free)
+NEWCOMER_RECORDS_PER_ROUND = 64  # records of not-yet-established senders decoded per round
 COPY_SHARE = 0.5  # a group whose completions were at least this share seen elsewhere is a copy
 
 
@@ -65,10 +66,15 @@ class Inbox:
     """Admits, pools and judges peers' records; counts every rejection by reason."""
 
     def __init__(self, task: Task, caps: Caps, likelihood_z: float, min_reference: int = 16,
-                 pool_cap: int = POOL_CAP, new_senders_per_round: int = NEW_SENDERS_PER_ROUND):
+                 pool_cap: int = POOL_CAP, new_senders_per_round: int = NEW_SENDERS_PER_ROUND,
+                 salt: bytes | None = None, newcomer_records_per_round: int = NEWCOMER_RECORDS_PER_ROUND):
         self.task, self.caps, self.likelihood_z = task, caps, likelihood_z
         self.min_reference = min_reference
         self.new_senders_per_round = new_senders_per_round
+        # Newcomers fill few slots per step (sampler.newcomer_slots): decoding more of their
+        # records per round than this is work a horde of keys makes us do for nothing.
+        self.newcomer_records_per_round = newcomer_records_per_round
+        self._newcomer_records: Counter[int] = Counter()  # round -> newcomers' records decoded
         self.rejected: Counter[str] = Counter()
         self.received = 0  # distinct records read from peers, over the run
         self._pool = CandidatePool(pool_cap)
@@ -79,7 +85,7 @@ class Inbox:
         self.reference: deque[float] = deque(maxlen=512)  # own samples' mean log-probs
         # Ties between senders are broken by a hash salted with this node's secret: no key can be
         # ground to win them (the round is public, so an unsalted hash of it could be).
-        self._salt = os.urandom(16)
+        self._salt = os.urandom(16) if salt is None else salt  # tests pass one to be repeatable
 
     @property
     def pool(self) -> list[Candidate]:
@@ -136,7 +142,7 @@ class Inbox:
 
     def _in_trust_order(self, items: list[Incoming], credit: SenderCredit) -> list[Incoming]:
         """The order records of one poll are admitted in: earliest round first, then earliest
-        expiration, then proven senders by credit, then a salted hash (`_tie`).
+        expiration, then established senders by credit, then a salted hash (`_tie`).
 
         The order decides who keeps a group when a copy and its original are both new in one poll
         (later polls: the one seen first). A copier can only copy what was already published, so
@@ -154,7 +160,7 @@ class Inbox:
             found = keys.get((item.sender, item.round))
             if found is None:
                 found = keys[(item.sender, item.round)] = (
-                    not credit.is_proven(item.sender), -credit.credit(item.sender),
+                    not credit.is_established(item.sender), -credit.credit(item.sender),
                     self._tie(item.round, item.sender))
             return (item.round, expiration, *found)
 
@@ -166,8 +172,9 @@ class Inbox:
 
     def _refuse_newcomers_past_budget(self, items: list[Incoming], credit: SenderCredit,
                                       newcomers: dict[int, set[str]], oldest: int, current_round: int) -> list[Incoming]:
-        """Count as `new_senders` every record that `_admit_one` would refuse for that reason alone,
-        a sender at a time (a flood of keys is thousands of such records per poll); the rest."""
+        """Count as `new_senders` or `newcomer_records` every record that `_admit_one` would refuse
+        for that reason alone, a sender at a time (a flood of keys is thousands of such records per
+        poll); the rest."""
         by_sender: dict[tuple[str, int], list[Incoming]] = {}
         rest: list[Incoming] = []
         for item in items:
@@ -177,13 +184,20 @@ class Inbox:
                 rest.append(item)
         most = self.caps.max_groups_per_peer
         for (sender, round_index), group in by_sender.items():
-            if not credit.is_new(sender) or sender in newcomers.get(round_index, ()) or \
-                    self._pool.count(sender) >= most:
+            if credit.is_established(sender) or self._pool.count(sender) >= most:
                 rest.extend(group)
                 continue
-            for item in group:  # the checks _admit_one makes before the newcomer budget
-                if item.index.__class__ is int and 0 <= item.index < most:
-                    self.rejected["new_senders"] += 1
+            if credit.is_new(sender) and sender not in newcomers.get(round_index, ()):
+                reason = "new_senders"
+            elif self._newcomer_records[round_index] >= self.newcomer_records_per_round:
+                reason = "newcomer_records"
+            else:
+                rest.extend(group)
+                continue
+            for item in group:  # the checks _admit_one makes before these budgets
+                if item.index.__class__ is int and 0 <= item.index < most and \
+                        self._per_round[(sender, round_index)] < most:
+                    self.rejected[reason] += 1
                 else:
                     rest.append(item)
         return rest
@@ -204,7 +218,7 @@ class Inbox:
         return chosen
 
     def _rank(self, sender: str, round_index: int, credit: SenderCredit) -> Rank:
-        return (credit.is_proven(sender), credit.credit(sender), round_index)
+        return (credit.is_established(sender), credit.credit(sender), round_index)
 
     def _admit_one(self, item: Incoming, current_round: int, credit: SenderCredit,
                    newcomers: dict[int, set[str]]) -> None:
@@ -223,12 +237,17 @@ class Inbox:
         is_new = credit.is_new(item.sender)
         if is_new and item.sender not in newcomers.get(item.round, ()):
             raise Rejected("new_senders", f"over {self.new_senders_per_round} new senders in round {item.round}")
+        established = credit.is_established(item.sender)
+        if not established and self._newcomer_records[item.round] >= self.newcomer_records_per_round:
+            raise Rejected("newcomer_records", f"over {self.newcomer_records_per_round} in round {item.round}")
         rank = self._rank(item.sender, item.round, credit)
         if self._pool.full():
             lowest_rank, _ = self._pool.lowest(lambda c: self._rank(c.sender, c.round, credit))
             if rank <= lowest_rank:
                 raise Rejected("pool_full", "the pool holds only senders of equal or higher credit")
 
+        if not established:
+            self._newcomer_records[item.round] += 1
         shared = decode_group(item.raw, self.caps)
         if shared.round != item.round:
             # A signed record copied from another round's key: the signature binds the key,
@@ -273,7 +292,7 @@ class Inbox:
     def _forget_before(self, oldest_round: int) -> None:
         """Drop pooled records and bookkeeping of closed rounds (the round check covers them)."""
         self._pool.forget_before(oldest_round)
-        for table in (self._handled, self._new_senders):
+        for table in (self._handled, self._new_senders, self._newcomer_records):
             for round_index in [r for r in table if r < oldest_round - 1]:
                 del table[round_index]
         if any(k[1] < oldest_round - 1 for k in self._per_round):
@@ -285,25 +304,32 @@ class Inbox:
     def take(self, count: int, judge: Judge, credit: SenderCredit, max_share: float,
              rng: random.Random, max_judged: int | None = None) -> list[tuple[Candidate, Group]]:
         """Up to `count` judged groups, drawn one by one by sender credit (`draw_weights`: a
-        sender's groups weigh its credit together, unproven senders share one prior), at most
-        `per_sender_cap(count, max_share)` from one sender.
+        sender's groups weigh its credit together, newcomers share one prior), at most
+        `per_sender_cap(count, max_share)` from one sender, and newcomers together at most
+        `newcomer_slots(count)` (judged: twice that) while established senders' groups wait.
 
         Every drawn candidate leaves the pool whether it passes or not, and at most `max_judged`
         (default 4 x count) are judged per call: the work peers can cause us is bounded.
         """
         max_judged = 4 * count if max_judged is None else max_judged
         cap = per_sender_cap(count, max_share)
+        newcomer_cap = newcomer_slots(count)
         accepted: list[tuple[Candidate, Group]] = []
         per_sender: Counter[str] = Counter()
-        judged = 0
+        judged = newcomers_judged = newcomers_taken = 0
         while len(accepted) < count and judged < max_judged:
             eligible = [c for c in self._pool if per_sender[c.sender] < cap]
+            established = [c for c in eligible if credit.is_established(c.sender)]
+            if established and (newcomers_taken >= newcomer_cap or newcomers_judged >= 2 * newcomer_cap):
+                eligible = established  # newcomers had their share of this step
             if not eligible:
                 break
             weights = draw_weights([c.sender for c in eligible], credit)
             candidate = rng.choices(eligible, weights=weights)[0]
+            newcomer = not credit.is_established(candidate.sender)
             self._pool.remove(candidate)
             judged += 1
+            newcomers_judged += newcomer
             try:
                 group = self._judge(candidate, judge, credit)
             except Exception as exc:  # e.g. text our tokenizer refuses: that group's problem only
@@ -313,6 +339,7 @@ class Inbox:
                 group = None
             if group is not None:
                 per_sender[candidate.sender] += 1
+                newcomers_taken += newcomer
                 accepted.append((candidate, group))
         self._pool.forget_ranks()  # credit moved
         return accepted
@@ -355,7 +382,7 @@ class Inbox:
         """Record a verdict on the sender, unless a copy of the group arrived: then who wrote it
         cannot be known, and nobody earns or loses credit for it."""
         if not candidate.contested:
-            credit.record(candidate.sender, useful=useful)
+            credit.record(candidate.sender, useful=useful, round_index=candidate.round)
 
     def is_unlikely(self, values: list[float]) -> bool:
         """True when any completion's mean log-likelihood lies far below our own samples'.

@@ -24,7 +24,7 @@ REJECTION_REASONS = (
     "malformed", "oversized", "not_utf8", "bad_signature", "missing_signature", "replayed",
     "wrong_round", "duplicate", "copied", "unknown_task", "index_out_of_range", "too_many_groups",
     "too_many_completions", "completion_too_long", "flooding", "unlikely", "uninformative",
-    "pool_full", "new_senders", "wrong_steps",
+    "pool_full", "new_senders", "newcomer_records", "wrong_steps",
 )
 MAX_NESTING = 3  # a record is an object holding a spec object and a list of strings: depth 2
 

@@ -31,7 +31,6 @@ from rollover.swarm.identity import Identity, SwarmError, identity_from_key
 from rollover.swarm.payload_cache import PayloadCache
 
 REJECTION_REASONS = (*GUARD_REASONS, "bad_signature")
-DEFAULT_ROUND_SECONDS = 30.0  # swarm.round_seconds' default: a swarm shares one round length
 
 
 # --- the DHT process -----------------------------------------------------------------------------
@@ -91,16 +90,18 @@ class SwarmTransport:
                  host_maddrs: list[str] | None = None, announce_maddrs: list[str] | None = None,
                  max_record_bytes: int = 12288, shards: int = 4, client_mode: bool = False,
                  startup_timeout: float = 60, request_timeout: float = 30,
-                 round_seconds: float = DEFAULT_ROUND_SECONDS, rounds_ahead: int = ROUNDS_AHEAD):
+                 round_seconds: float | None = None, rounds_ahead: int = ROUNDS_AHEAD):
         if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", namespace):
             raise SwarmError(f"bad swarm namespace {namespace!r} (letters, digits, ._:/- only)")
         if not 1 <= max_record_bytes <= MAX_VALUE_BYTES or shards < 1:
             raise SwarmError(f"max_record_bytes must be 1..{MAX_VALUE_BYTES} and shards positive")
-        if not round_seconds > 0 or rounds_ahead < 0:
+        if (round_seconds is not None and not round_seconds > 0) or rounds_ahead < 0:
             raise SwarmError("round_seconds must be positive and rounds_ahead >= 0")
         # the guard's rules must be the same on every node of a swarm: round_seconds is the
-        # swarm's, and rounds_ahead is for tests only (more future rounds than one)
-        self.round_seconds, self.rounds_ahead = float(round_seconds), rounds_ahead
+        # swarm's (None: any whole-second length, for a bootstrap node; guard.py), and
+        # rounds_ahead is for tests only (more future rounds than one)
+        self.round_seconds = float(round_seconds) if round_seconds is not None else None
+        self.rounds_ahead = rounds_ahead
         self.namespace = namespace
         self.identity = identity if identity is not None else identity_from_key(RSAPrivateKey())
         self.initial_peers = [str(peer) for peer in initial_peers]

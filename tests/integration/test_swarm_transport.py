@@ -377,3 +377,30 @@ def test_start_failure_is_one_line_swarm_error(options, expected):
 def test_bad_namespace_is_refused():
     with pytest.raises(SwarmError, match="namespace"):
         SwarmTransport("bad namespace", None)
+
+
+def test_a_bootstrap_with_default_settings_serves_a_swarm_of_8_second_rounds(tmp_path):
+    """`rl-swarm bootstrap` started without --round-seconds (was: its guard assumed 30 s rounds
+    and refused every record of another swarm as a foreign key)."""
+    from rollover.swarm.guard import MAX_ROUND_SECONDS
+    from rollover.trainer.config import SwarmConfig
+
+    assert SwarmConfig.model_fields["round_seconds"].metadata  # the guard covers the config's range:
+    assert any(getattr(m, "le", None) == MAX_ROUND_SECONDS for m in SwarmConfig.model_fields["round_seconds"].metadata)
+    boot = SwarmTransport(NS, load_or_create_identity(tmp_path / "boot"), host_maddrs=LOOPBACK).start()
+    writer = reader = None
+    try:
+        peers = boot.visible_maddrs()
+        writer = SwarmTransport(NS, load_or_create_identity(tmp_path / "w"), initial_peers=peers,
+                                host_maddrs=LOOPBACK, round_seconds=8.0).start()
+        now = int(get_dht_time() // 8.0)
+        assert writer.publish(now, [b"eight"], (now + 2) * 8.0) == 1
+        writer.shutdown()  # what is read next can only come from the bootstrap node
+        reader = SwarmTransport(NS, load_or_create_identity(tmp_path / "r"), initial_peers=peers,
+                                host_maddrs=LOOPBACK, round_seconds=8.0).start()
+        assert [item.raw for item in reader.collect(now)] == [b"eight"]
+        assert boot.rejection_counts()["foreign_key"] == 0
+    finally:
+        for node in (reader, writer, boot):
+            if node is not None:
+                node.shutdown()

@@ -224,7 +224,8 @@ def test_fresh_keys_share_one_prior_when_drawing():
         box = inbox(new_senders_per_round=1000, pool_cap=1000)
         box.admit([item(f"sybil{i:03d}", 0, 100 + i) for i in range(200)] + [item("honest", 0, 1)],
                   ROUND, credit)
-        copy = SenderCredit(dict(credit.useful), dict(credit.judged))
+        copy = SenderCredit()
+        copy.load_state_dict(credit.state_dict())
         [(candidate, _)] = box.take(1, CharJudge(), copy, 1.0, random.Random(seed), max_judged=1)
         picks += candidate.sender == "honest"
     # honest credit 10/12 against one shared prior of 1/2: P = 0.625 per draw (~62 of 100; 40 is

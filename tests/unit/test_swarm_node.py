@@ -35,7 +35,7 @@ class StalledTransport:
         self.statuses: list[int] = []
         self.published: list[tuple[int, int, int]] = []  # (round, first index, payloads)
 
-    def collect(self, round_index: int) -> list:
+    def collect(self, round_index: int, new_only: bool = False, budget=None, prefer=(), max_index=256) -> list:
         self.reads += 1
         self.release.wait(timeout=30)
         return []
