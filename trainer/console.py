@@ -127,7 +127,7 @@ class _LogFileHandler(logging.Handler):
     def __init__(self, capture: _Capture) -> None:
         super().__init__()
         self.capture = capture
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(_StandardLevels("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -137,6 +137,25 @@ class _LogFileHandler(logging.Handler):
                 console.out(line, highlight=False)
         except Exception:  # noqa: BLE001 - logging's own rule: a failing handler never raises
             self.handleError(record)
+
+
+# Level words fixed here, not read from `logging`: libraries rename levels process-wide (importing
+# hivemind makes WARNING print as "WARN").
+LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING",
+               logging.ERROR: "ERROR", logging.CRITICAL: "CRITICAL"}
+
+
+def level_name(levelno: int) -> str:
+    """The standard name of a logging level, whatever other libraries renamed it to."""
+    return LEVEL_NAMES.get(levelno) or logging.getLevelName(levelno)
+
+
+class _StandardLevels(logging.Formatter):
+    """A formatter whose `%(levelname)s` is the standard word (`level_name`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = level_name(record.levelno)
+        return super().format(record)
 
 
 class _ConsoleHandler(logging.Handler):
@@ -151,7 +170,7 @@ class _ConsoleHandler(logging.Handler):
             return
         try:
             style = "yellow" if record.levelno == logging.WARNING else "red"
-            console.print(f"{record.levelname.lower()}: {record.getMessage()}", style=style,
+            console.print(f"{level_name(record.levelno).lower()}: {record.getMessage()}", style=style,
                           markup=False, highlight=False)
         except Exception:  # noqa: BLE001
             self.handleError(record)
