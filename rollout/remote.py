@@ -15,10 +15,10 @@ How weights travel (rollout/weight_transfer.py has the details):
   object store (put once by the pool, fetched by each actor), loaded by the actor's own transport:
   a shared-memory file, or CUDA-IPC buckets staged on the engine's GPU one at a time.
 - nccl (engines on other GPUs): the trainer process is NCCL rank 0 and broadcasts straight to the
-  engine's workers; `RemoteEngine` holds the trainer-side sender (one NCCL group per engine) and
-  the actor only relays vLLM's control calls (init, start, update metadata, finish) to its engine
-  (weight_relay.py). No tensor goes through the object store or the actor. A push that fails after
-  its broadcast began retires the engine (its actor is killed; the pool replaces it).
+  engine's workers; `RemoteEngine` holds the trainer-side sender (nccl_sender.py: one NCCL group
+  per engine, the push) and the actor only relays vLLM's control calls (init, start, update
+  metadata, finish) to its engine (weight_relay.py). No tensor goes through the object store or
+  the actor.
 
 Control calls have a deadline (`settings.weight_load_timeout_s`): abort, wait-idle, sleep, the
 version, the relay's calls. An actor that passes it is retired like a dead one (`EngineLost`): the
@@ -38,16 +38,19 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from rollover.rollout.engine import RolloutEngine, TokenChunk
+from rollover.rollout.nccl_sender import NcclSending, trainer_sender
 from rollover.rollout.settings import EngineSettings, SamplingSettings
-from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs, to_cpu_unshared
+from rollover.rollout.weight_relay import RelayCalls
+from rollover.rollout.weight_sync import NamedTensors, pairs, to_cpu_unshared
 
 
 class EngineLost(RuntimeError):
     """The engine's actor died; its requests end with the tokens streamed so far."""
 
 
-class EngineHost:
-    """Runs inside the Ray actor: one `RolloutEngine` and plain async methods over it."""
+class EngineHost(RelayCalls):
+    """Runs inside the Ray actor: one `RolloutEngine` and plain async methods over it (for nccl
+    also the relay calls the trainer's sender makes: `RelayCalls`)."""
 
     def __init__(self, settings: EngineSettings, env: dict[str, str] | None = None,
                  backend: str = "shared_memory", slot: tuple[int, int] = (0, 1)) -> None:
@@ -94,35 +97,6 @@ class EngineHost:
         return await self.engine.update_weights(tensors, version=version, keep_requests=keep_requests,
                                                 recompute_kv=recompute_kv)
 
-    # ---- nccl: the trainer's sender drives these (weight_relay.py); metadata only, no tensors ----
-
-    def _relay(self) -> Any:
-        from rollover.rollout.weight_relay import WeightRelay
-
-        relay = self.engine.weight_transport
-        if not isinstance(relay, WeightRelay):
-            raise RuntimeError("this engine loads weights itself (not started for nccl weight transfer)")
-        return relay
-
-    async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        self._relay()
-        await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
-
-    async def shutdown_weight_transfer_engine(self) -> None:
-        self._relay()
-        await self.engine.llm.shutdown_weight_transfer_engine()
-
-    async def start_weight_update(self, version: int, keep_requests: bool, recompute_kv: bool) -> None:
-        await self._relay().start(self.engine, version, keep_requests, recompute_kv)
-
-    async def update_weights_info(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        await self._relay().update(update_info)
-
-    async def finish_weight_update(self) -> int:
-        return await self._relay().finish()
-
     async def set_policy_version(self, version: int) -> None:
         self.engine.policy_version = version
 
@@ -162,8 +136,8 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError)
 
 
-class RemoteEngine:
-    """The client handle of one engine actor (see the module doc)."""
+class RemoteEngine(NcclSending):
+    """The client handle of one engine actor (see the module doc); its nccl push: `NcclSending`."""
 
     def __init__(self, actor: Any, settings: EngineSettings, name: str, sender: Any = None) -> None:
         self.actor, self.settings, self.name = actor, settings, name
@@ -186,8 +160,6 @@ class RemoteEngine:
         from the actor's process into its vLLM workers (see rollout/weight_transfer.py);
         `slot` = (index, engines) picks its share of a CPU machine's cores (`cpu_share`)."""
         import ray
-
-        from rollover.rollout.weight_relay import trainer_sender
 
         host = ray.remote(EngineHost).options(num_cpus=num_cpus, num_gpus=num_gpus, name=name,
                                               max_concurrency=10_000, **options)
@@ -338,11 +310,6 @@ class RemoteEngine:
 
     # ---- weights and lifecycle -----------------------------------------------------------
 
-    @property
-    def takes_local_tensors(self) -> bool:
-        """nccl: give `update_weights` the trainer's tensors as they are (no CPU copy, no object store)."""
-        return self.sender is not None
-
     async def update_weights(self, named_tensors: NamedTensors | Any, version: int | None = None,
                              keep_requests: bool = False, recompute_kv: bool = False) -> int:
         """Load weights (named tensors, or an object-store ref of a name -> tensor dict)."""
@@ -357,43 +324,6 @@ class RemoteEngine:
         self._version = await self._call(  # the caller's deadline (CheckedWeightSync) covers loads
             self.actor.update_weights, named_tensors, target, keep_requests, recompute_kv)
         return self._version
-
-    # ---- nccl: this process sends, the actor relays (see the module doc) ---------------------
-
-    def weight_sync_client(self) -> Any:
-        """vLLM's `VLLMWeightSyncClient` over this engine's actor (for the trainer-side sender)."""
-        from rollover.rollout.weight_relay import ActorWeightSyncClient
-
-        if self._client is None:
-            self._client = ActorWeightSyncClient(self.actor, self.rpc_timeout_s)
-        return self._client
-
-    async def shutdown_weight_transfer_engine(self) -> None:
-        await self._call(self.actor.shutdown_weight_transfer_engine, deadline_s=self.rpc_timeout_s)
-
-    async def _push_from_trainer(self, named_tensors: Any, target: int, keep_requests: bool,
-                                 recompute_kv: bool) -> int:
-        """Broadcast from this process to the engine's workers; the actor relays the control
-        calls. A failure after the broadcast began retires the engine (EngineLost)."""
-        if self._lost:
-            raise EngineLost(self._lost)
-        client = self.weight_sync_client()
-        client.order = (target, keep_requests, recompute_kv)
-        client.served_version, client.timed_out = None, None
-        try:
-            with self._deaths_as_lost():
-                await self.sender.push(self, pairs(named_tensors))
-        except Exception as exc:
-            if client.timed_out:  # a relay call passed its deadline: the update may be open
-                self.retire(f"engine {self.name}: {client.timed_out} (rollout.weight_load_timeout_s)")
-                raise EngineLost(self._lost) from exc
-            if isinstance(exc, WeightsUntouched | EngineLost) or not client.updates_sent:
-                raise  # refused before any broadcast: the group is intact
-            self.retire(f"engine {self.name}: the NCCL weight push failed ({type(exc).__name__}: {exc})")
-            raise EngineLost(self._lost) from exc
-        if client.served_version is None:
-            raise RuntimeError(f"engine {self.name} finished a weight update without a version")
-        return client.served_version
 
     def retire(self, why: str) -> None:
         """Give up on this engine (its NCCL group is unusable, or it stopped answering): kill

@@ -1,19 +1,18 @@
-"""NCCL weight loads driven by the trainer, through an engine's Ray actor (vLLM's design).
+"""The engine actor's side of NCCL weight loads driven by the trainer (vLLM's design).
 
 vLLM's `nccl` backend wants the trainer process as NCCL rank 0 broadcasting straight to the
 engine's workers (ranks 1..N), with the engine's host only relaying four control calls
 (vLLM 0.32 `RayVLLMWeightSyncClient`): init_weight_transfer_engine, start_weight_update,
-update_weights (names, dtypes, shapes: metadata only), finish_weight_update. Here:
+update_weights (names, dtypes, shapes: metadata only), finish_weight_update. The trainer's
+side (the sender and the client that makes those calls) is nccl_sender.py.
 
-- `ActorWeightSyncClient` (driver/trainer process) is vLLM's `VLLMWeightSyncClient` over one engine
-  actor; `NativeWeightTransport("nccl")` (weight_transfer.py) drives vLLM's own trainer engine
-  through it, so the NCCL communicator and the tensors never leave the trainer.
-- `WeightRelay` (inside the actor) is the engine's `WeightTransport`: `start_weight_update` runs
-  the engine's usual `update_weights` (admission gate closed, vLLM paused, idle check or frozen
-  requests, prefix-cache reset and version bump after) as a task whose push forwards the
-  trainer's start / update / finish to the AsyncLLM as they arrive. A refusal (busy, asleep,
-  broken weights) surfaces at `start_weight_update`, before any broadcast, so the trainer never
-  waits in NCCL for a worker that is not coming.
+`WeightRelay` (inside the actor) is the engine's `WeightTransport`: `start_weight_update` runs
+the engine's usual `update_weights` (admission gate closed, vLLM paused, idle check or frozen
+requests, prefix-cache reset and version bump after) as a task whose push forwards the
+trainer's start / update / finish to the AsyncLLM as they arrive. A refusal (busy, asleep,
+broken weights) surfaces at `start_weight_update`, before any broadcast, so the trainer never
+waits in NCCL for a worker that is not coming. `RelayCalls` are the actor's (`EngineHost`'s)
+RPCs that feed it.
 """
 
 from __future__ import annotations
@@ -103,70 +102,33 @@ def _seen(load: asyncio.Future) -> None:
         load.exception()
 
 
-class ActorWeightSyncClient:
-    """vLLM's `VLLMWeightSyncClient` over one engine actor (`EngineHost`'s relay RPCs).
+class RelayCalls:
+    """`EngineHost`'s RPCs the trainer's sender drives (nccl_sender.py): metadata only, no tensors.
+    Each refuses on an engine not started for nccl (one that loads weights itself)."""
 
-    Called from vLLM's trainer engine in a worker thread, so each call blocks on `ray.get`.
-    `order` (version, keep_requests, recompute_kv) is what the next `start_weight_update` asks
-    the engine for; `served_version` is what `finish_weight_update` got back.
-    `updates_sent` counts update calls issued: none means no broadcast began (NCCL intact).
-    Each call waits at most `timeout_s`; `timed_out` then names it (the engine must be retired:
-    its update may still be open).
-    """
+    engine: Any  # the actor's RolloutEngine
 
-    def __init__(self, actor: Any, timeout_s: float | None = None) -> None:
-        self.actor = actor
-        self.timeout_s = timeout_s
-        self.order: tuple[int, bool, bool] = (0, False, False)
-        self.served_version: int | None = None
-        self.updates_sent = 0
-        self.timed_out: str | None = None
+    def _relay(self) -> WeightRelay:
+        relay = self.engine.weight_transport
+        if not isinstance(relay, WeightRelay):
+            raise RuntimeError("this engine loads weights itself (not started for nccl weight transfer)")
+        return relay
 
-    def _get(self, method: Any, *args: Any) -> Any:
-        import ray
+    async def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        try:
-            return ray.get(method.remote(*args), timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            name = getattr(method, "_method_name", "a relay call")
-            self.timed_out = f"{name} did not return within {self.timeout_s:g} s"
-            raise
+        self._relay()
+        await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._get(self.actor.init_weight_transfer_engine, init_info)
+    async def shutdown_weight_transfer_engine(self) -> None:
+        self._relay()
+        await self.engine.llm.shutdown_weight_transfer_engine()
 
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._get(self.actor.shutdown_weight_transfer_engine)
+    async def start_weight_update(self, version: int, keep_requests: bool, recompute_kv: bool) -> None:
+        await self._relay().start(self.engine, version, keep_requests, recompute_kv)
 
-    def start_weight_update(self) -> None:
-        self.updates_sent = 0
-        self._get(self.actor.start_weight_update, *self.order)
+    async def update_weights_info(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        await self._relay().update(update_info)
 
-    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self.updates_sent += 1
-        self._get(self.actor.update_weights_info, update_info)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.served_version = int(self._get(self.actor.finish_weight_update))
-
-
-def trainer_sender(backend: str, dtype: str | None = None) -> Any:
-    """nccl: the sender this (trainer) process runs for one engine, as NCCL rank 0 of a group of
-    its own with that engine's workers (ranks 1..N), meeting at this node's address. One group
-    per engine, not one over all engines: an NCCL communicator cannot lose a member, and the
-    pool loses, replaces and reloads engines one at a time (a group over all would have to be
-    rebuilt by every engine whenever one dies); vLLM's trainer engine also places workers at
-    rank offset 1, which a shared group would have to shift per engine. The price: the trainer
-    sends the weights once per engine (one send at a time), not once in all. Floating tensors go
-    in the served `dtype`, cast one at a time as they are sent. None for other backends."""
-    if backend != "nccl":
-        return None
-    import ray
-    import torch
-
-    from rollover.rollout.weight_transfer import NativeWeightTransport
-
-    served = getattr(torch, str(dtype), None) if dtype else None
-    return NativeWeightTransport("nccl", master_address=ray.util.get_node_ip_address(),
-                                 dtype=served if isinstance(served, torch.dtype) else None)
-
+    async def finish_weight_update(self) -> int:
+        return await self._relay().finish()

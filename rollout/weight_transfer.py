@@ -17,7 +17,7 @@ How weights travel, per `cluster.weight_transfer` (chosen by rollout/cluster.py)
   through a `VLLMWeightSyncClient`: init_weight_transfer_engine (once), then per push
   start_weight_update -> update_weights (names, dtype_names, shapes; plain msgpack; concurrent
   with the broadcast) -> finish_weight_update. The client is `_LoopClient` for an in-process
-  AsyncLLM, or `ActorWeightSyncClient` (weight_relay.py) for a Ray engine, whose actor only relays
+  AsyncLLM, or `ActorWeightSyncClient` (nccl_sender.py) for a Ray engine, whose actor only relays
   those calls: no tensor enters the actor or the object store. Packed (vLLM's default) stages
   through 2 x 1 GiB buffers on both sides. A push that fails after its broadcast began leaves the
   group unusable: that engine is refused until restarted (a Ray engine is replaced by its pool).
