@@ -11,7 +11,7 @@ Weights (`weight_backend`): shared memory without CUDA; ipc for an engine on the
 (the in-process engine, or colocated actors, which stage CUDA-IPC buckets on their GPU from the
 object store's CPU copy); nccl for disaggregated engines, sent from this (the trainer's) process
 as NCCL rank 0 straight to each engine's workers, the actors relaying only control calls
-(rollout/remote.py, rollout/weight_relay.py).
+(rollout/remote.py, rollout/nccl_sender.py, rollout/weight_relay.py).
 """
 
 from __future__ import annotations
