@@ -8,12 +8,19 @@ every round, so it is worked out once. A round's entry is new when its subkey is
 expiration under the same subkey is its owner republishing the same slot, which the inbox
 judges once per round anyway (receive.py). Values are never kept: the cache is a few hundred bytes per entry, and
 bounded (MAX_VERDICTS subkeys; ROUNDS_CACHED rounds of MAX_ENTRIES_PER_ROUND entries).
+
+A polling node's cache lives in its DHT process (read_new_in_dht, run there by
+DHT.run_coroutine): a shard key's whole dictionary (~32k entries, ~12 MB under a flood) stays
+there, and only the entries not handed out before cross the pipe to the trainer's process, so the
+trainer neither unpickles a flood nor has its garbage collector walk it on every poll.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +32,7 @@ MAX_ENTRIES_PER_ROUND = 65_536  # entries remembered as handed out, per round (p
 MAX_VERDICTS = 65_536  # subkeys whose verdict is remembered (then only known senders' are kept)
 MAX_PARSES_PER_READ = 256  # subkeys never seen before parsed per read (~20 us each)
 NEW_ENTRIES_PER_READ = 1024  # new entries a node hands its inbox per round read (SwarmNode)
+MAX_READERS = 8  # readers (SwarmTransports) whose caches one DHT process keeps, least recent dropped
 
 Verdict = tuple[str, bytes, int, int] | str  # (sender, owner marker, index, its shard), or why skipped
 
@@ -165,3 +173,39 @@ class PayloadCache:
             while len(self._seen) > ROUNDS_CACHED:  # forget the oldest round
                 del self._seen[min(self._seen)]
         return seen
+
+
+async def read_new_in_dht(dht: Any, node: Any, *, reader: str, keys: list[str], round: int, shards: int,
+                          max_record_bytes: int, budget: int | None, prefer: list[str], max_index: int,
+                          timeout: float) -> tuple[list[Received], dict[str, int], dict[str, int]]:
+    """Inside the DHT process (DHT.run_coroutine with a functools.partial of this): get each
+    shard key (latest) and return the entries `reader` was not handed before (PayloadCache.read
+    with new_only), the reasons entries were skipped, and the gets that failed, by kind.
+
+    The reader's cache is kept on the DHT object, in that process, for the next call. A get is
+    given `timeout` seconds (less than the caller waits), so entries are marked as handed out
+    only when the answer can still reach the caller."""
+    readers: OrderedDict[str, PayloadCache] = dht.__dict__.setdefault("_swarm_payload_readers", OrderedDict())
+    cache = readers.get(reader)
+    if cache is None or (cache.shards, cache.max_record_bytes) != (shards, max_record_bytes):
+        cache = readers[reader] = PayloadCache(shards, max_record_bytes)
+    readers.move_to_end(reader)
+    while len(readers) > MAX_READERS:
+        readers.popitem(last=False)
+    failures: Counter[str] = Counter()
+
+    async def get(key: str) -> object:
+        try:
+            return await asyncio.wait_for(node.get(key, latest=True), timeout)
+        except asyncio.TimeoutError:
+            failures["get_timeout"] += 1
+        except Exception:
+            failures["get_error"] += 1
+        return None
+
+    found = await asyncio.gather(*(get(key) for key in keys))
+    skipped: Counter[str] = Counter()
+    count = lambda reason: skipped.update((reason,))  # noqa: E731
+    received = cache.read(round, list(found), count, new_only=True, budget=budget, prefer=prefer,
+                          max_index=max_index)
+    return received, dict(skipped), dict(failures)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Callable
 
 from hivemind import DHT
@@ -28,7 +29,7 @@ from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_status
 from rollover.swarm.guard import GUARD_REASONS, MAX_GROUPS_PER_ROUND, MAX_STATUS_BYTES, MAX_VALUE_BYTES, \
     ROUNDS_AHEAD, CountingSignatureValidator, GuardValidator
 from rollover.swarm.identity import Identity, SwarmError, identity_from_key
-from rollover.swarm.payload_cache import PayloadCache
+from rollover.swarm.payload_cache import PayloadCache, read_new_in_dht
 
 REJECTION_REASONS = (*GUARD_REASONS, "bad_signature")
 
@@ -119,6 +120,7 @@ class SwarmTransport:
         self._rejections: Counter[str] = Counter()  # found on our side, while parsing
         self._failures: Counter[str] = Counter()  # requests that failed or timed out
         self._payloads = PayloadCache(shards, max_record_bytes)  # each entry read is parsed once
+        self._reader = os.urandom(8).hex()  # names our new-entries cache inside the DHT process
 
     # lifecycle
 
@@ -215,11 +217,30 @@ class SwarmTransport:
         """Every well-formed, signed payload of `round` found in the DHT (ours included), each
         subkey parsed once (payload_cache.py). With `new_only`, only entries not returned before,
         at most `budget` of them, first those of the senders in `prefer` (their indices below
-        `max_index`); the rest come on later calls."""
+        `max_index`); the rest come on later calls. New entries are picked out inside the DHT
+        process (payload_cache.read_new_in_dht): only they cross its pipe."""
+        if new_only:
+            return self._collect_new(round, budget, list(prefer), max_index)
         found = self._get_many(self.shard_keys(round))
         count = lambda reason: self._count(self._rejections, reason)  # noqa: E731
         received = self._payloads.read(round, found, count, new_only=new_only, budget=budget, prefer=prefer,
                                        max_index=max_index)
+        return sorted(received, key=lambda item: (item.sender, item.index))
+
+    def _collect_new(self, round: int, budget: int | None, prefer: list[str], max_index: int) -> list[Received]:
+        dht = self._require_dht()
+        read = partial(read_new_in_dht, reader=self._reader, keys=self.shard_keys(round), round=round,
+                       shards=self.shards, max_record_bytes=self.max_record_bytes, budget=budget, prefer=prefer,
+                       max_index=max_index, timeout=0.8 * self.request_timeout)
+        try:
+            received, skipped, failures = self._call(lambda: dht.run_coroutine(read, return_future=True))
+        except SwarmError:  # no answer in time: counted (the DHT process gives up its gets sooner, so
+            # entries it handed out to an answer lost here are rare)
+            self._count(self._failures, "get_error")
+            return []
+        with self._counts_lock:
+            self._rejections.update(skipped)
+            self._failures.update(failures)
         return sorted(received, key=lambda item: (item.sender, item.index))
 
     # status records

@@ -186,6 +186,65 @@ def test_republishing_needs_a_later_expiration(swarm):
     assert [item.raw for item in reader.collect(round)] == [b"second"]
 
 
+def payloads_in(found: object, wanted: set[bytes]) -> int:
+    """How many of `wanted` occur in an object that came down the DHT's pipe (any nesting)."""
+    if isinstance(found, (bytes, bytearray)):
+        return int(bytes(found) in wanted)
+    if isinstance(found, dict):
+        return sum(payloads_in(k, wanted) + payloads_in(v, wanted) for k, v in found.items())
+    if isinstance(found, (list, tuple, set)):
+        return sum(payloads_in(item, wanted) for item in found)
+    return payloads_in(found.value, wanted) if hasattr(found, "value") else 0
+
+
+def test_new_only_reads_bring_only_new_entries_out_of_the_dht_process(swarm, monkeypatch):
+    """A polling reader's filter runs in its DHT process: entries handed out before never cross
+    the pipe again (was: every poll carried every entry of each shard, ~12 MB under a flood)."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    writer, reader, round = swarm["nodes"][1], swarm["nodes"][0], rnd(20)
+    first = [payload(1, 2000 + i, 512) for i in range(6)]
+    assert writer.publish(round, first, later()) == len(first)
+    arrived: list[object] = []  # every answer the reader's process takes from its DHT process
+    result = MPFuture.result
+    monkeypatch.setattr(MPFuture, "result", lambda self, *a, **k: arrived.append(result(self, *a, **k)) or arrived[-1])
+
+    def poll(**options) -> list[bytes]:
+        arrived.clear()
+        return [item.raw for item in reader.collect(round, True, **options)]
+
+    sliced = poll(budget=2)  # which two is the reader's choice, not the peer's
+    assert len(sliced) == 2 and payloads_in(arrived, set(first)) == 2
+    rest = poll()
+    assert sorted(sliced + rest) == sorted(first) and payloads_in(arrived, set(first)) == 4
+    assert poll() == [] and payloads_in(arrived, set(first)) == 0 and arrived  # asked, nothing old came
+    later_ones = [payload(1, 3000 + i, 512) for i in range(2)]
+    assert writer.publish(round, later_ones, later(), first_index=len(first)) == 2
+    assert poll() == later_ones
+    assert payloads_in(arrived, set(first) | set(later_ones)) == 2
+    # a plain collect still returns every entry, and another transport's reads are its own
+    assert sorted(item.raw for item in reader.collect(round)) == sorted(first + later_ones)
+    assert sorted(item.raw for item in swarm["nodes"][2].collect(round, True)) == sorted(first + later_ones)
+
+
+async def reader_caches(dht, node) -> int:
+    return len(dht.__dict__.get("_swarm_payload_readers", {}))
+
+
+def test_a_dht_process_keeps_a_bounded_number_of_reader_caches(swarm):
+    from rollover.swarm.payload_cache import MAX_READERS, read_new_in_dht
+
+    node, round = swarm["nodes"][2], rnd(21)
+    assert node.publish(round, [b"one"], later()) == 1
+    dht = node._dht
+    for i in range(MAX_READERS + 3):  # readers the process has never seen each get the entry once
+        read = partial(read_new_in_dht, reader=f"reader-{i}", keys=node.shard_keys(round), round=round,
+                       shards=SHARDS, max_record_bytes=RECORD, budget=None, prefer=[], max_index=256, timeout=10)
+        received, skipped, failures = dht.run_coroutine(read)
+        assert [item.raw for item in received] == [b"one"] and failures == {}
+    assert dht.run_coroutine(reader_caches) == MAX_READERS
+
+
 def test_records_at_the_swarm_wide_cap_survive_the_request_pipe(tmp_path):
     """Requests over 16 KiB reach the DHT process in two writes (harden_dht_pipe, STACK.md): a
     record at the swarm-wide cap plus its signature is such a request."""
