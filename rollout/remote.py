@@ -62,6 +62,7 @@ class EngineHost(RelayCalls):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
         # ipc / shared memory load what the actor holds; nccl relays the trainer's sender.
         self.engine = RolloutEngine(settings, engine_side_transport(backend, settings))
+        self._version_order = 0  # the newest set_policy_version applied (`set_policy_version`)
 
     async def start(self) -> dict[str, Any]:
         from rollover.rollout.weight_transfer import transfer_workers
@@ -97,8 +98,13 @@ class EngineHost(RelayCalls):
         return await self.engine.update_weights(tensors, version=version, keep_requests=keep_requests,
                                                 recompute_kv=recompute_kv)
 
-    async def set_policy_version(self, version: int) -> None:
-        self.engine.policy_version = version
+    async def set_policy_version(self, version: int, order: int = 0) -> None:
+        """Serve `version` from now on, unless a newer call (higher `order`) already ran: Ray runs
+        an async actor's calls in no promised order, so two version changes sent back to back
+        could otherwise land oldest last."""
+        if order >= self._version_order:
+            self._version_order = order
+            self.engine.policy_version = version
 
     async def describe(self) -> dict[str, Any]:
         """What the engine itself holds (for checks; the client keeps its own copies)."""
@@ -150,6 +156,7 @@ class RemoteEngine(NcclSending):
         self._lost: str | None = None
         self._tokenizer: Any = None
         self._version_set: Any = None  # the last set_policy_version call, until it is done
+        self._version_order = 0  # numbers the version changes: the actor applies the newest
         self.rpc_timeout_s = float(settings.weight_load_timeout_s)
 
     @classmethod
@@ -238,7 +245,8 @@ class RemoteEngine(NcclSending):
     def policy_version(self, version: int) -> None:
         self._version = int(version)
         if not self._lost:  # later calls wait for it (`_version_applied`): Ray may reorder them
-            self._version_set = self.actor.set_policy_version.remote(self._version)
+            self._version_order += 1
+            self._version_set = self.actor.set_policy_version.remote(self._version, self._version_order)
 
     @property
     def max_model_len(self) -> int:

@@ -351,9 +351,10 @@ class FakeActorHandle:
         return SimpleNamespace(remote=remote, _method_name=name,
                                options=lambda **_: SimpleNamespace(remote=lambda *a: self.do_stream(*a)))
 
-    async def do_set_policy_version(self, version):
+    async def do_set_policy_version(self, version, order=0):
         await asyncio.sleep(self.version_delay)
         self.version = version
+        self.version_orders = getattr(self, "version_orders", []) + [order]
 
     async def do_abort(self, ids):
         if self.abort_hangs:
@@ -481,3 +482,28 @@ def test_an_nccl_relay_call_past_its_deadline_retires_the_engine(monkeypatch, ra
     with pytest.raises(EngineLost, match="^engine e0: start_weight_update did not return within 0.2 s"):
         run(remote.update_weights({"w": __import__("torch").zeros(2)}, version=1))
     assert waited == [0.2] and ray_kill == [actor] and remote.errored and remote.sender.closed
+
+
+def test_back_to_back_version_changes_end_at_the_newest_whatever_order_the_actor_runs_them():
+    # Ray may run the first of two set_policy_version calls last (the cluster test saw an engine
+    # back at version 3 after 4 was set). The client numbers its calls and the actor's host
+    # applies only a newer number than it has applied.
+    from rollover.rollout.remote import EngineHost
+
+    handle = FakeActorHandle()
+    remote = _remote(handle)
+
+    async def sent():
+        remote.policy_version = 3
+        remote.policy_version = 4
+        await remote._version_applied()
+
+    run(sent())
+    assert handle.version_orders == sorted(handle.version_orders) and len(set(handle.version_orders)) == 2
+
+    host = EngineHost.__new__(EngineHost)  # the actor's side, without starting an engine
+    host.engine, host._version_order = SimpleNamespace(policy_version=0), 0
+    first, second = handle.version_orders
+    run(host.set_policy_version(4, second))  # the newer call runs first...
+    run(host.set_policy_version(3, first))   # ...and the older one last
+    assert host.engine.policy_version == 4
