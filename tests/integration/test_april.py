@@ -36,6 +36,14 @@ class SpyEngine:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    @property
+    def policy_version(self) -> int:  # set through the spy too, or the engine never sees it
+        return self.inner.policy_version
+
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        self.inner.policy_version = version
+
     async def stream(self, prompt_ids, max_tokens, sampling, request_id):
         rec = {"sent": list(prompt_ids), "budget": max_tokens, "got": [], "finish": None}
         self.requests[request_id] = rec
