@@ -10,7 +10,9 @@ Keys are free, so credit is earned, never granted, and slowly: every sender not 
 share ONE prior between them (`draw_weights`) and at most NEWCOMER_SHARE of a step's slots
 while an established sender's groups wait (`newcomer_slots`, Inbox.take). A thousand fresh keys
 weigh together what one newcomer weighs and fill together what one newcomer may fill; an honest
-newcomer still earns its way in, one round at a time, through those shared slots.
+newcomer still earns its way in, one round at a time, through those shared slots. Once
+established, a sender weighs its credit times its seniority (useful rounds over SENIOR_ROUNDS):
+keys a flood carried to establishment weigh a quarter each, not what a peer useful for longer weighs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 
 ESTABLISHED_ROUNDS = 4  # rounds with a useful group before a sender is established
+SENIOR_ROUNDS = 4 * ESTABLISHED_ROUNDS  # useful rounds before an established sender weighs its full credit
 KEEP_TOP = 256  # senders whose credit is kept for its height (top credit first)
 KEEP_RECENT = 256  # and senders kept for being judged lately (so newcomers can build credit)
 TRIM_AT = (KEEP_TOP + KEEP_RECENT) * 5 // 4  # senders held before trimming (trims are rare)
@@ -40,7 +43,7 @@ class SenderCredit:
 
     useful: dict[str, int] = field(default_factory=dict)
     judged: dict[str, int] = field(default_factory=dict)
-    rounds: dict[str, list[int]] = field(default_factory=dict)  # useful rounds (the last few)
+    rounds: dict[str, list[int]] = field(default_factory=dict)  # useful rounds (the last SENIOR_ROUNDS)
 
     def record(self, sender: str, useful: bool, round_index: int | None = None) -> None:
         """A verdict on one of `sender`'s groups, from `round_index` (None: a round of its own)."""
@@ -50,7 +53,7 @@ class SenderCredit:
             seen = self.rounds.setdefault(sender, [])
             if round_index is None or round_index not in seen:
                 seen.append(round_index if round_index is not None else (seen[-1] + 1 if seen else 0))
-                del seen[:-ESTABLISHED_ROUNDS]
+                del seen[:-SENIOR_ROUNDS]
         if len(self.judged) > TRIM_AT:
             self._trim()
 
@@ -69,6 +72,11 @@ class SenderCredit:
     def is_established(self, sender: str) -> bool:
         """Useful groups in ESTABLISHED_ROUNDS distinct rounds, and credit above the prior."""
         return len(self.rounds.get(sender, ())) >= ESTABLISHED_ROUNDS and self.credit(sender) > PRIOR
+
+    def seniority(self, sender: str) -> float:
+        """Distinct useful rounds over SENIOR_ROUNDS, at most 1: keys made for a flood can buy
+        establishment in ESTABLISHED_ROUNDS rounds, never the weight of a peer useful for longer."""
+        return min(1.0, len(self.rounds.get(sender, ())) / SENIOR_ROUNDS)
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The k senders with the highest credit (ties: more judged first), for metrics and status:
@@ -92,7 +100,7 @@ class SenderCredit:
         self.useful, self.judged = dict(state["useful"]), dict(state["judged"])
         # checkpoints before rounds were kept: each useful group counted as a round of its own
         self.rounds = {s: list(r) for s, r in state.get("rounds", {}).items()} if "rounds" in state else \
-            {s: list(range(min(n, ESTABLISHED_ROUNDS))) for s, n in self.useful.items() if n > 0}
+            {s: list(range(min(n, SENIOR_ROUNDS))) for s, n in self.useful.items() if n > 0}
         if len(self.judged) > TRIM_AT:
             self._trim()
 
@@ -104,7 +112,8 @@ NEWCOMER_SHARE = 0.25  # of a step's external slots, newcomers' together (while 
 def draw_weights(senders: list[str], credit: SenderCredit) -> list[float]:
     """A drawing weight per entry of `senders` (one entry per pooled group).
 
-    Each established sender's groups together weigh its credit, however many it pooled; all
+    Each established sender's groups together weigh its credit times its seniority (a peer
+    useful for SENIOR_ROUNDS rounds weighs its full credit), however many it pooled; all
     other senders (newcomers, unproven or not yet established) together weigh PRIOR, split in
     proportion to their credits: a thousand keys weigh what one newcomer weighs.
     """
@@ -114,7 +123,8 @@ def draw_weights(senders: list[str], credit: SenderCredit) -> list[float]:
     newcomers = {s: credit.credit(s) for s in counts if not credit.is_established(s)}
     total = sum(newcomers.values())
     scale = PRIOR / total if total > 0 else 1.0
-    per_sender = {s: (newcomers[s] * scale if s in newcomers else credit.credit(s)) for s in counts}
+    per_sender = {s: (newcomers[s] * scale if s in newcomers else credit.credit(s) * credit.seniority(s))
+                  for s in counts}
     return [per_sender[s] / counts[s] for s in senders]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import secrets
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.utils import ValueWithExpiration
@@ -17,7 +18,7 @@ from rollover.rollout.types import Group, Sample
 from rollover.swarm.payload_cache import PayloadCache
 from rollover.swarm.receive import Inbox, Incoming
 from rollover.swarm.records import Caps, encode_group
-from rollover.swarm.sampler import ESTABLISHED_ROUNDS, TRIM_AT, SenderCredit
+from rollover.swarm.sampler import ESTABLISHED_ROUNDS, SENIOR_ROUNDS, TRIM_AT, SenderCredit, draw_weights
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import ArithmeticTask
 
@@ -60,17 +61,22 @@ class Swarm:
 def established(*senders: str) -> SenderCredit:
     credit = SenderCredit()
     for sender in senders:
-        for earlier in range(-3 * ESTABLISHED_ROUNDS, 0):
+        for earlier in range(-SENIOR_ROUNDS, 0):
             credit.record(sender, useful=True, round_index=earlier)
     return credit
 
 
-def run_rounds(rounds: int, sybils: int, newcomer: str | None = None, seed: int = 0) -> tuple[dict, SenderCredit]:
-    """Slots per sender over `rounds` rounds of 3 steps (J = 4) each; "honest" is established."""
+def run_rounds(rounds: int, sybils: int, newcomer: str | None = None, seed: int = 0,
+               graduated: int = 0) -> tuple[dict, SenderCredit]:
+    """Slots per sender over `rounds` rounds of 3 steps (J = 4) each; "honest" is established
+    (senior: useful in SENIOR_ROUNDS rounds), the first `graduated` sybils just established."""
     swarm, credit = Swarm(), established("honest")
+    horde = [f"sybil{i:04d}" for i in range(sybils)]
+    for sybil in horde[:graduated]:
+        for earlier in range(-ESTABLISHED_ROUNDS, 0):
+            credit.record(sybil, useful=True, round_index=earlier)
     box = Inbox(TASK, CAPS, likelihood_z=4.0, salt=b"test-%d" % seed)
     rng, judge = random.Random(seed), CharJudge()
-    horde = [f"sybil{i:04d}" for i in range(sybils)]
     slots: dict[str, int] = {}
     for round_index in range(1, rounds + 1):
         items = swarm.publish(["honest"], 2, round_index) + swarm.publish(horde, CAPS.max_groups_per_peer, round_index)
@@ -234,3 +240,26 @@ def test_keys_churned_by_a_flood_do_not_evict_a_known_senders_verdicts(monkeypat
                          prefer=[sender_id(honest)], max_index=4)
         assert sum(item.sender_key == honest for item in got) == 4
     assert sum(subkey.startswith(honest) for subkey in parsed) == 4  # parsed once, in round 0
+
+
+def test_weight_grows_with_useful_rounds_not_with_keys():
+    # An established sender weighs its credit times (useful rounds / SENIOR_ROUNDS), at most 1.
+    credit = SenderCredit()
+    for earlier in range(-SENIOR_ROUNDS - 2, 0):
+        credit.record("senior", useful=True, round_index=earlier)
+    for earlier in range(-ESTABLISHED_ROUNDS, 0):
+        credit.record("fresh", useful=True, round_index=earlier)
+    senior_credit = (SENIOR_ROUNDS + 2 + 1) / (SENIOR_ROUNDS + 2 + 2)  # Laplace: (useful+1)/(judged+2)
+    fresh_credit = (ESTABLISHED_ROUNDS + 1) / (ESTABLISHED_ROUNDS + 2)
+    weights = draw_weights(["senior", "fresh", "fresh"], credit)
+    assert weights[0] == pytest.approx(senior_credit)
+    assert sum(weights[1:]) == pytest.approx(fresh_credit * ESTABLISHED_ROUNDS / SENIOR_ROUNDS)
+
+
+def test_keys_established_during_a_flood_do_not_outweigh_a_senior_peer():
+    # Six of the flood's keys earned establishment with useful groups in the ESTABLISHED_ROUNDS
+    # rounds before; the honest peer was useful in SENIOR_ROUNDS rounds before the flood. Over the
+    # next rounds it must still get nearly every group it publishes (2 per round, 3 steps of J = 4
+    # per round): before the fix the new keys weighed their full credit each and took its slots.
+    kept = [run_rounds(6, 300, seed=seed, graduated=6)[0].get("honest", 0) for seed in range(3)]
+    assert min(kept) >= 11, kept
