@@ -14,28 +14,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.utils import ValueWithExpiration
 
-from rollover.rollout.types import Group, Sample
 from rollover.swarm.payload_cache import PayloadCache
 from rollover.swarm.receive import Inbox, Incoming
 from rollover.swarm.records import Caps, encode_group
 from rollover.swarm.sampler import ESTABLISHED_ROUNDS, SENIOR_ROUNDS, TRIM_AT, SenderCredit, draw_weights
 from rollover.tasks import arithmetic
-from rollover.tasks.registry import ArithmeticTask
 
-TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
+from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path
 CAPS = Caps(max_record_bytes=4096, max_completions=8, max_completion_chars=256, max_groups_per_peer=4)
-
-
-class CharJudge:
-    """The task's own verifier over the text (one token per character); equal likelihoods."""
-
-    def build_group(self, record, completions, sender):
-        samples = [Sample(prompt_ids=[1], response_ids=[ord(c) for c in text] or [0], finish_reason="stop",
-                          text=text, reward=TASK.score(text, record)) for text in completions]
-        return Group(uid=-1, task=record, samples=samples, sender=sender)
-
-    def mean_logprobs(self, group):
-        return [-1.0 for _ in group.samples]
 
 
 class Swarm:

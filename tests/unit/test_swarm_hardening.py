@@ -15,28 +15,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 
-from rollover.rollout.types import Group, Sample
 from rollover.swarm.receive import Inbox, Incoming
 from rollover.swarm.records import Caps, Rejected, decode_group, encode_group
 from rollover.swarm.sampler import SenderCredit
-from rollover.tasks.registry import ArithmeticTask, DatasetTask, record_from_spec
+from rollover.tasks.registry import DatasetTask, record_from_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
+from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path
 CAPS = Caps(max_record_bytes=4096, max_completions=8, max_completion_chars=256, max_groups_per_peer=3)
 ROUND = 100
-
-
-class CharJudge:
-    """Scores with the task's own verifier (one token per character); likelihood -1 for all."""
-
-    def build_group(self, record, completions, sender):
-        samples = [Sample(prompt_ids=[1], response_ids=[ord(c) for c in text] or [0], finish_reason="stop",
-                          text=text, reward=TASK.score(text, record)) for text in completions]
-        return Group(uid=-1, task=record, samples=samples, sender=sender)
-
-    def mean_logprobs(self, group):
-        return [-1.0 for _ in group.samples]
 
 
 def spec(index: int) -> dict:

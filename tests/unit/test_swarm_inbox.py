@@ -8,31 +8,14 @@ import random
 
 import pytest
 
-from rollover.rollout.types import Group, Sample
 from rollover.swarm.receive import Incoming, Inbox
 from rollover.swarm.records import Caps, encode_group
 from rollover.swarm.sampler import SenderCredit, per_sender_cap
 from rollover.tasks import arithmetic
-from rollover.tasks.registry import ArithmeticTask
 
-TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
+from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path
 CAPS = Caps(max_record_bytes=4096, max_completions=8, max_completion_chars=256, max_groups_per_peer=3)
 ROUND = 100
-
-
-class CharJudge:
-    """Scores with the task's own verifier; likelihood per text from `likelihoods` (default -1)."""
-
-    def __init__(self, likelihoods=None):
-        self.likelihoods = likelihoods or {}
-
-    def build_group(self, record, completions, sender):
-        samples = [Sample(prompt_ids=[1], response_ids=[ord(c) for c in text] or [0], finish_reason="stop",
-                          text=text, reward=TASK.score(text, record)) for text in completions]
-        return Group(uid=-1, task=record, samples=samples, sender=sender)
-
-    def mean_logprobs(self, group):
-        return [self.likelihoods.get(s.text, -1.0) for s in group.samples]
 
 
 def right_and_wrong(index: int) -> list[str]:

@@ -16,10 +16,9 @@ from rollover.swarm.node import SwarmNode
 from rollover.swarm.receive import Incoming
 from rollover.swarm.records import encode_group
 from rollover.tasks import arithmetic
-from rollover.tasks.registry import ArithmeticTask
 from rollover.trainer.config import SwarmConfig
 
-TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
+from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path
 ROUND_SECONDS = 4.0
 NOW = 1000 * ROUND_SECONDS + 1.0  # inside round 1000
 
@@ -50,18 +49,6 @@ class StalledTransport:
 
     def shutdown(self) -> None:
         self.release.set()
-
-
-class CharJudge:
-    """The real verifier; characters as tokens; every text as likely as our own samples."""
-
-    def build_group(self, record, completions, sender):
-        samples = [Sample(prompt_ids=[1], response_ids=[ord(c) for c in text] or [0], finish_reason="stop",
-                          text=text, reward=TASK.score(text, record)) for text in completions]
-        return Group(uid=-1, task=record, samples=samples, sender=sender)
-
-    def mean_logprobs(self, group):
-        return [-1.0 for _ in group.samples]
 
 
 def answers(index: int) -> list[str]:
