@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from rollover.rollout.types import Group
-from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ
 from rollover.swarm.receive import Inbox, Incoming, Judge
 from rollover.swarm.records import Caps, encode_group, round_at
 from rollover.swarm.sampler import SenderCredit
@@ -184,6 +183,9 @@ class SwarmNode:
             # Entries read on earlier polls were admitted or refused then (the inbox judges a
             # record once): only what is new costs this poll anything.
             # A flood is admitted in slices (payload_cache.py), senders we know first.
+            # Imported here: payload_cache needs hivemind, which a run without a swarm never loads.
+            from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ
+
             known = list(self.credit.judged)  # bounded (sampler.py): the senders we kept credit for
             for item in await asyncio.to_thread(self.transport.collect, round_index, True, NEW_ENTRIES_PER_READ,
                                                 known, self.cfg.max_groups_per_peer):
