@@ -59,12 +59,18 @@ class HalfThenFail:
         raise RuntimeError("the link dropped half-way")
 
 
-def test_a_transport_that_skips_is_caught_at_the_first_sync(engine, run, policy, restore_engine, monkeypatch):
-    sync = CheckedWeightSync(engine, policy, timeout_s=60)
+def checked_start(engine, run, policy, sync):
+    """The engine idle and checked at the start, the policy one update further; the engine's own
+    transport, for the test to put back."""
     run(engine.wait_idle())
     run(sync.verify(engine.policy_version, "start"))
     step_weights(policy)
-    real = engine.weight_transport
+    return engine.weight_transport
+
+
+def test_a_transport_that_skips_is_caught_at_the_first_sync(engine, run, policy, restore_engine, monkeypatch):
+    sync = CheckedWeightSync(engine, policy, timeout_s=60)
+    real = checked_start(engine, run, policy, sync)
     monkeypatch.setattr(engine, "weight_transport", Skipping())
     with pytest.raises(WeightSyncFailed, match="step 1's weight sync: engine .* still serves the previous "
                                                "weights .* did not update it"):
@@ -77,10 +83,7 @@ def test_a_transport_that_skips_is_caught_at_the_first_sync(engine, run, policy,
 def test_a_hanging_load_is_stopped_at_the_deadline_and_a_full_load_recovers(
         engine, run, policy, restore_engine, monkeypatch):
     sync = CheckedWeightSync(engine, policy, timeout_s=2)
-    run(engine.wait_idle())
-    run(sync.verify(engine.policy_version, "start"))
-    step_weights(policy)
-    real = engine.weight_transport
+    real = checked_start(engine, run, policy, sync)
     monkeypatch.setattr(engine, "weight_transport", Hanging())
     started = time.monotonic()
     with pytest.raises(WeightSyncFailed, match=r"did not finish within 2 s \(rollout.weight_load_timeout_s\)"):
@@ -95,10 +98,7 @@ def test_a_hanging_load_is_stopped_at_the_deadline_and_a_full_load_recovers(
 
 def test_a_push_that_fails_half_way_is_followed_by_a_good_one(engine, run, policy, restore_engine, monkeypatch):
     sync = CheckedWeightSync(engine, policy, timeout_s=60)
-    run(engine.wait_idle())
-    run(sync.verify(engine.policy_version, "start"))
-    step_weights(policy)
-    real = engine.weight_transport
+    real = checked_start(engine, run, policy, sync)
     monkeypatch.setattr(engine, "weight_transport", HalfThenFail(real))
     with pytest.raises(RuntimeError, match="half-way"):
         run(sync.load(lambda: engine.update_weights(policy.engine_weights()), "step 1's weight sync"))
