@@ -67,6 +67,15 @@ class MortalEngine(FakeEngine):
         self.errored = True
 
 
+def assert_each_token_once(groups, engines, tokens: int) -> None:
+    """Every streamed token is in its sample exactly once, whichever engine streamed it."""
+    for g in groups:
+        for i, s in enumerate(g.samples):
+            mine = [rid for e in engines for rid, _, _ in e.requests if _sample_of(rid) == (g.uid, i)]
+            streamed = sum(e.streamed_by_request[rid] for e in engines for rid in mine)
+            assert len(s.response_ids) == streamed == tokens
+
+
 def run(coro, timeout: float = 20.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -124,12 +133,7 @@ def test_a_dying_engine_hands_its_groups_over_without_losing_or_redoing_a_token(
     assert a.errored and started == [0] and pool.members[0].engine is spare
     assert result.metrics["rollout/migrations"] > 0
     sched.check_conservation()
-    for g in result.groups:
-        for i, s in enumerate(g.samples):
-            # Every streamed token is in the sample exactly once, whichever engine streamed it.
-            mine = [rid for e in (a, b) for rid, _, _ in e.requests if _sample_of(rid) == (g.uid, i)]
-            streamed = sum(e.streamed_by_request[rid] for e in (a, b) for rid in mine)
-            assert len(s.response_ids) == streamed == 20
+    assert_each_token_once(result.groups, (a, b), 20)
     assert pool.revivals == 1 and all(m.alive for m in pool.members)
 
 
@@ -206,11 +210,7 @@ def test_a_one_engine_pool_waits_for_its_replacement_and_counts_no_failure():
     assert len(result.groups) == 4 and not sched.attempts
     assert result.metrics["rollout/retries"] == {} and result.metrics["rollout/drops"] == {}
     sched.check_conservation()
-    for g in result.groups:
-        for i, s in enumerate(g.samples):
-            mine = [rid for e in (a, spare) for rid, _, _ in e.requests if _sample_of(rid) == (g.uid, i)]
-            streamed = sum(e.streamed_by_request[r] for e in (a, spare) for r in mine)
-            assert len(s.response_ids) == streamed == 20
+    assert_each_token_once(result.groups, (a, spare), 20)
     assert pool.members[0].outstanding_tokens == 0  # the dead engine's leases left no load behind
 
 
