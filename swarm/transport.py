@@ -25,7 +25,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.mpfuture import MPFuture
 
 from rollover.swarm.entries import SIGNATURE_RE, Received, entries, parse_status, payload_key, shard_of, \
-    status_key
+    status_key, timed_entries
 from rollover.swarm.guard import GUARD_REASONS, MAX_GROUPS_PER_ROUND, MAX_STATUS_BYTES, MAX_VALUE_BYTES, \
     ROUNDS_AHEAD, CountingSignatureValidator, GuardValidator
 from rollover.swarm.identity import Identity, SwarmError, identity_from_key
@@ -323,10 +323,21 @@ class SwarmTransport:
             raise SwarmError(f"swarm DHT request failed: {_one_line(e)}") from None
 
     def _store_many(self, requests: list[dict]) -> list[bool]:
+        """Whether each record is now held by the swarm.
+
+        hivemind's store reports the answer of the replica that answered last, so one replica
+        holding a forgery under our subkey (it refuses our record as not newer) would make a
+        record every honest replica took look lost. A refusal is checked by reading the key back:
+        readers drop the forger's replica, and ours counts where our exact record is held."""
         dht = self._require_dht()
         futures = [self._submit(lambda request=request: dht.store(**request, return_future=True))
                    for request in requests]
-        return [bool(result) for result in self._wait_all(futures, "store")]
+        answers = self._wait_all(futures, "store")
+        refused = sorted({request["key"] for request, answer in zip(requests, answers) if answer is False})
+        held = {key: {subkey: (value, expiration) for subkey, value, expiration in timed_entries(found)}
+                for key, found in zip(refused, self._get_many(refused))} if refused else {}
+        return [bool(answer) or held.get(request["key"], {}).get(request["subkey"])
+                == (request["value"], request["expiration_time"]) for request, answer in zip(requests, answers)]
 
     def _get_many(self, keys: list[str]) -> list[object]:
         dht = self._require_dht()

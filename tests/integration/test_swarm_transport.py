@@ -463,3 +463,31 @@ def test_a_bootstrap_with_default_settings_serves_a_swarm_of_8_second_rounds(tmp
         for node in (reader, writer, boot):
             if node is not None:
                 node.shutdown()
+
+
+def test_a_forgery_on_one_replica_does_not_make_our_records_look_lost(tmp_path):
+    """hivemind's store returns the answer of the replica that answered last. With two replicas,
+    ours (stored at once, locally) and a vandal's that already holds forgeries under our subkeys
+    with later expirations, the vandal always answers last and refuses: publish and publish_status
+    reported our records lost (was: False, 0) though every honest replica holds them."""
+    round = rnd(13)
+    with SwarmTransport(NS, load_or_create_identity(tmp_path / "me"), **OPTIONS) as node:
+        vandal = DHT(initial_peers=node.visible_maddrs(), start=True, host_maddrs=LOOPBACK)
+        try:
+            marker = node.identity.public_key_marker
+            status = f"{NS}/status/r{round}"
+            vandal.store(key=status, subkey=marker, value=b'{"forged": 1}', expiration_time=later(900))
+            vandal.store(key=shard_key(round, expected_shard(marker, 0)), subkey=marker + b"/0", value=b"forged",
+                         expiration_time=later(900))
+            assert vandal.run_coroutine(partial(local_subkeys, key=status)) == [marker]  # the vandal holds it
+
+            assert node.publish_status(round, {"seen": 1}, later()) is True
+            assert node.publish(round, [b"honest"], later()) == 1
+            assert node.read_status([round]) == {node.sender: {"seen": 1}}
+            assert [item.raw for item in node.collect(round)] == [b"honest"]
+            # a record no replica took is still reported lost: the same expiration again
+            expiration = later(60)
+            assert node.publish(round, [b"first"], expiration, first_index=1) == 1
+            assert node.publish(round, [b"again"], expiration, first_index=1) == 0
+        finally:
+            vandal.shutdown()
