@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the Markdown table of an existing result and exit")
     args = p.parse_args(argv)
     if args.staleness is None:
-        from rollover.trainer.config import RolloutConfig
+        from rollover.rollout.config import RolloutConfig
 
         recipe = RolloutConfig.model_fields["max_staleness"].default
         args.staleness = ",".join(str(s) for s in dict.fromkeys([recipe, 2, 1]))

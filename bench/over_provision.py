@@ -204,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.ratios = list(dict.fromkeys(float(r) for r in args.ratios.split(",") if r.strip()))
     if args.staleness is None:
-        from rollover.trainer.config import RolloutConfig
+        from rollover.rollout.config import RolloutConfig
 
         args.staleness = RolloutConfig.model_fields["max_staleness"].default
     if (not args.ratios or min(args.ratios) < 1 or args.reps < 1 or args.steps < 1

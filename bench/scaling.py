@@ -56,7 +56,7 @@ async def start_engines(model_path: str, args: argparse.Namespace) -> tuple[list
     """Two engine actors on a local Ray cluster, and how to stop them and Ray."""
     from rollover.rollout.cluster import EngineFactory, connect, disconnect
     from rollover.rollout.settings import EngineSettings
-    from rollover.trainer.config import ClusterConfig
+    from rollover.rollout.config import ClusterConfig
 
     connect("local", num_cpus=4)  # logical: two 1-CPU actors and room for Ray's own tasks
     factory = EngineFactory(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,

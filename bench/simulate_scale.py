@@ -421,7 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.modes) - set(MODES):
         p.error(f"modes are {', '.join(MODES)}")
     if args.max_staleness is None:
-        from rollover.trainer.config import RolloutConfig
+        from rollover.rollout.config import RolloutConfig
 
         args.max_staleness = RolloutConfig.model_fields["max_staleness"].default
     return args

@@ -46,7 +46,7 @@ from rollover.swarm.records import Caps, encode_group
 from rollover.swarm.sampler import SenderCredit
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import ArithmeticTask
-from rollover.trainer.config import SwarmConfig
+from rollover.swarm.config import SwarmConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_lib import save_json  # noqa: E402

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollover.rollout.config import RolloutConfig
+
 CPU_BLOCK_SIZE = 32  # see EngineSettings.block_size
 
 
@@ -24,7 +26,7 @@ SLEEP_MODE_NEEDS_CUDA = (
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How to build the engine; `from_configs` maps the recipe's model and rollout sections."""
+    """How to build the engine; `from_rollout` maps the recipe's rollout section."""
 
     model: str
     dtype: str = "float32"
@@ -52,35 +54,27 @@ class EngineSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
 
     @classmethod
-    def from_configs(cls, model_cfg: Any, rollout_cfg: Any, *, has_cuda: bool | None = None,
-                     **overrides: Any) -> "EngineSettings":
-        """Settings from `trainer.config.ModelConfig` and `RolloutConfig` (builtin paths resolved).
+    def from_rollout(cls, rollout_cfg: RolloutConfig, *, model: str, dtype: str, max_model_len: int,
+                     has_cuda: bool, **overrides: Any) -> "EngineSettings":
+        """Settings from the recipe's rollout section for a resolved model folder and dtype
+        (trainer/build.py resolves them from the model section: the engine serves the trainer's
+        compute dtype, `Policy.engine_weights` sends casts of the float32 masters in it).
 
-        `has_cuda` (default: detected) decides the GPU-sane defaults: `dtype: auto` is bfloat16
-        and `enforce_eager: null` turns CUDA graphs on with a GPU; float32 and eager on CPU.
-        The engine's dtype is the trainer's compute dtype (`Policy.engine_weights` sends casts
-        of the float32 masters in it), resolved by the same `resolve_dtype`.
-        `sleep_mode: true` without CUDA raises `SleepModeUnavailable` (one line).
+        `has_cuda` decides the GPU-sane default: `enforce_eager: null` turns CUDA graphs on with
+        a GPU, eager on CPU. `sleep_mode: true` without CUDA raises `SleepModeUnavailable`.
         """
-        from rollover.trainer.builtin_model import resolve_model_path
-        from rollover.trainer.config import resolve_dtype
-
-        if has_cuda is None:
-            import torch
-
-            has_cuda = torch.cuda.is_available()
         eager = rollout_cfg.enforce_eager
         values = dict(
-            model=resolve_model_path(model_cfg.path),
-            dtype=resolve_dtype(model_cfg.dtype, has_cuda),
-            max_model_len=model_cfg.max_model_len,
+            model=model,
+            dtype=dtype,
+            max_model_len=max_model_len,
             seed=rollout_cfg.seed,
             kv_cache_gib=rollout_cfg.kv_cache_gib,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            weight_bucket_mb=float(getattr(rollout_cfg, "weight_bucket_mb", 512.0)),
+            weight_bucket_mb=rollout_cfg.weight_bucket_mb,
             enforce_eager=(not has_cuda) if eager is None else eager,
-            sleep_mode=bool(getattr(rollout_cfg, "sleep_mode", False)),
-            weight_load_timeout_s=float(getattr(rollout_cfg, "weight_load_timeout_s", 600.0)),
+            sleep_mode=rollout_cfg.sleep_mode,
+            weight_load_timeout_s=rollout_cfg.weight_load_timeout_s,
         )
         values.update(overrides)
         if values["sleep_mode"] and not has_cuda:

@@ -145,7 +145,7 @@ def status(args: argparse.Namespace) -> int:
 
     from rollover.swarm.records import SwarmError, round_at
     from rollover.swarm.transport import SwarmTransport
-    from rollover.trainer.config import SwarmConfig
+    from rollover.swarm.config import SwarmConfig
 
     round_seconds = args.round_seconds or SwarmConfig().round_seconds
     try:

@@ -24,7 +24,7 @@ from rollover.swarm.receive import Inbox, Incoming, Judge
 from rollover.swarm.records import Caps, encode_group, round_at
 from rollover.swarm.sampler import SenderCredit
 from rollover.tasks.registry import Task
-from rollover.trainer.config import SwarmConfig
+from rollover.swarm.config import SwarmConfig
 
 log = logging.getLogger(__name__)
 AUDIT_LOG = "swarm_audit.jsonl"

@@ -1,6 +1,8 @@
 """The recipe schema: one typed section per concern, keys named as in the code that uses them.
 
-A recipe is YAML; `load_recipe` reads it, applies `key.sub=value` overrides and validates it.
+Each package owns its section (tasks/config.py, rollout/config.py, swarm/config.py); this module
+holds the trainer's own (model, algo, train, LoRA, tracking), composes all of them into the
+`Recipe` with the checks that span sections, and loads it. A recipe is YAML; `load_recipe` reads it, applies `key.sub=value` overrides and validates it.
 Every user mistake becomes a `RecipeError` with one line naming the file and the key.
 """
 
@@ -11,13 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, and assignment is validated too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from rollover.rollout.config import ClusterConfig, RolloutConfig
+from rollover.swarm.config import SwarmConfig
+from rollover.tasks.config import Section, TaskConfig
 
 
 class ModelConfig(Section):
@@ -38,123 +38,6 @@ class ModelConfig(Section):
             raise ValueError("float16 is not supported (no loss scaling: its small gradients underflow "
                              "to zero); use bfloat16 or float32")
         return value
-
-
-class RewardSpec(Section):
-    fn: str = "correctness"  # a registered reward name, or "module:function"
-    weight: float = 1.0
-
-
-class TaskConfig(Section):
-    name: Literal["arithmetic", "reasoning_gym", "dataset"] = "arithmetic"
-    seed: int = 0
-    # arithmetic
-    digits_min: int = Field(1, ge=1, le=12)
-    digits_max: int = Field(3, ge=1, le=12)
-    operands: int = Field(2, ge=2, le=6)  # numbers per problem; the fewest with operands_max
-    # None: every problem has `operands` numbers; else each draws its count from operands..this.
-    operands_max: int | None = Field(None, ge=2, le=6)
-    scratchpad: bool = True
-    # reasoning_gym
-    gym_dataset: str = "basic_arithmetic"
-    gym_config: dict[str, Any] = Field(default_factory=dict)
-    # dataset (JSONL, Parquet, or a `datasets` folder saved to disk)
-    path: str | None = None
-    question_key: str = "question"
-    answer_key: str = "answer"
-    # prompts and rewards
-    prompt_format: Literal["raw", "chat"] = "raw"
-    system_prompt: str | None = None
-    eval_size: int = Field(64, ge=1)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()])
-    reward_timeout: float = Field(10.0, gt=0)  # seconds per call; an overrunning call is killed
-    # Stop the run when a reward function fails on every sample for this many steps in a row.
-    max_reward_failure_steps: int = Field(3, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "TaskConfig":
-        if self.digits_min > self.digits_max:
-            raise ValueError("digits_min must not exceed digits_max")
-        if self.operands_max is not None and self.operands_max < self.operands:
-            raise ValueError("operands_max must not be less than operands")
-        if self.name == "dataset" and not self.path:
-            raise ValueError("task.path is required when task.name is 'dataset'")
-        return self
-
-
-class RolloutConfig(Section):
-    groups_per_step: int = Field(8, ge=1)  # N: groups handed to the trainer each step
-    group_size: int = Field(8, ge=1)  # G: samples per prompt
-    # N'/N: groups kept in flight; `auto` chooses N' each step from the observed completion
-    # lengths and the buffer (rollout/provision.py).
-    over_provision: float | Literal["auto"] = 2.0
-    partial: bool = True  # recycle unfinished generations into the next step
-    max_staleness: int = Field(4, ge=0)  # drop groups with tokens older than this many versions
-    # Steps the rollout may run ahead of the trainer: 0 = rollout, update, weight sync in turn;
-    # k > 0 keeps generating while the trainer updates (at most k finished batches wait).
-    max_async: int = Field(0, ge=0)
-    # How a weight load meets in-flight requests when rollout runs ahead (max_async > 0):
-    # `abort` stops them and resumes them from their token ids under the new weights; `keep`
-    # freezes them in vLLM (pause mode keep) and lets them continue under the new weights.
-    interrupt: Literal["abort", "keep"] = "abort"
-    max_tokens: int = Field(64, ge=1)  # response token budget per sample
-    # > 0: greedy sampling has no log-probs to train on; <= 2: vLLM refuses hotter sampling.
-    temperature: float = Field(1.0, gt=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)  # < 1 only with algo.offpolicy: none (see Recipe)
-    seed: int = 0
-    kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
-    # CPU only: cores for the engine's worker ("1", "2-7"); the trainer is pinned to the rest.
-    # None: vLLM's choice (all cores but one), the trainer unpinned (trainer/cpu_split.py).
-    engine_cpus: str | None = None
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
-    weight_bucket_mb: float = Field(512.0, gt=0)  # ipc weight loads stage this much on the GPU at a time
-    enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU
-    # Colocated trainer on one GPU: the engine sleeps (frees its weights and KV cache) during
-    # the update and wakes for the next rollout. CUDA only.
-    sleep_mode: bool = False
-    # A step stops with one line once the filter rejects this many groups (None: 50 x N').
-    max_rejections_per_step: int | None = Field(None, ge=1)
-    # Deadline of each weight load and of its check (rollout/weight_check.py), every engine
-    # included: a load past it stops the run in one line, naming the last intact checkpoint.
-    weight_load_timeout_s: float = Field(600.0, gt=0)
-
-    @field_validator("over_provision", mode="before")
-    @classmethod
-    def _over_provision(cls, value: Any) -> float | str:
-        if value == "auto":
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not number >= 1.0:
-            raise ValueError("must be a number >= 1 (N'/N groups in flight) or 'auto'")
-        return number
-
-    @field_validator("engine_cpus", mode="before")
-    @classmethod
-    def _engine_cpus(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        from rollover.trainer.cpu_split import parse_cpu_list
-
-        parse_cpu_list(str(value))  # YAML reads `1` as a number
-        return str(value)
-
-    @model_validator(mode="after")
-    def _check_async(self) -> "RolloutConfig":
-        if self.max_async > self.max_staleness:
-            # A batch produced k steps ahead is trained k versions later: its newest tokens
-            # would already be too stale to train on.
-            raise ValueError(f"max_async={self.max_async} exceeds max_staleness={self.max_staleness}: "
-                             "tokens generated ahead would be dropped as stale")
-        if self.max_async > 0 and self.sleep_mode:
-            raise ValueError("max_async > 0 needs sleep_mode: false (the engine keeps generating "
-                             "while the trainer updates)")
-        if self.max_async > 0 and not self.partial:
-            raise ValueError("max_async > 0 needs partial: true (a weight load interrupts "
-                             "generations, which must resume)")
-        return self
 
 
 class AlgoConfig(Section):
@@ -217,63 +100,6 @@ class TrackingConfig(Section):
     project: str = "rollover"
     run_name: str | None = None
     sample_table_rows: int = Field(4, ge=0)
-
-
-class SwarmConfig(Section):
-    """SAPO: share decoded rollouts with peers over a hivemind DHT (swarm/, `rl-swarm`)."""
-
-    enabled: bool = False
-    name: str = Field("rollover", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # DHT namespace
-    initial_peers: list[str] = Field(default_factory=list)  # multiaddrs printed by `rl-swarm bootstrap`
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
-    announce_maddrs: list[str] = Field(default_factory=list)
-    identity_path: str | None = None  # folder for the node's keys; None: the run folder
-    local_groups: int | None = Field(None, ge=1)  # I; None: rollout.groups_per_step (must match)
-    external_groups: int = Field(4, ge=0)  # J: peers' groups trained on per step, when there are any
-    # rounds are epochs of the wall clock; whole seconds, so a bootstrap node's DHT guard that was
-    # not told the length serves the swarm anyway (swarm/guard.py)
-    round_seconds: float = Field(30.0, ge=1.0, le=3600.0, multiple_of=1.0)
-    max_record_bytes: int = Field(12288, ge=1024, le=16384)  # one group; hivemind's pipe breaks past ~24 KiB
-    max_groups_per_peer: int = Field(16, ge=1, le=256)  # per sender per round, and in the pool
-    max_external_share_per_peer: float = Field(0.5, gt=0.0, le=1.0)  # of J, per step
-    max_completion_chars: int = Field(2048, ge=16)
-    likelihood_z: float = Field(6.0, gt=0.0)  # robust z below own samples' log-likelihood: rejected
-
-    @field_validator("initial_peers", "host_maddrs", "announce_maddrs")
-    @classmethod
-    def _maddrs(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not value.startswith("/"):
-                raise ValueError(f"{value!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337/p2p/Qm...)")
-        return values
-
-
-class ClusterConfig(Section):
-    """Rollout engines on Ray (rollout/cluster.py): none runs today's one in-process engine."""
-
-    address: Literal["local", "auto"] | None = None  # local: start Ray here; auto: join `ray start --head`
-    engines: int = Field(1, ge=1, le=1024)
-    engine_num_cpus: float = Field(1.0, ge=0.0)
-    engine_num_gpus: float = Field(0.0, ge=0.0)
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
-    placement: Literal["colocated", "disaggregated"] = "disaggregated"
-    trainer_num_gpus: float = Field(0.0, ge=0.0)
-    # How trainer weights reach the engines: auto is shared_memory without CUDA, ipc for an
-    # engine on the trainer's GPU (in-process or colocated), nccl for engines on other GPUs.
-    weight_transfer: Literal["auto", "shared_memory", "ipc", "nccl"] = "auto"
-
-    @model_validator(mode="after")
-    def _check(self) -> "ClusterConfig":
-        if self.address is None and self.engines > 1:
-            raise ValueError(f"cluster.engines={self.engines} needs Ray: set cluster.address to "
-                             "local (start Ray on this machine) or auto (join `ray start --head`)")
-        if self.tensor_parallel_size > 1 and self.engine_num_gpus < self.tensor_parallel_size:
-            raise ValueError(f"cluster.tensor_parallel_size={self.tensor_parallel_size} needs "
-                             f"cluster.engine_num_gpus >= {self.tensor_parallel_size} (one GPU per shard)")
-        if self.placement == "colocated" and self.engine_num_gpus and not self.trainer_num_gpus:
-            raise ValueError("cluster.placement: colocated shares the trainer's GPUs with the "
-                             "engines: set cluster.trainer_num_gpus")
-        return self
 
 
 class Recipe(Section):

@@ -11,19 +11,7 @@ from __future__ import annotations
 
 import os
 
-
-def parse_cpu_list(text: str) -> set[int]:
-    """`"1"`, `"2-5"`, `"0,2-3"` -> the core numbers; ValueError with one line otherwise."""
-    cores: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        low, dash, high = part.partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            raise ValueError(f"'{text}' is not a core list like '1', '2-5' or '0,2-3'")
-        first, last = int(low), int(high) if dash else int(low)
-        if last < first:
-            raise ValueError(f"'{text}': range {part} runs backwards")
-        cores.update(range(first, last + 1))
-    return cores
+from rollover.rollout.config import parse_cpu_list
 
 
 def check_engine_cpus(text: str, available: set[int]) -> set[int]:

@@ -15,7 +15,7 @@ import torch
 from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
 from rollover.trainer.cpu_split import bind_engine, pin_trainer
 from rollover.rollout.cluster import ClusterError, disconnect, start_engines
-from rollover.rollout.engine import EngineBusyError, EngineSettings, EngineStartError, WeightLoadError
+from rollover.rollout.engine import EngineBusyError, EngineStartError, WeightLoadError
 from rollover.rollout.remote import EngineLost
 from rollover.rollout.settings import SleepModeUnavailable
 from rollover.rollout.weight_check import WeightSyncFailed
@@ -25,6 +25,7 @@ from rollover.tasks.registry import TaskError, build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer import failpoints, watchdog
 from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
+from rollover.trainer.build import engine_settings
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
 from rollover.trainer.console import LOG_FILE, error_line, log_to
 from rollover.trainer.loop import Trainer, TrainingStopped
@@ -121,8 +122,8 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
         return _error(exc, EXIT_USAGE)
     try:
         # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
-        settings = EngineSettings.from_configs(recipe.model, recipe.rollout,
-                                               model=str(checkpoint) if checkpoint else policy.path)
+        settings = engine_settings(recipe.model, recipe.rollout,
+                                   model=str(checkpoint) if checkpoint else policy.path)
     except SleepModeUnavailable as exc:
         return _error(exc, EXIT_USAGE)
     trainer_cores = None

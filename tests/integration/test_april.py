@@ -19,7 +19,7 @@ from rollover.rollout.april import AprilScheduler
 from rollover.rollout.engine import SamplingSettings
 from rollover.rollout.types import Group, Sample
 from rollover.tasks.arithmetic import arithmetic_record, extract_answer
-from rollover.trainer.config import RolloutConfig
+from rollover.rollout.config import RolloutConfig
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from rollover.rollout.engine import SamplingSettings
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.settings import EngineSettings
 from rollover.trainer.builtin_model import resolve_model_path
-from rollover.trainer.config import ClusterConfig
+from rollover.rollout.config import ClusterConfig
 
 pytestmark = pytest.mark.integration
 

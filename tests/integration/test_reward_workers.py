@@ -21,7 +21,7 @@ from rollover.rollout.scoring import ScoringPool
 from rollover.tasks.registry import ArithmeticTask, TaskError
 from rollover.tasks.reward_workers import RewardCallError, RewardWorkers
 from rollover.tasks.rewards import RewardRunner
-from rollover.trainer.config import TaskConfig
+from rollover.tasks.config import TaskConfig
 
 pytestmark = pytest.mark.integration
 FNS = "tests.integration.reward_fns"

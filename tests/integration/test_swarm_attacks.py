@@ -14,9 +14,7 @@ fresh Inbox holding the honest records and that kind's records only.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
 import math
 import random

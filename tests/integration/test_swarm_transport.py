@@ -442,7 +442,7 @@ def test_a_bootstrap_with_default_settings_serves_a_swarm_of_8_second_rounds(tmp
     """`rl-swarm bootstrap` started without --round-seconds (was: its guard assumed 30 s rounds
     and refused every record of another swarm as a foreign key)."""
     from rollover.swarm.guard import MAX_ROUND_SECONDS
-    from rollover.trainer.config import SwarmConfig
+    from rollover.swarm.config import SwarmConfig
 
     assert SwarmConfig.model_fields["round_seconds"].metadata  # the guard covers the config's range:
     assert any(getattr(m, "le", None) == MAX_ROUND_SECONDS for m in SwarmConfig.model_fields["round_seconds"].metadata)

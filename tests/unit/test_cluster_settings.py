@@ -6,7 +6,7 @@ import pytest
 
 from rollover.rollout.cluster import ClusterError, engine_settings, weight_backend
 from rollover.rollout.settings import EngineSettings
-from rollover.trainer.config import ClusterConfig
+from rollover.rollout.config import ClusterConfig
 
 
 @pytest.mark.parametrize("given, has_cuda, expected", [

@@ -21,26 +21,28 @@ from rollover.rollout.engine import (
     WeightLoadError,
 )
 from rollover.rollout.weight_sync import WeightsUntouched, _reload_from_file, pick_weights_dir
-from rollover.trainer.config import ModelConfig, RolloutConfig
+from rollover.trainer.build import engine_settings
+from rollover.trainer.config import ModelConfig
+from rollover.rollout.config import RolloutConfig
 
 # ---- settings --------------------------------------------------------------------------------
 
 
 def test_sleep_mode_follows_the_recipe_on_cuda():
     model = ModelConfig(path="/models/some-llm", dtype="auto")
-    on = EngineSettings.from_configs(model, RolloutConfig(sleep_mode=True), has_cuda=True)
-    off = EngineSettings.from_configs(model, RolloutConfig(), has_cuda=True)
+    on = engine_settings(model, RolloutConfig(sleep_mode=True), has_cuda=True)
+    off = engine_settings(model, RolloutConfig(), has_cuda=True)
     assert on.sleep_mode is True and off.sleep_mode is False
     assert on.dtype == "bfloat16" and on.enforce_eager is False  # the GPU defaults still apply
 
 
 def test_sleep_mode_without_cuda_is_refused_in_one_line():
     with pytest.raises(SleepModeUnavailable) as err:
-        EngineSettings.from_configs(ModelConfig(path="/models/some-llm"),
+        engine_settings(ModelConfig(path="/models/some-llm"),
                                     RolloutConfig(sleep_mode=True), has_cuda=False)
     message = str(err.value)
     assert "\n" not in message and "rollout.sleep_mode" in message and "CUDA" in message
-    cpu = EngineSettings.from_configs(ModelConfig(path="/models/some-llm"), RolloutConfig(),
+    cpu = engine_settings(ModelConfig(path="/models/some-llm"), RolloutConfig(),
                                       has_cuda=False)
     assert cpu.sleep_mode is False and cpu.dtype == "float32"
 

@@ -408,7 +408,7 @@ def test_ipc_a_failed_bucket_still_finishes_the_update(monkeypatch):
 @pytest.mark.parametrize("given", [{}, {"address": "local", "placement": "colocated", "trainer_num_gpus": 1}])
 def test_nccl_needs_engines_on_other_gpus(given):
     from rollover.rollout.cluster import ClusterError, weight_backend
-    from rollover.trainer.config import ClusterConfig
+    from rollover.rollout.config import ClusterConfig
 
     with pytest.raises(ClusterError, match="cluster.weight_transfer=nccl needs engines on GPUs other") as err:
         weight_backend(ClusterConfig(weight_transfer="nccl", **given), has_cuda=True)

@@ -4,7 +4,7 @@ import logging
 
 from rollover.tasks.registry import ArithmeticTask
 from rollover.tasks.rewards import RewardRunner, correctness_reward
-from rollover.trainer.config import TaskConfig
+from rollover.tasks.config import TaskConfig
 
 
 def _records():

@@ -114,7 +114,7 @@ def test_used_counts_in_metrics_stay_bounded(tmp_path):
     from collections import Counter
 
     from rollover.swarm.node import TOP_SENDERS, SwarmNode
-    from rollover.trainer.config import SwarmConfig
+    from rollover.swarm.config import SwarmConfig
 
     node = SwarmNode(SwarmConfig(enabled=True), TASK, group_size=3, run_folder=tmp_path, seed=0)
     node._used = Counter({f"peer{i:04d}": 1 + i % 5 for i in range(1000)})  # a long run's senders

@@ -222,7 +222,7 @@ def test_fresh_keys_share_one_prior_when_drawing():
 
 def test_metrics_and_status_name_only_the_top_senders(tmp_path):
     from rollover.swarm.node import SwarmNode
-    from rollover.trainer.config import SwarmConfig
+    from rollover.swarm.config import SwarmConfig
 
     node = SwarmNode(SwarmConfig(enabled=True), TASK, group_size=2, run_folder=tmp_path, seed=0)
     for i in range(600):

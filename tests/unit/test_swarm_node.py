@@ -16,7 +16,7 @@ from rollover.swarm.node import SwarmNode
 from rollover.swarm.receive import Incoming
 from rollover.swarm.records import encode_group
 from rollover.tasks import arithmetic
-from rollover.trainer.config import SwarmConfig
+from rollover.swarm.config import SwarmConfig
 
 from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path
 ROUND_SECONDS = 4.0

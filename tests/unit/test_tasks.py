@@ -8,7 +8,8 @@ import pytest
 
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import DatasetTask, ReasoningGymTask, TaskError, build_task, gold_answer
-from rollover.trainer.config import RecipeError, TaskConfig, load_recipe
+from rollover.trainer.config import RecipeError, load_recipe
+from rollover.tasks.config import TaskConfig
 
 
 def test_scratchpad_written_out_by_hand():

@@ -5,7 +5,6 @@ the child starts a grandchild, as EngineCore starts its Worker), then sleeps unt
 """
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
