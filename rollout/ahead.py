@@ -1,4 +1,4 @@
-"""Rollout that runs ahead of the trainer (`rollout.max_async`, DESIGN.md "Pipelined steps").
+"""Rollout that runs ahead of the trainer (`rollout.max_async`; docs/ARCHITECTURE.md, "Pipelined steps").
 
 With `max_async: 0` a batch is rolled out when the trainer asks for it, and the engine idles
 while the trainer updates. With `max_async: k > 0` a producer task keeps calling the scheduler's

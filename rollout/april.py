@@ -1,6 +1,6 @@
 """The APRIL scheduler: N scored groups per step without waiting for the long tail.
 
-DESIGN.md, "APRIL semantics", is the specification. Per step:
+docs/ARCHITECTURE.md, "APRIL semantics", is the specification. Per step:
 1. buffered groups older than `max_staleness` versions are dropped (counted);
 2. groups are launched until N' = ceil(over_provision * N) are in flight: buffered groups first
    (oldest first), then fresh prompts; one replacement per completed or rejected group;
@@ -19,12 +19,12 @@ is filed (buffer or counted drop) before the error propagates. An engine pool wi
 while a replacement starts is no failure: the groups wait for it (`EnginePool.acquire`), and the
 step stops (AllEnginesLost, no attempt counted) only if none comes back in time.
 
-Running ahead (`rollout.max_async`, DESIGN.md "Pipelined steps"): a step may run while the
-trainer updates. `interrupt(action)` then aborts the step's in-flight requests (their groups are
-buffered with every token streamed so far), runs `action` (a weight load) on the idle engine,
-and the step goes on, resuming those groups from their token ids under the new version. A step
-is told the version its batch will be trained at (`train_version`), so groups whose oldest
-token would then be too stale are dropped before it starts. `give_back` returns finished
+Running ahead (`rollout.max_async`; docs/ARCHITECTURE.md, "Pipelined steps"): a step may run
+while the trainer updates. `interrupt(action)` then aborts the step's in-flight requests (their
+groups are buffered with every token streamed so far), runs `action` (a weight load) on the idle
+engine, and the step goes on, resuming those groups from their token ids under the new version.
+A step is told the version its batch will be trained at (`train_version`), so groups whose
+oldest token would then be too stale are dropped before it starts. `give_back` returns finished
 batches the trainer has not used to the buffer (for a checkpoint between steps).
 
 `partial: false` turns recycling of *unfinished* generations off: those groups are dropped as
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
+from rollover.rollout.config import RolloutConfig
 from rollover.rollout.group_run import ROUTING, SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
@@ -130,7 +131,7 @@ class AprilScheduler:
     def __init__(
         self,
         engine: Any,
-        config: Any,
+        config: RolloutConfig,
         prompt_source: PromptSource,
         scorer: Scorer,
         group_filter: GroupFilter | None = None,

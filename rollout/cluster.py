@@ -24,6 +24,7 @@ import threading
 import uuid
 from typing import Any
 
+from rollover.rollout.config import ClusterConfig
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.remote import RemoteEngine
 from rollover.rollout.settings import EngineSettings
@@ -74,7 +75,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
         raise ClusterError(f"cluster.address={address}: Ray did not start: {type(exc).__name__}: {first}") from exc
 
 
-def weight_backend(cluster: Any, has_cuda: bool) -> str:
+def weight_backend(cluster: ClusterConfig, has_cuda: bool) -> str:
     """`cluster.weight_transfer` with `auto` resolved; ClusterError for a GPU backend without CUDA."""
     backend = cluster.weight_transfer
     if backend == "auto":
@@ -90,7 +91,7 @@ def weight_backend(cluster: Any, has_cuda: bool) -> str:
     return backend
 
 
-def engine_settings(settings: EngineSettings, cluster: Any, backend: str) -> EngineSettings:
+def engine_settings(settings: EngineSettings, cluster: ClusterConfig, backend: str) -> EngineSettings:
     """The per-engine settings: tensor parallelism over the actor's GPUs, the weight backend."""
     from rollover.rollout.weight_transfer import engine_args_for
 
@@ -114,7 +115,7 @@ def placement_strategy(placement: str) -> Any:
 class EngineFactory:
     """Builds and starts engine actors for one run (and their replacements)."""
 
-    def __init__(self, settings: EngineSettings, cluster: Any, env: dict[str, str] | None = None,
+    def __init__(self, settings: EngineSettings, cluster: ClusterConfig, env: dict[str, str] | None = None,
                  backend: str = "shared_memory") -> None:
         self.settings = engine_settings(settings, cluster, backend)
         self.backend = backend
@@ -139,7 +140,7 @@ class EngineFactory:
             raise ClusterError(f"engine actor {index} did not start: {first}") from exc
 
 
-def start_pool(settings: EngineSettings, cluster: Any, env: dict[str, str] | None = None,
+def start_pool(settings: EngineSettings, cluster: ClusterConfig, env: dict[str, str] | None = None,
                backend: str = "shared_memory") -> EnginePool:
     """Connect to Ray and start `cluster.engines` engine actors behind one pool (blocking)."""
     connect(cluster.address)
@@ -160,7 +161,7 @@ def start_pool(settings: EngineSettings, cluster: Any, env: dict[str, str] | Non
     return EnginePool(engines, replace=factory.start)
 
 
-def start_engines(settings: EngineSettings, cluster: Any) -> Any:
+def start_engines(settings: EngineSettings, cluster: ClusterConfig) -> Any:
     """What the recipe's `cluster:` asks for, started: one `RolloutEngine`, or an `EnginePool`."""
     import torch
 

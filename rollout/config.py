@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rollover.rollout.weight_transfer import WeightBackend
 from rollover.tasks.config import Section
 
 
@@ -111,7 +112,7 @@ class ClusterConfig(Section):
     trainer_num_gpus: float = Field(0.0, ge=0.0)
     # How trainer weights reach the engines: auto is shared_memory without CUDA, ipc for an
     # engine on the trainer's GPU (in-process or colocated), nccl for engines on other GPUs.
-    weight_transfer: Literal["auto", "shared_memory", "ipc", "nccl"] = "auto"
+    weight_transfer: Literal["auto", WeightBackend] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":

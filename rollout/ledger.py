@@ -1,4 +1,4 @@
-"""The conservation ledger: where every drawn prompt is (DESIGN.md, "Conservation").
+"""The conservation ledger: where every drawn prompt is (docs/ARCHITECTURE.md, "Conservation").
 
 Every uid drawn from the prompt source is in exactly one place: in flight, in the partial
 buffer, returned in a training batch, or dropped with a counted reason. Moves are checked

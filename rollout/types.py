@@ -1,4 +1,4 @@
-"""The data contract between rollout, algorithms and trainer (DESIGN.md, "Data contract").
+"""The data contract between rollout, algorithms and trainer (docs/ARCHITECTURE.md, "Data contract").
 
 Token ids are the truth: a resumed sample continues from `response_ids`, never from text.
 """

@@ -44,14 +44,15 @@ import contextlib
 import functools
 import threading
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from rollover.rollout.weight_sync import (NamedTensors, SharedMemoryTransport, WeightsUntouched,
                                           WeightTransport)
 
-BACKENDS = ("shared_memory", "ipc", "nccl")
+WeightBackend = Literal["shared_memory", "ipc", "nccl"]  # cluster.weight_transfer (or auto)
+BACKENDS: tuple[str, ...] = get_args(WeightBackend)
 NATIVE_BACKENDS = ("nccl",)  # NativeWeightTransport; ipc is BucketedIpcTransport (ipc_buckets.py)
 
 # NCCL sends from this process run one at a time: one group per engine shares the trainer's GPU,

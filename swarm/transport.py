@@ -66,7 +66,7 @@ def harden_dht_pipe(dht: DHT) -> None:
 
     The DHT process reads requests from a pipe that uvloop has made non-blocking; a request that
     arrives in two writes (anything over 16 KiB) can be read half-way, raising BlockingIOError and
-    wrecking the stream (the "values over 32 KiB crash the DHT" of STACK.md). The loop only reads
+    wrecking the stream (docs/STACK_NOTES.md, "hivemind": large values crash the DHT). The loop only reads
     once poll() says data is there, so a blocking read just waits for the rest of the message.
     """
     dht.run_coroutine(_block_command_pipe)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from rollover.algos.advantages import StdMode
+from rollover.algos.losses import LossName, OffPolicy
 from rollover.rollout.config import ClusterConfig, RolloutConfig
 from rollover.swarm.config import SwarmConfig
 from rollover.tasks.config import Section, TaskConfig
@@ -41,14 +43,14 @@ class ModelConfig(Section):
 
 
 class AlgoConfig(Section):
-    loss: Literal["grpo", "dapo", "dr_grpo", "bnpo", "gspo", "gspo_token"] = "grpo"
+    loss: LossName = "grpo"
     # None: "none" for dr_grpo (the design drops the std term), "group" for every other loss.
-    advantage_std: Literal["group", "batch", "none"] | None = None
+    advantage_std: StdMode | None = None
     clip_low: float = Field(0.2, ge=0.0)
     clip_high: float = Field(0.2, ge=0.0)
     clip_c: float | None = Field(None, gt=1.0)  # dual clip for negative advantages
     kl_coef: float = Field(0.0, ge=0.0)
-    offpolicy: Literal["tis", "mask", "none"] = "tis"
+    offpolicy: OffPolicy = "tis"
     tis_cap: float = Field(2.0, ge=1.0)
     dynamic_sampling: bool = True  # reject groups whose rewards are all equal
     overlong_buffer: int = Field(0, ge=0)  # DAPO soft overlong window (tokens); 0 = off

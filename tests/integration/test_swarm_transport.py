@@ -246,8 +246,9 @@ def test_a_dht_process_keeps_a_bounded_number_of_reader_caches(swarm):
 
 
 def test_records_at_the_swarm_wide_cap_survive_the_request_pipe(tmp_path):
-    """Requests over 16 KiB reach the DHT process in two writes (harden_dht_pipe, STACK.md): a
-    record at the swarm-wide cap plus its signature is such a request."""
+    """Requests over 16 KiB reach the DHT process in two writes (harden_dht_pipe;
+    docs/STACK_NOTES.md, "hivemind"): a record at the swarm-wide cap plus its signature is such a
+    request."""
     big = MAX_VALUE_BYTES
     with SwarmTransport(NS, None, max_record_bytes=big, request_timeout=20, **OPTIONS) as node:
         records = [payload(7, i, big) for i in range(5)]
