@@ -56,6 +56,7 @@ from rollover.rollout.provision import make_provision
 from rollover.rollout.scoring import KeptScores, Scorer, ScoringPool
 from rollover.rollout.settings import SamplingSettings
 from rollover.rollout.types import Group, Sample
+from rollover.tasks.errors import RolloverError
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,19 @@ GroupFilter = Callable[[Group], bool]  # True: keep the group for training
 SCORE_ERROR, ENGINE_ERROR = "score_error", "engine_error"
 
 
-class RolloutExhausted(RuntimeError):
+class RolloutExhausted(RolloverError, RuntimeError):
     """The prompt source ran dry before N groups were accepted (accepted ones are buffered)."""
 
 
-class StaleEngineError(RuntimeError):
+class StaleEngineError(RolloverError, RuntimeError):
     """The engine serves weights older than the restored checkpoint (load them first)."""
 
 
-class TooManyRejections(RuntimeError):
+class TooManyRejections(RolloverError, RuntimeError):
     """The filter rejected more groups in one step than `max_rejections_per_step` allows."""
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(RolloverError, RuntimeError):
     """More groups failed (scorer, filter, engine request) in one step than allowed."""
 
 

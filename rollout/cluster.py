@@ -28,9 +28,10 @@ from rollover.rollout.config import ClusterConfig
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.remote import RemoteEngine
 from rollover.rollout.settings import EngineSettings
+from rollover.tasks.errors import RolloverError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RolloverError, RuntimeError):
     """Ray could not be started or joined, or an engine actor could not be placed or started."""
 
 

@@ -42,6 +42,7 @@ from rollover.rollout.engine_control import (  # noqa: F401 - re-exported
 )
 from rollover.rollout.weight_sync import SharedMemoryTransport, WeightTransport
 
+from rollover.tasks.errors import RolloverError
 log = logging.getLogger(__name__)
 
 # vLLM finish reason -> ours. `repetition` (vLLM stopped a repetitive pattern) is a finished
@@ -55,7 +56,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "aborted",
 EARLY_ABORT_MEMORY = 10_000
 
 
-class EngineStartError(RuntimeError):
+class EngineStartError(RolloverError, RuntimeError):
     """The engine could not be started (bad model path, no memory, broken install)."""
 
 

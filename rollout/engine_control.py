@@ -27,6 +27,7 @@ from typing import Any
 
 from rollover.rollout.weight_check import EngineReading, prompt_token_logprobs
 from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs
+from rollover.tasks.errors import RolloverError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ def token_versions(spans: Any, n_tokens: int, admitted_version: int, admitted_lo
     return versions
 
 
-class EngineBusyError(RuntimeError):
+class EngineBusyError(RolloverError, RuntimeError):
     """Weights cannot be loaded (or the engine put to sleep) while requests are still running."""
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(RolloverError, RuntimeError):
     """A weight load failed midway: the engine's weights are mixed until the next full load."""
 
 

@@ -41,10 +41,11 @@ from rollover.rollout.engine import RolloutEngine, TokenChunk
 from rollover.rollout.nccl_sender import NcclSending, trainer_sender
 from rollover.rollout.settings import EngineSettings, SamplingSettings
 from rollover.rollout.weight_relay import RelayCalls
+from rollover.tasks.errors import RolloverError
 from rollover.rollout.weight_sync import NamedTensors, pairs, to_cpu_unshared
 
 
-class EngineLost(RuntimeError):
+class EngineLost(RolloverError, RuntimeError):
     """The engine's actor died; its requests end with the tokens streamed so far."""
 
 

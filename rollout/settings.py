@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollover.rollout.config import RolloutConfig
+from rollover.tasks.errors import UsageError
 
 CPU_BLOCK_SIZE = 32  # see EngineSettings.block_size
 
 
-class SleepModeUnavailable(ValueError):
+class SleepModeUnavailable(UsageError, ValueError):
     """`rollout.sleep_mode: true` on a machine without CUDA."""
 
 

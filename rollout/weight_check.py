@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from rollover.tasks.errors import RolloverError
+
 PROBE_LENGTH = 32
 PROBE_SEED = 20_240_917
 AGREE_TOL = 0.1  # nats/token, mean |engine - trainer|
@@ -47,7 +49,7 @@ CANCEL_GRACE_S = 5.0  # a timed-out load gets this long to put the engine's gate
 T = TypeVar("T")
 
 
-class WeightSyncFailed(RuntimeError):
+class WeightSyncFailed(RolloverError, RuntimeError):
     """A weight load failed its check or its deadline: the engine may not serve the trainer's weights."""
 
 

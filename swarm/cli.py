@@ -19,8 +19,6 @@ import threading
 import unicodedata
 from pathlib import Path
 
-EXIT_USAGE = 2
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rl-swarm", description="SAPO: train beside peers that share rollouts.")
@@ -94,7 +92,7 @@ def bootstrap(args: argparse.Namespace) -> int:
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     try:
         print("bootstrap peer ready; join with:", flush=True)
         print(f"  rl-swarm join RECIPE --peers {' '.join(transport.visible_maddrs())}", flush=True)
@@ -154,7 +152,7 @@ def status(args: argparse.Namespace) -> int:
         transport.start()
     except SwarmError as exc:
         print(f"rl-swarm: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     try:
         now = round_at(time.time(), round_seconds)
         rounds = list(range(now - args.rounds + 1, now + 1))

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from rollover.swarm.cli import EXIT_USAGE, peers_override
+from rollover.tasks.errors import EXIT_USAGE
 
 STOP_GRACE_SECONDS = 180  # a node finishing an update and a checkpoint on a busy machine
 

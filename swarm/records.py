@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from rollover.tasks.errors import RolloverError
+
 FORMAT = 1
 
 # Every reason a peer's record can be turned away, counted under these names.
@@ -29,7 +31,7 @@ REJECTION_REASONS = (
 MAX_NESTING = 3  # a record is an object holding a spec object and a list of strings: depth 2
 
 
-class SwarmError(RuntimeError):
+class SwarmError(RolloverError, RuntimeError):
     """This node cannot take part (bad key file, cannot join the DHT): one line for the user."""
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollover.tasks import arithmetic
+from rollover.tasks.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
-class TaskError(ValueError):
+class TaskError(UsageError, ValueError):
     """A task that cannot be built from its settings (missing file, unknown name, bad columns)."""
 
 

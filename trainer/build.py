@@ -23,6 +23,6 @@ def engine_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, *, has_c
         import torch
 
         has_cuda = torch.cuda.is_available()
-    return EngineSettings.from_rollout(rollout_cfg, model=resolve_model_path(model_cfg.path),
-                                       dtype=resolve_dtype(model_cfg.dtype, has_cuda),
-                                       max_model_len=model_cfg.max_model_len, has_cuda=has_cuda, **overrides)
+    resolved = dict(model=resolve_model_path(model_cfg.path), dtype=resolve_dtype(model_cfg.dtype, has_cuda),
+                    max_model_len=model_cfg.max_model_len)
+    return EngineSettings.from_rollout(rollout_cfg, has_cuda=has_cuda, **{**resolved, **overrides})

@@ -7,11 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from rollover.tasks.errors import EXIT_FAILED
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
 from rollover.trainer.console import finish_capture, start_capture
 from rollover.trainer.stopping import GracefulStop, StopRequested, exit_code
-
-EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(recipe)
     except RecipeError as exc:
         print(f"rl-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_status
     # The engine's log goes to rl-train.log, not the console: keep its startup and reload lines
     # there. (Its warning at every weight reload, "RotaryEmbedding: Failed to load weights", is
     # harmless: a layer with no checkpoint weights, restored as is.)

@@ -20,6 +20,7 @@ from rollover.algos.losses import LossName, OffPolicy
 from rollover.rollout.config import ClusterConfig, RolloutConfig
 from rollover.swarm.config import SwarmConfig
 from rollover.tasks.config import Section, TaskConfig
+from rollover.tasks.errors import UsageError
 
 
 class ModelConfig(Section):
@@ -152,7 +153,7 @@ class Recipe(Section):
         return "none" if self.algo.loss == "dr_grpo" else "group"
 
 
-class RecipeError(Exception):
+class RecipeError(UsageError):
     """A user mistake in a recipe or an override; its message is one line."""
 
 

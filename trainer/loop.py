@@ -29,6 +29,7 @@ from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
 from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed, within
 from rollover.swarm.node import AUDIT_LOG, SwarmNode
+from rollover.tasks.errors import RolloverError
 from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
 from rollover.tasks.rewards import RewardRunner
@@ -45,7 +46,7 @@ from rollover.trainer.uid_log import forget_trained_after, log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RolloverError, RuntimeError):
     """The run cannot go on (too many non-finite losses); the last checkpoint is intact."""
 
 

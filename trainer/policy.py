@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rollover.tasks.errors import UsageError
 from rollover.trainer.builtin_model import resolve_model_path
 from rollover.trainer.config import LoraConfig, ModelConfig, resolve_dtype
 from rollover.trainer.precision import DTYPES, ServedCasts, autocast_to, low_precision
 from rollover.trainer.precision import token_logprobs as _token_logprobs
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UsageError, RuntimeError):
     """The model named in the recipe cannot be loaded (one line for the user)."""
 
 

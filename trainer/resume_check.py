@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from rollover.tasks.errors import UsageError
+
 # Dotted prefixes of the keys that must not change on resume.
 FROZEN = (
     "model.path", "model.dtype", "task.name", "task.seed", "task.digits_min", "task.digits_max",
@@ -24,7 +26,7 @@ FROZEN = (
 IGNORED = ("train.output_dir", "train.resume")
 
 
-class ResumeMismatch(Exception):
+class ResumeMismatch(UsageError):
     """The recipe changes keys that give the saved state its meaning (one line for the user)."""
 
 

@@ -12,36 +12,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rollover.rollout.april import RolloutExhausted, StaleEngineError, TooManyFailures, TooManyRejections
-from rollover.trainer.cpu_split import bind_engine, pin_trainer
-from rollover.rollout.cluster import ClusterError, disconnect, start_engines
-from rollover.rollout.engine import EngineBusyError, EngineStartError, WeightLoadError
-from rollover.rollout.remote import EngineLost
-from rollover.rollout.settings import SleepModeUnavailable
-from rollover.rollout.weight_check import WeightSyncFailed
+from rollover.rollout.cluster import disconnect, start_engines
 from rollover.swarm.node import SwarmNode
-from rollover.swarm.records import SwarmError
-from rollover.tasks.registry import TaskError, build_task
+from rollover.tasks.errors import RolloverError, UsageError
+from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer import failpoints, watchdog
-from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
 from rollover.trainer.build import engine_settings
+from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
+from rollover.trainer.cpu_split import bind_engine, pin_trainer
 from rollover.trainer.console import LOG_FILE, error_line, log_to
-from rollover.trainer.loop import Trainer, TrainingStopped
+from rollover.trainer.loop import Trainer
 from rollover.trainer.policy import ModelLoadError, Policy
-from rollover.trainer.resume_check import ResumeMismatch, check_resume, recipe_changes
-from rollover.trainer.run_folder import RunFolder, RunFolderError
+from rollover.trainer.resume_check import check_resume, recipe_changes
+from rollover.trainer.run_folder import RunFolder
 from rollover.trainer.stopping import (
     GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code,
     stoppable)
 from rollover.trainer.tracking import Tracker, console
-
-EXIT_USAGE, EXIT_FAILED = 2, 1
-# Stops the run can meet in normal operation: one line and exit 1, never a traceback.
-EXPECTED_STOPS = (TrainingStopped, TooManyRejections, TooManyFailures, RolloutExhausted,
-                  StaleEngineError, EngineBusyError, WeightLoadError, SwarmError, EngineLost,
-                  WeightSyncFailed)
 
 
 def output_dir_for(recipe: Recipe, recipe_path: str) -> Path:
@@ -81,8 +70,8 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     folder = RunFolder(output_dir)
     try:
         folder.claim(resuming=bool(recipe.train.resume))
-    except RunFolderError as exc:
-        return _error(exc, EXIT_USAGE)
+    except RolloverError as exc:
+        return _error(exc)
     log_to(output_dir / LOG_FILE)  # third-party output (the engine's too) from here on
     stop = current() or GracefulStop().install()  # SIGINT/SIGTERM: see trainer/stopping.py
     watchdog.start(stderr=getattr(console, "file", None))  # before the engine: it dies with us
@@ -118,26 +107,15 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
         policy = Policy(recipe.model, recipe.train.lora)
         if checkpoint is not None:
             load_checkpoint_weights(policy, checkpoint)
-    except (TaskError, ModelLoadError, ResumeMismatch) as exc:
-        return _error(exc, EXIT_USAGE)
-    try:
         # The engine starts from the checkpoint's weights when resuming, never the pre-resume ones.
         settings = engine_settings(recipe.model, recipe.rollout,
                                    model=str(checkpoint) if checkpoint else policy.path)
-    except SleepModeUnavailable as exc:
-        return _error(exc, EXIT_USAGE)
-    trainer_cores = None
-    if recipe.rollout.engine_cpus and not torch.cuda.is_available():
-        try:
-            trainer_cores = bind_engine(recipe.rollout.engine_cpus)
-        except ValueError as exc:
-            return _error(ValueError(f"rollout.engine_cpus: {exc}"), EXIT_USAGE)
-    try:
+        trainer_cores = engine_cores(recipe)
         # SIGINT blocked: the engine's processes ignore a terminal's Ctrl-C (rl-train stops them).
         engine = call_with_sigint_blocked(lambda: start_engines(settings, recipe.cluster))
-    except (EngineStartError, ClusterError) as exc:
+    except RolloverError as exc:  # each carries its exit status (tasks/errors.py)
         disconnect()
-        return _error(exc, EXIT_FAILED)
+        return _error(exc)
     if trainer_cores:
         pin_trainer(trainer_cores)
     folder.started()
@@ -157,13 +135,13 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
                    f"written; continue with: {resume_command(recipe, recipe_path, output_dir)}")
         return exit_code(stop.signum)
     except Exception as exc:
-        if not isinstance(exc, EXPECTED_STOPS) and not stop.requested:
+        if not isinstance(exc, RolloverError) and not stop.requested:
             raise
         step = trainer.step if trainer is not None else 0
         why = f"stopped by {stop.name} at step {step} ({_first_line(exc)})" if stop.requested else \
             f"stopped at step {step}: {_first_line(exc)}"
         error_line(f"rl-train: {why}; {_resume_hint(recipe, recipe_path, output_dir)}")
-        return exit_code(stop.signum) if stop.requested else EXIT_FAILED
+        return exit_code(stop.signum) if stop.requested else exc.exit_status
     finally:
         stop.phase = "finishing"
         if trainer is not None:
@@ -184,10 +162,21 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def _error(exc: BaseException, status: int) -> int:
-    """Print the first line of `exc` as rl-train's one-line error; return the exit status."""
+def _error(exc: RolloverError) -> int:
+    """Print the first line of `exc` as rl-train's one-line error; return its exit status."""
     error_line(f"rl-train: error: {_first_line(exc)}")
-    return status
+    return exc.exit_status
+
+
+def engine_cores(recipe: Recipe) -> set[int] | None:
+    """On a CPU-only host with `rollout.engine_cpus`: bind the engine to those cores and return
+    the ones left for the trainer (pinned once the engine runs); None otherwise."""
+    if not recipe.rollout.engine_cpus or torch.cuda.is_available():
+        return None
+    try:
+        return bind_engine(recipe.rollout.engine_cpus)
+    except ValueError as exc:
+        raise UsageError(f"rollout.engine_cpus: {exc}") from None
 
 
 def resume_command(recipe: Recipe, recipe_path: str, output_dir: Path) -> str:

@@ -11,11 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
+from rollover.tasks.errors import UsageError
+
 LOCK_FILE = ".rl-train.lock"
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", "summary.json")
 
 
-class RunFolderError(Exception):
+class RunFolderError(UsageError):
     """The folder holds another run, or another process is using it (one line for the user)."""
 
 

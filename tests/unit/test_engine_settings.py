@@ -38,13 +38,18 @@ def test_sleep_mode_follows_the_recipe_on_cuda():
 
 def test_sleep_mode_without_cuda_is_refused_in_one_line():
     with pytest.raises(SleepModeUnavailable) as err:
-        engine_settings(ModelConfig(path="/models/some-llm"),
-                                    RolloutConfig(sleep_mode=True), has_cuda=False)
+        engine_settings(ModelConfig(path="/models/some-llm"), RolloutConfig(sleep_mode=True), has_cuda=False)
     message = str(err.value)
     assert "\n" not in message and "rollout.sleep_mode" in message and "CUDA" in message
-    cpu = engine_settings(ModelConfig(path="/models/some-llm"), RolloutConfig(),
-                                      has_cuda=False)
+    cpu = engine_settings(ModelConfig(path="/models/some-llm"), RolloutConfig(), has_cuda=False)
     assert cpu.sleep_mode is False and cpu.dtype == "float32"
+
+
+def test_a_resumed_engine_starts_from_the_checkpoint_folder():
+    """rl-train passes the checkpoint as `model=`: it replaces the recipe's model path."""
+    settings = engine_settings(ModelConfig(path="/models/some-llm", max_model_len=300), RolloutConfig(seed=7),
+                               has_cuda=False, model="/runs/x/step-4")
+    assert (settings.model, settings.max_model_len, settings.seed) == ("/runs/x/step-4", 300, 7)
 
 
 # ---- a recording stand-in for AsyncLLM -------------------------------------------------------
