@@ -1,7 +1,13 @@
 """rollover.rollout: generation for RL steps.
 
 - `engine.RolloutEngine`: vLLM AsyncLLM wrapper (stream token ids + log-probs, abort, atomic
-  weight loads, sleep/wake for a colocated trainer); `settings.EngineSettings` builds it
+  weight loads, sleep/wake for a colocated trainer); `settings.EngineSettings` builds it; its
+  parts: `admission.AdmissionGate` (admitted, waiting and aborted requests, the stamped version)
+  and `engine_control.EngineControl` (weight loads, probe, sleep)
+- `engine_api.Engine`: the interface every engine has (`RolloutEngine`, `remote.RemoteEngine`
+  in a Ray actor, `pool.EnginePool` over many, the simulator's); a pool's `router()` routes
+- `weights/`: the weight transports behind one `WeightTransport` protocol, and the check after
+  every load
 - `april.AprilScheduler`: N scored groups per step with over-provisioning and partial rollouts;
   failures are retried or dropped with a counted reason, never lost
 - `buffer.PartialBuffer`, `ledger.Ledger`: recycled groups and the conservation ledger

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rollover.rollout.april import AprilScheduler, StepResult
+from rollover.rollout.engine_api import Engine
 
 
 class BusyMeter:
@@ -73,7 +74,7 @@ class RolloutAhead:
         self.interrupts = 0
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
         return self.scheduler.engine
 
     def train_version(self) -> int:

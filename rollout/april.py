@@ -48,6 +48,7 @@ from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
 from rollover.rollout.config import RolloutConfig
+from rollover.rollout.engine_api import Engine
 from rollover.rollout.group_run import ROUTING, SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
 from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
@@ -131,7 +132,7 @@ class AprilScheduler:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         config: RolloutConfig,
         prompt_source: PromptSource,
         scorer: Scorer,
@@ -241,9 +242,10 @@ class AprilScheduler:
             st.counters, st.accepted, time.perf_counter() - started, target, self.buffer
         )
         self.last_metrics["rollout/in_flight_groups"] = self.n_in_flight
-        if hasattr(self.engine, "members"):  # an engine pool
-            self.last_metrics["rollout/engines_live"] = len(self.engine.live)
-            self.last_metrics["rollout/engine_revivals"] = self.engine.revivals
+        router = self.engine.router()
+        if router is not None:  # an engine pool
+            self.last_metrics["rollout/engines_live"] = len(router.live)
+            self.last_metrics["rollout/engine_revivals"] = router.revivals
         return StepResult(st.accepted, self.last_metrics)
 
     # ---- running ahead of the trainer ---------------------------------------------------------
@@ -499,16 +501,18 @@ class AprilScheduler:
             "attempts": {str(u): n for u, n in self.attempts.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore buffer and ledger (between steps). The engine must then serve the
-        checkpoint's weights: `engine.update_weights(weights, version=state["policy_version"])`,
-        before or after this call; `step()` refuses to run on older weights."""
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Restore buffer and ledger (between steps); returns the policy version of the saved
+        weights, which the engine must then serve (`engine.update_weights(weights, version=...)`,
+        or an engine started from the checkpoint with its version set): `step()` refuses to run
+        on older weights."""
         self.buffer.load_state_dict(state["buffer"])
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
         self.attempts = Counter({int(u): int(n) for u, n in state.get("attempts", {}).items()})
         self.min_policy_version = int(state["policy_version"])
         self.check_conservation()
+        return self.min_policy_version
 
     def close(self) -> None:
         """Release the scoring pool (scorers still running finish in the background)."""

@@ -11,7 +11,7 @@ Weights (`weight_backend`): shared memory without CUDA; ipc for an engine on the
 (the in-process engine, or colocated actors, which stage CUDA-IPC buckets on their GPU from the
 object store's CPU copy); nccl for disaggregated engines, sent from this (the trainer's) process
 as NCCL rank 0 straight to each engine's workers, the actors relaying only control calls
-(rollout/remote.py, rollout/nccl_sender.py, rollout/weight_relay.py).
+(rollout/remote.py, rollout/weights/nccl_sender.py, rollout/weights/weight_relay.py).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def weight_backend(cluster: ClusterConfig, has_cuda: bool) -> str:
 
 def engine_settings(settings: EngineSettings, cluster: ClusterConfig, backend: str) -> EngineSettings:
     """The per-engine settings: tensor parallelism over the actor's GPUs, the weight backend."""
-    from rollover.rollout.weight_transfer import engine_args_for
+    from rollover.rollout.weights.weight_transfer import engine_args_for
 
     extra = {**settings.extra, **engine_args_for(backend)}
     if cluster.tensor_parallel_size > 1:
@@ -166,7 +166,7 @@ def start_engines(settings: EngineSettings, cluster: ClusterConfig) -> Any:
     """What the recipe's `cluster:` asks for, started: one `RolloutEngine`, or an `EnginePool`."""
     import torch
 
-    from rollover.rollout.weight_transfer import engine_side_transport
+    from rollover.rollout.weights.weight_transfer import engine_side_transport
 
     backend = weight_backend(cluster, torch.cuda.is_available())
     if cluster.address is None:

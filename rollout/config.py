@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rollover.rollout.weight_transfer import WeightBackend
+from rollover.rollout.weights.weight_transfer import WeightBackend
 from rollover.tasks.config import Section
 
 
@@ -59,7 +59,7 @@ class RolloutConfig(Section):
     sleep_mode: bool = False
     # A step stops with one line once the filter rejects this many groups (None: 50 x N').
     max_rejections_per_step: int | None = Field(None, ge=1)
-    # Deadline of each weight load and of its check (rollout/weight_check.py), every engine
+    # Deadline of each weight load and of its check (rollout/weights/weight_check.py), every engine
     # included: a load past it stops the run in one line, naming the last intact checkpoint.
     weight_load_timeout_s: float = Field(600.0, gt=0)
 

@@ -11,6 +11,11 @@ requests: their chunks from then on are `provisional`, and the last chunk of eve
 carries the exact version of each of its tokens (`TokenChunk.versions`, from vLLM's
 weight-version spans; see engine_control).
 
+The engine is composed of three parts: this class (lifecycle and requests), its admission gate
+(`AdmissionGate`, rollout/admission.py: running, waiting and aborted requests, and the version
+they are stamped with) and its control (`EngineControl`, rollout/engine_control.py: weight loads,
+the weight probe, sleep and wake-up, which close the gate).
+
 The class holds no global state and exposes plain async methods, so it can be hosted inside a
 Ray actor unchanged (`stream` is an async generator, which Ray actors support).
 """
@@ -22,7 +27,6 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,26 +38,24 @@ from rollover.rollout.settings import (  # noqa: F401 - re-exported: callers imp
     SamplingSettings,
     SleepModeUnavailable,
 )
+from rollover.rollout.admission import EARLY_ABORT_MEMORY, AdmissionGate  # noqa: F401 - re-exported
+from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.engine_control import (  # noqa: F401 - re-exported
     EngineBusyError,
     EngineControl,
     WeightLoadError,
     token_versions,
 )
-from rollover.rollout.weight_sync import SharedMemoryTransport, WeightTransport
-
+from rollover.rollout.weights.weight_check import EngineReading
+from rollover.rollout.weights.weight_sync import NamedTensors, SharedMemoryTransport, WeightTransport
 from rollover.tasks.errors import RolloverError
+
 log = logging.getLogger(__name__)
 
 # vLLM finish reason -> ours. `repetition` (vLLM stopped a repetitive pattern) is a finished
 # sample; `error` is a retryable request-level failure the scheduler counts and retries.
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted",
            "repetition": "repetition", "error": "error"}
-
-# Request ids aborted before their request was admitted (waiting at the gate, or not submitted
-# yet: a Ray actor may see the abort before the stream call), remembered so the request ends at
-# admission. Bounded: the oldest are forgotten first.
-EARLY_ABORT_MEMORY = 10_000
 
 
 class EngineStartError(RolloverError, RuntimeError):
@@ -79,30 +81,22 @@ class TokenChunk:
     provisional: bool = False
 
 
-class RolloutEngine(EngineControl):
-    """One vLLM engine: stream requests, abort them, load new weights between steps, sleep."""
+class RolloutEngine(SingleEngine):
+    """One vLLM engine: stream requests, abort them, load new weights between steps, sleep.
+
+    An `Engine` of rollout/engine_api.py (and a `ProbedEngine`, a `PoolMember`)."""
 
     def __init__(
         self, settings: EngineSettings, weight_transport: WeightTransport | None = None
     ) -> None:
         self.settings = settings
         self.weight_transport = weight_transport or SharedMemoryTransport()
-        self.policy_version = 0
         self._llm: Any = None
-        self._active: set[str] = set()  # request ids whose stream has not ended
-        self._abort_requested: set[str] = set()  # asked to abort, stream still open
-        self._reabort: set[str] = set()  # aborts to repeat on the request's first output
-        self._waiting: set[str] = set()  # request ids waiting at the admission gate
-        self._aborted_early: OrderedDict[str, None] = OrderedDict()  # see EARLY_ABORT_MEMORY
         self._prefix_caching = False
-        # Closed while weights load or the engine sleeps: new requests wait here, so each is
+        # Closed while weights load or the engine sleeps: new requests wait there, so each is
         # stamped with the version that will really serve it.
-        self._serving = asyncio.Event()
-        self._serving.set()
-        self._why_closed = ""
-        self._weights_broken: str | None = None  # set when a load failed midway
-        self._keep_loads = 0  # in-flight (keep_requests) weight loads started so far
-        self._asleep = False
+        self.gate = AdmissionGate()
+        self.control = EngineControl(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -182,11 +176,24 @@ class RolloutEngine(EngineControl):
     @property
     def asleep(self) -> bool:
         """True between `sleep()` and `wake_up()` (sleep mode only)."""
-        return self._asleep
+        return self.control.asleep
+
+    @property
+    def policy_version(self) -> int:
+        """The version new requests are stamped with (kept by the gate)."""
+        return self.gate.version
+
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        self.gate.version = version
 
     def decode(self, token_ids: list[int]) -> str:
         """Token ids to text with the engine's tokenizer (for verifiers and logs)."""
         return self.llm.get_tokenizer().decode(token_ids, skip_special_tokens=True)
+
+    def mark_lost(self, why: str) -> None:
+        """Nothing to do: a pool declares an engine dead when it raises `EngineLost`, which an
+        in-process engine never does (its failures are its own errors, `errored`)."""
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -207,36 +214,11 @@ class RolloutEngine(EngineControl):
         )
 
     async def _admit(self, request_id: str) -> int:
-        """Wait until the engine serves, register the request; return the version to stamp.
-
-        No await between the gate check and the registration, so a weight load that closes
-        the gate next sees this request as running. The caller checks `_take_early_abort` next
-        (no await between): an abort may have come while the request waited here.
-        """
-        self._waiting.add(request_id)
-        try:
-            while not self._serving.is_set():
-                await self._serving.wait()
-        finally:
-            self._waiting.discard(request_id)
-        if self._weights_broken:
-            raise WeightLoadError(self._weights_broken)
-        if request_id in self._active:
-            raise ValueError(f"request id {request_id!r} is already running (vLLM would abort both)")
-        self._active.add(request_id)
-        return self.policy_version
-
-    def _take_early_abort(self, request_id: str) -> bool:
-        """True (once) if `request_id` was aborted before it was admitted."""
-        if request_id not in self._aborted_early:
-            return False
-        del self._aborted_early[request_id]
-        return True
+        """`AdmissionGate.admit`: wait for the gate, register; the version to stamp."""
+        return await self.gate.admit(request_id)
 
     def _release(self, request_id: str) -> None:
-        self._active.discard(request_id)
-        self._abort_requested.discard(request_id)
-        self._reabort.discard(request_id)
+        self.gate.release(request_id)
 
     async def stream(
         self,
@@ -258,16 +240,15 @@ class RolloutEngine(EngineControl):
         rid = request_id or uuid.uuid4().hex
         params = self._params(max_tokens, sampling, final_only=False)
         version = await self._admit(rid)
-        loads = self._keep_loads  # read with the admission (no await between)
+        loads = self.gate.keep_loads  # read with the admission (no await between)
         sent = 0
         try:
-            if self._take_early_abort(rid):  # aborted before admission: vLLM never sees it
+            if self.gate.take_early_abort(rid):  # aborted before admission: vLLM never sees it
                 yield TokenChunk([], [], version, "aborted", [])
                 return
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid):
-                if rid in self._reabort and not out.finished:
+                if not out.finished and self.gate.take_reabort(rid):
                     # The abort may have raced the request's registration: repeat it now.
-                    self._reabort.discard(rid)
                     await self.llm.abort([rid])
                 comp = out.outputs[0]
                 ids = list(comp.token_ids)
@@ -277,7 +258,7 @@ class RolloutEngine(EngineControl):
                 if ids or finish:
                     # New weights compute tokens only after a keep load bumped the count, so a
                     # chunk received before that holds admission-version tokens only.
-                    yield TokenChunk(ids, lps, version, finish, versions, self._keep_loads != loads)
+                    yield TokenChunk(ids, lps, version, finish, versions, self.gate.keep_loads != loads)
                     sent += len(ids)
         finally:
             self._release(rid)
@@ -296,8 +277,8 @@ class RolloutEngine(EngineControl):
         params = self._params(max_tokens, sampling, final_only=True)
         last = None
         version = await self._admit(rid)
-        loads = self._keep_loads
-        if self._take_early_abort(rid):
+        loads = self.gate.keep_loads
+        if self.gate.take_early_abort(rid):
             self._release(rid)
             return TokenChunk([], [], version, "aborted", [])
         try:
@@ -309,16 +290,16 @@ class RolloutEngine(EngineControl):
         ids = list(comp.token_ids)
         return TokenChunk(ids, _sampled_logprobs(ids, comp.logprobs), version,
                           _FINISH.get(comp.finish_reason, comp.finish_reason),
-                          self._versions(comp, len(ids), version, loads), self._keep_loads != loads)
+                          self._versions(comp, len(ids), version, loads), self.gate.keep_loads != loads)
 
     def _versions(self, comp: Any, n_tokens: int, version: int, loads: int) -> list[int]:
         """Exact per-token versions of a finished request (admitted at `version`, `loads`)."""
-        return token_versions(comp.weight_versions, n_tokens, version, loads, self._keep_loads)
+        return token_versions(comp.weight_versions, n_tokens, version, loads, self.gate.keep_loads)
 
     @property
     def active_requests(self) -> set[str]:
         """Request ids whose stream is still open."""
-        return set(self._active)
+        return set(self.gate.active)
 
     async def abort(self, request_ids: Iterable[str]) -> int:
         """Abort requests; their streams end with `aborted`. Returns how many were open
@@ -328,19 +309,8 @@ class RolloutEngine(EngineControl):
         not running yet (waiting at the admission gate during a weight load, or not submitted
         yet) is remembered: its request ends `aborted`, with no token, when admitted.
         """
-        ids, early = [], 0
-        for r in request_ids:
-            if r in self._active:
-                ids.append(r)
-                continue
-            early += r in self._waiting
-            self._aborted_early[r] = None
-            self._aborted_early.move_to_end(r)
-            if len(self._aborted_early) > EARLY_ABORT_MEMORY:
-                self._aborted_early.popitem(last=False)
+        ids, early = self.gate.sort_aborts(request_ids)
         if ids:
-            self._abort_requested.update(ids)
-            self._reabort.update(ids)
             await self.llm.abort(ids)
         return len(ids) + early
 
@@ -364,7 +334,7 @@ class RolloutEngine(EngineControl):
         mine = None if request_ids is None else set(request_ids)
         deadline = time.monotonic() + timeout
         while True:
-            open_ids = self._active if mine is None else self._active & mine
+            open_ids = self.gate.active if mine is None else self.gate.active & mine
             if not open_ids and (mine is not None or not self.num_unfinished()):
                 return
             if time.monotonic() > deadline:
@@ -372,10 +342,34 @@ class RolloutEngine(EngineControl):
                     f"engine not idle after {timeout:.0f} s: {len(open_ids)} open streams, "
                     f"{self.num_unfinished()} unfinished requests"
                 )
-            again = open_ids if mine is not None else open_ids & self._abort_requested
+            again = open_ids if mine is not None else open_ids & self.gate.abort_requested
             if again:
                 await self.abort(again)
             await asyncio.sleep(0.01)
+
+    # ---- weights and sleep: the engine's control (rollout/engine_control.py) -----------------
+
+    async def update_weights(self, named_tensors: NamedTensors, version: int | None = None,
+                             keep_requests: bool = False, recompute_kv: bool = False) -> int:
+        """Load trainer weights (checkpoint names); bump the policy version; return it.
+        Atomic with respect to the version; see `EngineControl.update_weights`."""
+        return await self.control.update_weights(named_tensors, version, keep_requests, recompute_kv)
+
+    async def weight_probe(self, token_ids: list[int]) -> list[EngineReading]:
+        """This engine's version and prompt log-probs of `token_ids` (rollout/weights/weight_check.py)."""
+        return await self.control.weight_probe(token_ids)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop cached KV blocks. True if reset or nothing to reset."""
+        return await self.control.reset_prefix_cache()
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory for a colocated trainer (no-op without sleep mode)."""
+        await self.control.sleep(level)
+
+    async def wake_up(self) -> None:
+        """Take the GPU memory back and serve again (no-op without sleep mode or when awake)."""
+        await self.control.wake_up()
 
 
 def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:

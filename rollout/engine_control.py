@@ -1,9 +1,10 @@
-"""Weight loads and sleep for `RolloutEngine`: the moments the engine stops serving.
+"""Weight loads and sleep for `RolloutEngine` (`EngineControl`, held as `engine.control`): the
+moments the engine stops serving.
 
-Both close the engine's admission gate (new requests wait, so each is stamped with the version
-that really serves it). A weight load pauses vLLM's scheduler around push, prefix-cache reset and
-version bump; sleep (CUDA only) frees the engine's GPU memory for a colocated trainer until
-`wake_up`. Sleep and the default weight load need an idle engine.
+Both close the engine's admission gate (rollout/admission.py: new requests wait, so each is
+stamped with the version that really serves it). A weight load pauses vLLM's scheduler around
+push, prefix-cache reset and version bump; sleep (CUDA only) frees the engine's GPU memory for a
+colocated trainer until `wake_up`. Sleep and the default weight load need an idle engine.
 
 In-flight loads (`update_weights(..., keep_requests=True)`, PipelineRL-style): vLLM freezes the
 running requests with their KV cache (`pause_generation(mode="keep")`), the weights change, the
@@ -23,11 +24,15 @@ import os
 import re
 import socket
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rollover.rollout.weight_check import EngineReading, prompt_token_logprobs
-from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched, pairs
+from rollover.rollout.weights.weight_check import EngineReading, prompt_token_logprobs
+from rollover.rollout.weights.weight_sync import NamedTensors, WeightsUntouched, pairs
 from rollover.tasks.errors import RolloverError
+
+if TYPE_CHECKING:
+    from rollover.rollout.admission import AdmissionGate
+    from rollover.rollout.engine import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +94,27 @@ class WeightLoadError(RolloverError, RuntimeError):
 
 
 class EngineControl:
-    """Mixin of RolloutEngine (uses its llm, settings, gate, request and version state)."""
+    """The moments one `RolloutEngine` stops serving: weight loads, the weight probe, sleep.
 
-    def _close_gate(self, why: str) -> None:
-        if not self._serving.is_set():
-            raise EngineBusyError(f"engine is not serving ({self._why_closed}): cannot {why}")
-        self._serving.clear()
-        self._why_closed = why
+    Held by the engine (`engine.control`), whose public methods call it. It works through the
+    engine's public surface (`llm`, `settings`, `weight_transport`, `abort`, ...) and its
+    admission gate (`engine.gate`, rollout/admission.py), which holds the version it bumps.
+    """
 
-    def _open_gate(self) -> None:
-        self._why_closed = ""
-        self._serving.set()
+    def __init__(self, engine: RolloutEngine) -> None:
+        self.engine = engine
+        self.gate: AdmissionGate = engine.gate
+        self.asleep = False
+
+    @property
+    def llm(self) -> Any:
+        return self.engine.llm
 
     def _check_idle(self, what: str) -> None:
-        if self._active or self.num_unfinished():
+        if self.gate.active or self.engine.num_unfinished():
             raise EngineBusyError(
-                f"{what} needs an idle engine: {len(self._active)} open streams, "
-                f"{self.num_unfinished()} unfinished requests (abort and wait_idle first)"
+                f"{what} needs an idle engine: {len(self.gate.active)} open streams, "
+                f"{self.engine.num_unfinished()} unfinished requests (abort and wait_idle first)"
             )
 
     async def update_weights(self, named_tensors: NamedTensors, version: int | None = None,
@@ -128,11 +137,11 @@ class EngineControl:
         (a prefill of each), so no later token attends to old-weight KV. A keep load that fails
         midway aborts the frozen requests (their tokens so far keep the old version).
         """
-        if self._asleep:
+        if self.asleep:
             raise EngineBusyError("engine is asleep: await wake_up() before update_weights")
         if recompute_kv and not keep_requests:
             raise ValueError("recompute_kv applies to keep_requests=True loads only")
-        self._close_gate("load weights")
+        self.gate.close("load weights")
         try:
             if not keep_requests:
                 self._check_idle("update_weights")
@@ -146,15 +155,15 @@ class EngineControl:
             finally:
                 await self.llm.resume_generation()
         finally:
-            self._open_gate()
-        return self.policy_version
+            self.gate.open()
+        return self.gate.version
 
     async def _load_idle(self, named_tensors: NamedTensors, version: int | None) -> None:
         """Push, reset the prefix cache, bump the version (paused, no request running)."""
         await self._push(named_tensors)
-        await self._reset_prefix_cache()
-        self.policy_version = self.policy_version + 1 if version is None else int(version)
-        self._weights_broken = None
+        await self.reset_prefix_cache()
+        self.gate.version = self.gate.version + 1 if version is None else int(version)
+        self.gate.broken = None
 
     async def _load_keeping_requests(self, named_tensors: NamedTensors, version: int | None,
                                      recompute_kv: bool) -> None:
@@ -165,9 +174,10 @@ class EngineControl:
         after the weights may have changed aborts the frozen requests before the resume: they
         must not go on under weights whose version is unknown.
         """
-        new_version = self.policy_version + 1 if version is None else int(version)
-        self._keep_loads += 1
-        label = keep_label(self._keep_loads, new_version)
+        gate = self.gate
+        new_version = gate.version + 1 if version is None else int(version)
+        gate.keep_loads += 1
+        label = keep_label(gate.keep_loads, new_version)
         try:
             await self._push(named_tensors)
             await self._drop_old_kv(recompute_kv)
@@ -175,29 +185,29 @@ class EngineControl:
         except WeightsUntouched:
             raise
         except BaseException as exc:
-            self._weights_broken = self._weights_broken or (
+            gate.broken = gate.broken or (
                 f"the in-flight weight load to version {new_version} failed "
                 f"({type(exc).__name__}: {exc}); load a full set of weights again")
-            await self.abort(self.active_requests)
+            await self.engine.abort(self.engine.active_requests)
             raise
-        self.policy_version = new_version
-        self._weights_broken = None
+        gate.version = new_version
+        gate.broken = None
 
     async def _push(self, named_tensors: NamedTensors) -> None:
         """The transport's push; a failure that may have touched weights marks them broken."""
         try:
-            await self.weight_transport.push(self.llm, named_tensors)
+            await self.engine.weight_transport.push(self.llm, named_tensors)
         except WeightsUntouched:
             raise
         except BaseException as exc:
-            self._weights_broken = (
-                f"the weight load to version {self.policy_version + 1} failed midway "
+            self.gate.broken = (
+                f"the weight load to version {self.gate.version + 1} failed midway "
                 f"({type(exc).__name__}: {exc}); load a full set of weights again")
             raise
 
     async def _drop_old_kv(self, recompute_kv: bool) -> None:
         """Keep load: reset the prefix cache, preempting the frozen requests if asked to."""
-        if not self._prefix_caching and not recompute_kv:
+        if not self.engine.prefix_caching and not recompute_kv:
             return
         if recompute_kv:
             if not await self.llm.reset_prefix_cache(reset_running_requests=True):
@@ -206,7 +216,7 @@ class EngineControl:
             log.debug("prefix cache kept across an in-flight weight load: requests hold KV blocks")
 
     async def weight_probe(self, token_ids: list[int]) -> list[EngineReading]:
-        """What this engine serves now, for `rollout/weight_check.py`: its version and the log-prob
+        """What this engine serves now, for `rollout/weights/weight_check.py`: its version and the log-prob
         of each of `token_ids` after its prefix (vLLM's prompt log-probs: raw, temperature 1).
 
         One request through the admission gate (it waits out a load, and fails on broken weights);
@@ -217,24 +227,22 @@ class EngineControl:
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         rid = f"rollover-weight-probe-{uuid.uuid4().hex}"
-        version = await self._admit(rid)
+        version = await self.gate.admit(rid)
         last = None
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(token_ids)), params, rid):
                 last = out
         finally:
-            self._release(rid)
+            self.gate.release(rid)
         if last is None or last.prompt_logprobs is None:
             raise WeightLoadError("the engine returned no prompt log-probs for the weight probe")
-        name = f"pid {os.getpid()} on {socket.gethostname()} (#{id(self) & 0xffff:04x})"
+        name = f"pid {os.getpid()} on {socket.gethostname()} (#{id(self.engine) & 0xffff:04x})"
         return [EngineReading(name, version, prompt_token_logprobs(list(token_ids), last.prompt_logprobs))]
 
     async def reset_prefix_cache(self) -> bool:
-        """Drop cached KV blocks. True if reset or nothing to reset."""
-        return await self._reset_prefix_cache()
-
-    async def _reset_prefix_cache(self) -> bool:
-        if not self._prefix_caching:
+        """Drop cached KV blocks. True if reset or nothing to reset; EngineBusyError if vLLM
+        refuses (requests still hold blocks)."""
+        if not self.engine.prefix_caching:
             return True
         ok = bool(await self.llm.reset_prefix_cache())
         if not ok:
@@ -248,21 +256,21 @@ class EngineControl:
         weights too (only when a full weight load follows the wake-up). Needs an idle engine;
         new requests wait until `wake_up()`.
         """
-        if not self.settings.sleep_mode or self._asleep:
+        if not self.engine.settings.sleep_mode or self.asleep:
             return
-        self._close_gate("sleep")
+        self.gate.close("sleep")
         try:
             self._check_idle("sleep")
             await self.llm.sleep(level)
         except BaseException:
-            self._open_gate()
+            self.gate.open()
             raise
-        self._asleep = True
+        self.asleep = True
 
     async def wake_up(self) -> None:
         """Take the GPU memory back and serve again (no-op without sleep mode or when awake)."""
-        if not self._asleep:
+        if not self.asleep:
             return
         await self.llm.wake_up()
-        self._asleep = False
-        self._open_gate()
+        self.asleep = False
+        self.gate.open()

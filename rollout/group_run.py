@@ -14,9 +14,10 @@ Kept apart from the scheduler so the per-group rules read in one place:
 - once the scheduler stops the step, a group that finishes generating is not scored now: it is
   buffered and scored when resumed, so no judge holds up the step;
 - scoring goes through `KeptScores`: one scorer call per group, kept across steps;
-- with an engine pool, a group runs on the engine `route()` picks when it starts (all its
-  samples together), and if that engine dies (`EngineLost`) the group moves to another live
-  engine and its samples resume there from the tokens they streamed (migration).
+- with an engine pool (an engine whose `router()` is not None), a group runs on the member the
+  router leases it when it starts (all its samples together), and if that engine dies
+  (`EngineLost`) the group moves to another live engine and its samples resume there from the
+  tokens they streamed (migration).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollover.rollout.engine_api import Engine, Lease
 from rollover.rollout.metrics import StepCounters
 from rollover.rollout.remote import EngineLost
 from rollover.rollout.scoring import KeptScores, Scorer  # noqa: F401 - Scorer re-exported
@@ -56,7 +58,7 @@ class GroupRun:
     request_ids: set[str] = field(default_factory=set)  # submitted, stream not ended yet
     task: asyncio.Task | None = None
     stopping: bool = False  # set by the scheduler before it aborts: no more requests, no scoring
-    lease: Any = None  # with a pool: the member route() chose and the tokens it may still generate there
+    lease: Lease | None = None  # with a pool: its member and the tokens it may still generate there
     routing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one re-route per engine death
     route_error: BaseException | None = None  # no engine came back: every sample gives up
 
@@ -66,7 +68,7 @@ class GroupRunner:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         scores: KeptScores,
         sampling: SamplingSettings,
         max_tokens: int,
@@ -117,17 +119,17 @@ class GroupRunner:
         """Where the group's requests go: a pool's least-loaded live member (leasing the tokens
         its unfinished samples may still generate), else the one engine. With no live member
         the group waits (phase ROUTING) for a replacement: an engine death is no failed attempt."""
-        acquire = getattr(self.engine, "acquire", None)
-        if acquire is None:
+        router = self.engine.router()
+        if router is None:
             return
         if run.lease is not None:
             run.lease.release()
             run.lease = None
         tokens = sum(self.budget(run.group, i) for i, s in enumerate(run.group.samples) if not s.finished)
-        if not self.engine.live:
+        if not router.live:
             run.phase = ROUTING
         try:
-            run.lease = await acquire(tokens)
+            run.lease = await router.acquire(tokens)
         except Exception as exc:
             run.route_error = exc
             raise

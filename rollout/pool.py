@@ -1,7 +1,8 @@
 """Many engines behind one APRIL scheduler: routing, fan-out, and engines that die and come back.
 
-`EnginePool` has the engine's interface, so the scheduler, the evaluator and the trainer drive
-N engines (in-process `RolloutEngine`s or Ray-hosted `RemoteEngine`s) as they drive one:
+`EnginePool` has the engine's interface (`Engine`, rollout/engine_api.py), so the scheduler, the
+evaluator and the trainer drive N engines (in-process `RolloutEngine`s or Ray-hosted
+`RemoteEngine`s) as they drive one; `router()` returns the pool itself (a `Router`):
 - **Routing.** A group, each time it runs (fresh, or resumed from the buffer), goes to the live
   engine with the fewest outstanding tokens (budgets of its open requests minus what they have
   streamed), and all its samples stay there (they share a prompt: one prefix in one cache).
@@ -21,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from rollover.rollout.engine import TokenChunk
+from rollover.rollout.engine_api import PoolMember
 from rollover.rollout.remote import EngineLost
 from rollover.rollout.settings import SamplingSettings
-from rollover.rollout.weight_sync import NamedTensors, pairs, to_cpu_unshared
+from rollover.rollout.weights.weight_sync import NamedTensors, pairs, to_cpu_unshared
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ Replace = Callable[[int], Awaitable[Any]]  # member index -> a started engine to
 class Member:
     """One engine of the pool and what the pool knows about its load."""
 
-    engine: Any
+    engine: PoolMember
     index: int
     on_lost: Callable[["Member", Any], None]
     outstanding_tokens: int = 0  # tokens the groups routed here may still generate
@@ -94,7 +97,7 @@ class AllEnginesLost(EngineLost):
 class EnginePool:
     """N engines driven as one (see the module doc). `replace` rebuilds a dead engine."""
 
-    def __init__(self, engines: list[Any], replace: Replace | None = None, max_revivals: int = 8,
+    def __init__(self, engines: list[PoolMember], replace: Replace | None = None, max_revivals: int = 8,
                  revival_timeout_s: float = 900.0) -> None:
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
@@ -138,6 +141,15 @@ class EnginePool:
     def active_requests(self) -> set[str]:
         return set().union(*(m.engine.active_requests for m in self.members if not m.engine.errored))
 
+    @property
+    def takes_local_tensors(self) -> bool:
+        """Every member takes the trainer's own tensors (nccl: it broadcasts from them)."""
+        return bool(self.members) and all(m.engine.takes_local_tensors for m in self.members)
+
+    def router(self) -> "EnginePool":
+        """The pool routes each group to one member (`acquire`, `live`, `revivals`)."""
+        return self
+
     def decode(self, token_ids: list[int]) -> str:
         """With any live engine's tokenizer (they all serve one model): no load to balance."""
         live = self.live
@@ -172,6 +184,21 @@ class EnginePool:
 
     # ---- requests ----------------------------------------------------------------------------
 
+    async def stream(self, prompt_ids: list[int], max_tokens: int,
+                     sampling: SamplingSettings = SamplingSettings(),
+                     request_id: str | None = None) -> AsyncIterator[TokenChunk]:
+        """One request on the least-loaded live engine. A group runner leases a member for a
+        whole group instead (`router()`); here the request is its own group. If its engine
+        dies the stream ends with `EngineLost` and the tokens streamed so far."""
+        lease = await self.acquire(max_tokens)
+        try:
+            async for chunk in lease.member.stream(prompt_ids, max_tokens, sampling,
+                                                   request_id or uuid.uuid4().hex):
+                lease.use(len(chunk.token_ids))
+                yield chunk
+        finally:
+            lease.release()
+
     async def generate(self, prompt_ids: list[int], max_tokens: int,
                        sampling: SamplingSettings = SamplingSettings(),
                        request_id: str | None = None) -> TokenChunk:
@@ -202,7 +229,7 @@ class EnginePool:
         await self._each(lambda e: e.wake_up())
 
     async def weight_probe(self, token_ids: list[int]) -> list[Any]:
-        """Every live engine's probe reading (rollout/weight_check.py), in member order."""
+        """Every live engine's probe reading (rollout/weights/weight_check.py), in member order."""
         ids = list(token_ids)
         return [reading for readings in await self._each(lambda e: e.weight_probe(ids))
                 for reading in readings]
@@ -239,7 +266,7 @@ class EnginePool:
         """One copy every engine can take: the tensors as given when the engines take the
         trainer's own (nccl: broadcast from them, no copy, no object store), else an object-store
         ref when Ray runs, else CPU tensors."""
-        if self.members and all(getattr(m.engine, "takes_local_tensors", False) for m in self.members):
+        if self.takes_local_tensors:
             return dict(pairs(named_tensors))
         tensors = to_cpu_unshared(pairs(named_tensors))
         try:
@@ -258,8 +285,7 @@ class EnginePool:
         nothing more to it, and start its replacement."""
         if member.reviving is not None or (engine is not None and engine is not member.engine):
             return
-        if hasattr(member.engine, "mark_lost"):
-            member.engine.mark_lost("declared dead by the pool")
+        member.engine.mark_lost("declared dead by the pool")
         if self.replace is None or self.revivals >= self.max_revivals:
             log.error("engine %d died; no replacement (%d so far)", member.index, self.revivals)
             return

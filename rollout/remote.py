@@ -1,7 +1,6 @@
 """A `RolloutEngine` in a Ray actor, and the client handle the scheduler talks to instead.
 
-`RemoteEngine` has the engine's interface (`stream`, `generate`, `abort`, `wait_idle`,
-`update_weights`, `policy_version`, `max_model_len`, `decode`, `errored`), so the scheduler,
+`RemoteEngine` has the engine's interface (`Engine` in rollout/engine_api.py), so the scheduler,
 the evaluator and the trainer do not know the difference. What stays on the caller's side:
 - `max_model_len`, cached at start; the version the client last set (the actor follows it);
 - decoding, with a tokenizer loaded locally from the same model folder (no round trip);
@@ -10,7 +9,7 @@ the evaluator and the trainer do not know the difference. What stays on the call
 
 A stream is a Ray streaming generator: every chunk the engine yields reaches the caller as it
 is produced, so an abort (or an actor that dies) leaves the caller every token streamed so far.
-How weights travel (rollout/weight_transfer.py has the details):
+How weights travel (rollout/weights/weight_transfer.py has the details):
 - shared_memory (CPU) and ipc (colocated: the engine on the trainer's GPU): one CPU copy in Ray's
   object store (put once by the pool, fetched by each actor), loaded by the actor's own transport:
   a shared-memory file, or CUDA-IPC buckets staged on the engine's GPU one at a time.
@@ -38,11 +37,11 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from rollover.rollout.engine import RolloutEngine, TokenChunk
-from rollover.rollout.nccl_sender import NcclSending, trainer_sender
 from rollover.rollout.settings import EngineSettings, SamplingSettings
-from rollover.rollout.weight_relay import RelayCalls
+from rollover.rollout.weights.nccl_sender import NcclSending, trainer_sender
+from rollover.rollout.weights.weight_relay import RelayCalls
+from rollover.rollout.weights.weight_sync import NamedTensors, pairs, to_cpu_unshared
 from rollover.tasks.errors import RolloverError
-from rollover.rollout.weight_sync import NamedTensors, pairs, to_cpu_unshared
 
 
 class EngineLost(RolloverError, RuntimeError):
@@ -55,7 +54,7 @@ class EngineHost(RelayCalls):
 
     def __init__(self, settings: EngineSettings, env: dict[str, str] | None = None,
                  backend: str = "shared_memory", slot: tuple[int, int] = (0, 1)) -> None:
-        from rollover.rollout.weight_transfer import engine_side_transport
+        from rollover.rollout.weights.weight_transfer import engine_side_transport
 
         os.environ.update(env or {})
         cores = cpu_share(sorted(os.sched_getaffinity(0)), *slot)
@@ -66,7 +65,7 @@ class EngineHost(RelayCalls):
         self._version_order = 0  # the newest set_policy_version applied (`set_policy_version`)
 
     async def start(self) -> dict[str, Any]:
-        from rollover.rollout.weight_transfer import transfer_workers
+        from rollover.rollout.weights.weight_transfer import transfer_workers
 
         await asyncio.to_thread(self.engine.start)  # ~20 s on CPU; the actor's loop stays free
         return {"max_model_len": self.engine.max_model_len, "pid": os.getpid(),
@@ -113,7 +112,7 @@ class EngineHost(RelayCalls):
                 "pid": os.getpid()}
 
     async def weight_probe(self, token_ids: list[int]) -> list[Any]:
-        """The engine's own version and probe log-probs (rollout/weight_check.py)."""
+        """The engine's own version and probe log-probs (rollout/weights/weight_check.py)."""
         return await self.engine.weight_probe(token_ids)
 
     async def sleep(self, level: int) -> None:
@@ -144,7 +143,8 @@ def _lost(exc: BaseException) -> bool:
 
 
 class RemoteEngine(NcclSending):
-    """The client handle of one engine actor (see the module doc); its nccl push: `NcclSending`."""
+    """The client handle of one engine actor (see the module doc); its nccl push: `NcclSending`.
+    An `Engine` of rollout/engine_api.py (and a `ProbedEngine`, a `PoolMember`)."""
 
     def __init__(self, actor: Any, settings: EngineSettings, name: str, sender: Any = None) -> None:
         self.actor, self.settings, self.name = actor, settings, name
@@ -165,7 +165,7 @@ class RemoteEngine(NcclSending):
                env: dict[str, str] | None = None, backend: str = "shared_memory",
                slot: tuple[int, int] = (0, 1), **options: Any) -> "RemoteEngine":
         """A new engine actor (not started yet: `await start()`); `backend` moves its weights
-        from the actor's process into its vLLM workers (see rollout/weight_transfer.py);
+        from the actor's process into its vLLM workers (see rollout/weights/weight_transfer.py);
         `slot` = (index, engines) picks its share of a CPU machine's cores (`cpu_share`)."""
         import ray
 
@@ -198,7 +198,7 @@ class RemoteEngine(NcclSending):
 
     async def _within(self, awaitable: Any, deadline_s: float, method: Any) -> Any:
         """`awaitable` under weight_check's deadline; past it the actor is retired (EngineLost)."""
-        from rollover.rollout.weight_check import WeightSyncFailed, within
+        from rollover.rollout.weights.weight_check import WeightSyncFailed, within
 
         what = f"engine {self.name}'s {getattr(method, '_method_name', 'call')}"
         try:
@@ -260,6 +260,10 @@ class RemoteEngine(NcclSending):
     @property
     def active_requests(self) -> set[str]:
         return set(self._active)
+
+    def router(self) -> None:
+        """One engine (the pool routes over many of these): no routing."""
+        return None
 
     def decode(self, token_ids: list[int]) -> str:
         if self._tokenizer is None:
@@ -349,7 +353,7 @@ class RemoteEngine(NcclSending):
 
     async def weight_probe(self, token_ids: list[int]) -> list[Any]:
         """What the actor's engine serves: its own version (not this client's copy) and its
-        probe log-probs (rollout/weight_check.py)."""
+        probe log-probs (rollout/weights/weight_check.py)."""
         readings = await self._call(self.actor.weight_probe, list(token_ids))  # CheckedWeightSync's deadline
         for reading in readings:  # which actor, for the one-line error
             reading.engine = f"{self.name}: {reading.engine}"

@@ -51,6 +51,9 @@ class SwarmNode:
         self._round_indices: dict[int, int] = {}  # the round we last published in: its next index
         self._status_round = -1  # the latest round our status was published for
         self._slow_reads = 0  # steps that went on without waiting for a slow DHT read
+        # The judge runs in a thread (its forward passes must not stop a rollout streaming on the
+        # event loop); while it does, the collector's admissions and the status wait for it.
+        self._inbox_lock = asyncio.Lock()
         # A step waits this long for a fresh read; the background collector polls as often.
         self.collect_wait = min(5.0, cfg.round_seconds / 4)
 
@@ -91,10 +94,11 @@ class SwarmNode:
         self.inbox.note_reference(_mean_behaviour_logprobs(local_groups))
         self._start_publish(round_index, local_groups)
         await self._collect_briefly()
-        rejected_before = Counter(self.inbox.rejected)
-        taken = self.inbox.take(self.cfg.external_groups, judge, self.credit,
-                                self.cfg.max_external_share_per_peer, self.rng)
-        rejected_now = self.inbox.rejected - rejected_before
+        async with self._inbox_lock:
+            rejected_before = Counter(self.inbox.rejected)
+            taken = await asyncio.to_thread(self.inbox.take, self.cfg.external_groups, judge, self.credit,
+                                            self.cfg.max_external_share_per_peer, self.rng)
+            rejected_now = self.inbox.rejected - rejected_before
         self._audit(step, round_index, taken, rejected_now)
         groups = [group for _, group in taken]
         senders = {c.sender for c, _ in taken}
@@ -186,12 +190,14 @@ class SwarmNode:
             # Imported here: payload_cache needs hivemind, which a run without a swarm never loads.
             from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ
 
-            known = list(self.credit.judged)  # bounded (sampler.py): the senders we kept credit for
+            async with self._inbox_lock:
+                known = list(self.credit.judged)  # bounded (sampler.py): the senders we kept credit for
             for item in await asyncio.to_thread(self.transport.collect, round_index, True, NEW_ENTRIES_PER_READ,
                                                 known, self.cfg.max_groups_per_peer):
                 if item.sender != self.sender:
                     incoming.append(Incoming(item.sender, item.round, item.index, item.raw, item.expiration))
-        self.inbox.admit(incoming, current, self.credit)
+        async with self._inbox_lock:
+            self.inbox.admit(incoming, current, self.credit)
 
     async def _collect_forever(self) -> None:
         """Keep the pool fresh between steps (a few seconds apart, never waiting on a peer)."""
@@ -208,7 +214,9 @@ class SwarmNode:
         slow steps stays visible to `rl-swarm status` (statuses live two rounds)."""
         current = round_at(self.clock(), self.cfg.round_seconds)
         if current > self._status_round and (self._publishing is None or self._publishing.done()):
-            await asyncio.to_thread(self.transport.publish_status, current, self._status(current),
+            async with self._inbox_lock:
+                status = self._status(current)
+            await asyncio.to_thread(self.transport.publish_status, current, status,
                                     (current + 2) * self.cfg.round_seconds)
             self._status_round = current
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from rollover.rollout.types import Group, Sample
 from rollover.tasks.prompts import prompt_ids
-from rollover.trainer.batch import Row, collate, pack, scatter_response
+from rollover.trainer.batch import Row
 from rollover.trainer.config import Recipe
 from rollover.trainer.policy import Policy
+from rollover.trainer.update import response_logprobs
 
 EXTERNAL_UID = -1  # peers' groups are not draws of our prompt stream (the ledger never sees them)
 
@@ -42,14 +41,16 @@ class LocalJudge:
             ended = len(ids) < rollout.max_tokens
             if ended and tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
-            samples.append(Sample(prompt_ids=list(prompt), response_ids=ids[: rollout.max_tokens],
+            ids = ids[: rollout.max_tokens]
+            # Scored as the text of our tokens (decoded here once, as the rollout decodes ours).
+            samples.append(Sample(prompt_ids=list(prompt), response_ids=ids,
+                                  text=tokenizer.decode(ids, skip_special_tokens=True),
                                   finish_reason="stop" if ended else "length"))
         group = Group(uid=EXTERNAL_UID, task=record, samples=samples, sender=sender)
-        for sample, reward in zip(samples, self.score_group(group)):  # scores our tokens' text
+        for sample, reward in zip(samples, self.score_group(group)):
             sample.reward = reward
         return group
 
-    @torch.no_grad()
     def mean_logprobs(self, group: Group) -> list[float]:
         return mean_logprobs(self.policy, group.samples, self.recipe.train.micro_batch_tokens,
                              self.recipe.rollout.temperature)
@@ -71,15 +72,4 @@ def plain_text_ids(tokenizer, text: str) -> list[int]:
 def mean_logprobs(policy: Policy, samples: list[Sample], token_budget: int, temperature: float) -> list[float]:
     """Per-token mean log-likelihood of each sample's response under `policy`."""
     rows = [Row(s.prompt_ids, s.response_ids, None, None, 0.0, False) for s in samples if s.response_ids]
-    means: dict[int, float] = {}
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
-        for micro in pack(rows, token_budget):
-            batch = collate(micro, policy.tokenizer.pad_token_id, 0, policy.device)
-            logprobs, _ = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
-            for row, values in zip(micro, scatter_response(logprobs, micro)):
-                means[id(row)] = float(values.float().mean())
-    finally:
-        policy.model.train(was_training)
-    return [means[id(r)] for r in rows]
+    return [float(values.float().mean()) for values in response_logprobs(policy, rows, token_budget, temperature)]

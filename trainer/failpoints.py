@@ -4,7 +4,7 @@ At the named moment rl-train sends itself SIGKILL, or the signal given (`TERM`, 
 that arrives in exactly that phase; the run then goes on to its next safe point).
 
 Timed kills from outside rarely land in short phases (a checkpoint write or a weight sync takes
-tens of milliseconds here), so the kill test (bench/chaos.py) also names the moment. Points:
+tens of milliseconds here), so the kill test (bench/chaos/chaos.py) also names the moment. Points:
 
 - `rollout`: step <step>'s rollout, once the engine has requests in flight;
 - `update`: step <step>, after its first optimizer update (weights changed, step not counted);

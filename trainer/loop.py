@@ -21,13 +21,12 @@ from typing import Any
 import torch
 
 from rollover.algos.advantages import group_advantages
-from rollover.algos.filters import is_informative, overlong_penalty
 from rollover.rollout.ahead import RolloutAhead
 from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
 from rollover.rollout.types import Group
-from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed, within
+from rollover.rollout.weights.weight_check import CheckedWeightSync, WeightSyncFailed, within
 from rollover.swarm.node import AUDIT_LOG, SwarmNode
 from rollover.tasks.errors import RolloverError
 from rollover.tasks.prompts import prompt_ids
@@ -38,6 +37,7 @@ from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.external import LocalJudge
+from rollover.trainer.group_scorer import GroupScorer, informative
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.policy import Policy
 from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
@@ -70,7 +70,8 @@ class Trainer:
         self.recipe, self.task, self.rewards, self.policy = recipe, task, rewards, policy
         self.engine, self.tracker, self.output_dir = engine, tracker, output_dir
         self.swarm = swarm  # SAPO: peers' groups join each step's batch (swarm/node.py)
-        self.judge = LocalJudge(recipe, policy, self.score_group)
+        self.scorer = GroupScorer(rewards, recipe.algo, recipe.rollout.max_tokens)
+        self.judge = LocalJudge(recipe, policy, self.scorer)
         train = recipe.train
         self.optimizer = build_optimizer(policy.trainable_parameters(), lr=train.lr,
                                          weight_decay=train.weight_decay)
@@ -78,11 +79,11 @@ class Trainer:
         if recipe.algo.kl_coef > 0:
             policy.enable_reference()
         self.prompts = PromptStream(task, policy.tokenizer, recipe)
-        self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.score_group,
-                                        self.keep_group if recipe.algo.dynamic_sampling else None,
+        self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.scorer,
+                                        informative if recipe.algo.dynamic_sampling else None,
                                         max_rejections_per_step=recipe.rollout.max_rejections_per_step)
         self.ahead = RolloutAhead(self.scheduler, recipe.rollout.max_async, recipe.rollout.interrupt)
-        # Every load under a deadline, then proven by a log-prob probe (rollout/weight_check.py).
+        # Every load under a deadline, then proven by a log-prob probe (rollout/weights/weight_check.py).
         self.weight_sync = CheckedWeightSync(engine, policy, recipe.rollout.weight_load_timeout_s)
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
@@ -91,27 +92,6 @@ class Trainer:
         self.bad_steps = 0
         self.evals: list[dict[str, float]] = []  # {"step", "accuracy", "reward"} per evaluation
         self.train_seconds = 0.0  # wall time of completed steps, carried across resumes
-
-    # ---- hooks the scheduler calls ------------------------------------------------------------
-
-    def score_group(self, group: Group) -> list[float]:
-        """Decode, score with the recipe's reward functions, add DAPO's overlong term."""
-        algo, max_tokens = self.recipe.algo, self.recipe.rollout.max_tokens
-        completions = [self.policy.tokenizer.decode(s.response_ids, skip_special_tokens=True)
-                       for s in group.samples]
-        rewards = self.rewards.score([group.task["question"]] * len(completions), completions,
-                                     [group.task] * len(completions))
-        if algo.overlong_buffer:
-            lengths = torch.tensor([len(s.response_ids) for s in group.samples])
-            shaping = overlong_penalty(lengths, max_tokens, algo.overlong_buffer, algo.overlong_penalty)
-            rewards = [r + float(p) for r, p in zip(rewards, shaping)]
-        for sample, text in zip(group.samples, completions):
-            sample.text = text
-        return rewards
-
-    @staticmethod
-    def keep_group(group: Group) -> bool:
-        return is_informative(group.rewards)
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -127,8 +107,7 @@ class Trainer:
         state = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.engine.policy_version = state["scheduler"]["policy_version"]
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.policy_version = self.scheduler.load_state_dict(state["scheduler"])  # started from it
         self.prompts.cursor = state["prompt_cursor"]
         self.bad_steps, self.evals = state["bad_steps"], state["evals"]
         self.train_seconds = state["train_seconds"]

@@ -181,7 +181,7 @@ class Policy:
         The float32 masters are cast (a new tensor each; tied weights stay one tensor), which
         holds a second copy of the weights in the compute dtype until the push ends; `cast=False`
         returns the masters as they are, for a transport that casts bucket by bucket
-        (rollout/ipc_buckets.py). LoRA layers are merged out of place (`merged_lora_weight`):
+        (rollout/weights/ipc_buckets.py). LoRA layers are merged out of place (`merged_lora_weight`):
         the module is never touched.
         """
         served = ServedCasts(self.compute_dtype if cast else None)

@@ -3,7 +3,7 @@
 `model.dtype` names the *compute* dtype. Trained parameters are float32 master weights (AdamW's
 state follows them), forward passes run under `torch.autocast` to the compute dtype, and the
 engine is sent casts of the masters in that dtype. Kept free of the recipe schema so the GPU
-check (bench/gpu_check.py) runs it on a machine with only torch and transformers.
+check (bench/gpu/gpu_check.py) runs it on a machine with only torch and transformers.
 """
 
 from __future__ import annotations

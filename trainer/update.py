@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 
 import torch
+from torch import Tensor
 
 from rollover.algos.filters import drop_truncated
 from rollover.algos.losses import active_mask, loss_options, policy_loss
@@ -43,14 +44,28 @@ def _reduce(collected: dict[str, list[tuple[float, float]]]) -> dict[str, float]
 
 
 @torch.no_grad()
+def response_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float) -> list[Tensor]:
+    """Each row's response-token log-probs under `policy` as it is (dropout off, no gradient),
+    in row order: pi_old before several updates, and the likelihood test of peers' groups."""
+    found: dict[int, Tensor] = {}
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        with torch.no_grad():
+            for micro in pack(rows, token_budget):
+                batch = collate(micro, policy.tokenizer.pad_token_id, 0, policy.device)
+                logprobs, _ = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
+                for row, values in zip(micro, scatter_response(logprobs, micro)):
+                    found[id(row)] = values
+    finally:
+        policy.model.train(was_training)
+    return [found[id(row)] for row in rows]
+
+
 def set_old_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float) -> None:
     """pi_old for every row, before the first update (needed when there are several updates)."""
-    policy.model.eval()
-    for micro in pack(rows, token_budget):
-        batch = collate(micro, policy.tokenizer.pad_token_id, 0, policy.device)
-        logprobs, _ = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
-        for row, values in zip(micro, scatter_response(logprobs, micro)):
-            row.old_logprobs = values
+    for row, values in zip(rows, response_logprobs(policy, rows, token_budget, temperature)):
+        row.old_logprobs = values
 
 
 def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, rows: list[Row],

@@ -33,7 +33,7 @@ from typing import IO
 SCAN_S = 0.2  # how often rl-train's descendants are recorded
 GRACE_S = 2.0  # SIGTERM -> SIGKILL
 CLEAN_END = b"done"
-# rollout/weight_sync.py names its shared-memory weight files rollover-weights-<pid>-<uuid>.safetensors.
+# rollout/weights/weight_sync.py names its shared-memory weight files rollover-weights-<pid>-<uuid>.safetensors.
 WEIGHTS_FILES = "rollover-weights-{pid}-*.safetensors"
 
 _write_fd: int | None = None  # rl-train's end of the pipe

@@ -1,7 +1,7 @@
-"""Killed anywhere, resumed exactly: bench/chaos.py's random-kill experiment, at test size.
+"""Killed anywhere, resumed exactly: bench/chaos/chaos.py's random-kill experiment, at test size.
 
 Ten SIGKILLs of a real `rl-train` (each phase of a step, engine start, and random moments), a
-resume after each, then the checks of bench/chaos.py: no process outlives its run, no cut
+resume after each, then the checks of bench/chaos/chaos.py: no process outlives its run, no cut
 checkpoint is taken, one trained-uid entry per step, every drawn uid trained once, buffered or
 dropped with a reason, and the final checkpoint loads in transformers and vLLM. ~6-8 minutes on
 2 cores (every resume starts the engine again). ROLLOVER_CHAOS_KILLS changes the number of kills.
@@ -9,27 +9,14 @@ dropped with a reason, and the final checkpoint loads in transformers and vLLM. 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
+from bench.chaos import chaos
+
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_chaos():
-    """bench/chaos.py as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("rollover_bench_chaos", ROOT / "bench" / "chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = load_chaos()
 
 
 def test_killed_anywhere_resumed_exactly(tmp_path):

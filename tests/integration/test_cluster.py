@@ -127,7 +127,7 @@ def test_after_a_sync_both_engines_serve_the_same_version_and_weights(pool, run,
 
 
 def test_every_engine_actor_answers_the_weight_check_and_a_stale_one_is_named(pool, run):
-    from rollover.rollout.weight_check import CheckedWeightSync, WeightSyncFailed
+    from rollover.rollout.weights.weight_check import CheckedWeightSync, WeightSyncFailed
     from rollover.trainer.config import LoraConfig, ModelConfig
     from rollover.trainer.policy import Policy
 

@@ -195,7 +195,7 @@ class Attack:
 def build_world(nodes, mallory, pool, aliased):
     from rollover.trainer.config import Recipe
     from rollover.trainer.external import LocalJudge
-    from rollover.trainer.loop import Trainer
+    from rollover.trainer.group_scorer import GroupScorer
     from rollover.trainer.policy import Policy
     from rollover.tasks.rewards import RewardRunner
 
@@ -203,8 +203,8 @@ def build_world(nodes, mallory, pool, aliased):
     recipe = Recipe()
     task = build_task(recipe.task)
     policy = Policy(recipe.model, recipe.train.lora, device=None)
-    scorer = SimpleNamespace(recipe=recipe, policy=policy, rewards=RewardRunner.from_config(recipe.task, task))
-    judge = LocalJudge(recipe, policy, partial(Trainer.score_group, scorer))
+    scorer = GroupScorer(RewardRunner.from_config(recipe.task, task), recipe.algo, recipe.rollout.max_tokens)
+    judge = LocalJudge(recipe, policy, scorer)
     now = int(get_dht_time() // RS)
     attack = Attack(mallory, pool, now)
     world = SimpleNamespace(a=a, b=b, c=c, mallory=mallory, task=task, judge=judge, policy=policy, round=now,

@@ -1,6 +1,6 @@
 """Every weight sync checked, none can hang: the real CPU engine, and a real `rl-train`.
 
-The check (rollout/weight_check.py) compares the engine's prompt log-probs of a fixed probe with
+The check (rollout/weights/weight_check.py) compares the engine's prompt log-probs of a fixed probe with
 the trainer policy's after each load. Transports that skip, hang or fail half-way stand in for
 broken ones; each test ends with the shared engine idle on its original weights.
 """
@@ -15,7 +15,7 @@ import torch
 from test_signals import Run, recipe_args, rl_train_lines, trained_steps
 
 from rollover.rollout.engine import WeightLoadError
-from rollover.rollout.weight_check import CANCEL_GRACE_S, CheckedWeightSync, WeightSyncFailed
+from rollover.rollout.weights.weight_check import CANCEL_GRACE_S, CheckedWeightSync, WeightSyncFailed
 from rollover.trainer.config import Recipe
 from rollover.trainer.policy import Policy
 

@@ -18,6 +18,7 @@ from rollover.rollout.april import AprilScheduler
 from rollover.rollout.auto_provision import AutoProvision, groups_that_fit, kaplan_meier
 from rollover.rollout.buffer import PartialBuffer
 from rollover.rollout.engine import TokenChunk
+from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.metrics import StepCounters
 from rollover.rollout.provision import make_provision
 from rollover.rollout.types import Group, Sample
@@ -164,7 +165,7 @@ def test_clamped_to_max_ratio_and_kv_capacity():
 # ---- through the scheduler -------------------------------------------------------------------
 
 
-class TickEngine:
+class TickEngine(SingleEngine):
     """One token per event-loop turn per request, up to the request's budget."""
 
     max_model_len, errored = 10_000, False

@@ -1,17 +1,11 @@
-"""The end-to-end benchmark's arithmetic (bench/e2e_lib.py): target, time to target, medians, speedup.
+"""The end-to-end benchmark's arithmetic (bench/e2e/e2e_lib.py): target, time to target, medians, speedup.
 
 The expected values are worked out by hand in the comments; nothing is started.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-LIB_PATH = Path(__file__).resolve().parents[2] / "bench" / "e2e_lib.py"
-_spec = importlib.util.spec_from_file_location("e2e_lib", LIB_PATH)
-lib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lib)
+from bench.e2e import e2e_lib as lib
 
 
 def curve(*points: tuple[int, float, float]) -> list[dict]:
@@ -132,15 +126,9 @@ def test_median_curve_per_step():
 
 def test_refreshing_a_workload_drops_a_note_its_new_summary_does_not_make():
     import argparse
-    import sys
 
-    sys.path.insert(0, str(LIB_PATH.parent))
-    try:
-        bench_spec = importlib.util.spec_from_file_location("e2e_vs_trl", LIB_PATH.parent / "e2e_vs_trl.py")
-        bench = importlib.util.module_from_spec(bench_spec)
-        bench_spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(LIB_PATH.parent))
+    from bench.e2e import e2e_vs_trl as bench
+
     # Saved before any run finished: the note said no system reached the target. Both now did
     # (trl at 20 s, april at 10 s against the 0.5 + 0.8 x 0.1 = 0.58 target), so it must go.
     entry = {"speedup_note": "no rl-train system reached the target",

@@ -13,6 +13,7 @@ import pytest
 from rollover.rollout.april import AprilScheduler, RolloutExhausted, TooManyFailures
 from rollover.rollout.buffer import PartialBuffer, group_age
 from rollover.rollout.engine import TokenChunk
+from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.ledger import Ledger, LedgerError
 from rollover.rollout.types import Group, Sample
 
@@ -97,7 +98,7 @@ def test_buffer_state_roundtrip_keeps_tokens_and_versions():
 # ---- scheduler against a scripted engine ---------------------------------------------------
 
 
-class FakeEngine:
+class FakeEngine(SingleEngine):
     """Streams token 7 once per `tick` until the budget, or `stop_at` tokens (then `stop`)."""
 
     def __init__(self, stop_at, tick: float = 0.0005, max_model_len: int = 64):

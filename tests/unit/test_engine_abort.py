@@ -70,7 +70,7 @@ def test_a_request_aborted_while_it_waits_for_a_keep_load_never_runs():
         await asyncio.sleep(0)  # the load closed the gate and is pushing
         late = asyncio.create_task(collect(engine, "late"))
         await asyncio.sleep(0.01)
-        assert not engine._serving.is_set() and not late.done()  # waiting at the gate
+        assert not engine.gate.serving.is_set() and not late.done()  # waiting at the gate
         opened = await engine.abort(["late"])
         engine.weight_transport.release.set()
         await load
@@ -79,7 +79,7 @@ def test_a_request_aborted_while_it_waits_for_a_keep_load_never_runs():
     opened, chunks = asyncio.run(scenario())
     assert opened == 1  # it counts as open: the caller's abort reached it
     assert [(c.token_ids, c.finish_reason, c.versions) for c in chunks] == [([], "aborted", [])]
-    assert generated(llm) == [] and not engine.active_requests and not engine._aborted_early
+    assert generated(llm) == [] and not engine.active_requests and not engine.gate.aborted_early
 
 
 def test_an_abort_that_arrives_before_the_request_ends_it_at_admission():
@@ -97,7 +97,7 @@ def test_an_abort_that_arrives_before_the_request_ends_it_at_admission():
     assert [(c.token_ids, c.finish_reason) for c in streamed] == [([], "aborted")]
     assert (whole.token_ids, whole.finish_reason) == ([], "aborted")
     assert generated(llm) == ["third"] and sum(len(c.token_ids) for c in other) == 6
-    assert other[-1].finish_reason == "length" and not engine._aborted_early
+    assert other[-1].finish_reason == "length" and not engine.gate.aborted_early
 
 
 def test_the_memory_of_early_aborts_is_bounded_and_forgets_the_oldest_first():
@@ -106,7 +106,7 @@ def test_the_memory_of_early_aborts_is_bounded_and_forgets_the_oldest_first():
 
     async def scenario():
         await engine.abort(ids)  # e.g. ids of requests that already ended, never to come back
-        assert len(engine._aborted_early) == EARLY_ABORT_MEMORY
+        assert len(engine.gate.aborted_early) == EARLY_ABORT_MEMORY
         oldest = await collect(engine, ids[0])  # forgotten: runs
         newest = await collect(engine, ids[-1])  # remembered: ends at admission
         return oldest, newest

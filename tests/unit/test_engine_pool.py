@@ -19,7 +19,7 @@ from rollover.rollout.engine import TokenChunk
 from rollover.rollout.pool import AllEnginesLost, EnginePool
 from rollover.rollout.remote import EngineLost, RemoteEngine
 from rollover.rollout.settings import EngineSettings
-from rollover.rollout.weight_check import EngineReading
+from rollover.rollout.weights.weight_check import EngineReading
 
 
 class MortalEngine(FakeEngine):

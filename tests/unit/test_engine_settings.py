@@ -20,7 +20,7 @@ from rollover.rollout.engine import (
     SleepModeUnavailable,
     WeightLoadError,
 )
-from rollover.rollout.weight_sync import WeightsUntouched, _reload_from_file, pick_weights_dir
+from rollover.rollout.weights.weight_sync import WeightsUntouched, _reload_from_file, pick_weights_dir
 from rollover.trainer.build import engine_settings
 from rollover.trainer.config import ModelConfig
 from rollover.rollout.config import RolloutConfig
@@ -124,7 +124,7 @@ def test_weight_load_is_paused_around_push_cache_reset_and_version_bump():
         ("reset_prefix_cache", 0),  # the cache is reset before the version moves
         ("resume",),
     ]
-    assert engine.policy_version == 1 and engine._serving.is_set()
+    assert engine.policy_version == 1 and engine.gate.serving.is_set()
 
 
 def test_weight_load_that_fails_midway_refuses_requests_until_a_full_load():
@@ -148,10 +148,10 @@ def test_weight_load_that_failed_before_touching_weights_keeps_serving():
 
 def test_weight_load_waits_for_nothing_and_refuses_a_busy_engine():
     engine, llm = make_engine()
-    engine._active.add("running")
+    engine.gate.active.add("running")
     with pytest.raises(EngineBusyError, match="1 open streams"):
         asyncio.run(engine.update_weights(WEIGHTS))
-    assert llm.calls == [] and engine._serving.is_set()
+    assert llm.calls == [] and engine.gate.serving.is_set()
 
 
 def test_requests_admitted_during_a_weight_load_get_the_new_version():
@@ -201,10 +201,10 @@ def test_sleep_frees_the_engine_until_wake_up():
 
 def test_sleep_refuses_a_busy_engine():
     engine, llm = make_engine(sleep_mode=True)
-    engine._active.add("running")
+    engine.gate.active.add("running")
     with pytest.raises(EngineBusyError):
         asyncio.run(engine.sleep())
-    assert llm.calls == [] and not engine.asleep and engine._serving.is_set()
+    assert llm.calls == [] and not engine.asleep and engine.gate.serving.is_set()
 
 
 # ---- wait_idle touches only its caller's requests ----------------------------------------------
@@ -212,7 +212,7 @@ def test_sleep_refuses_a_busy_engine():
 
 def test_wait_idle_aborts_only_the_callers_requests():
     engine, llm = make_engine()
-    engine._active.update({"eval-1", "sched-1"})
+    engine.gate.active.update({"eval-1", "sched-1"})
     asyncio.run(engine.wait_idle(timeout=1, request_ids=["sched-1"]))
     assert llm.calls == [("abort", ["sched-1"])] and engine.active_requests == {"eval-1"}
     with pytest.raises(EngineBusyError):  # the whole engine is not idle: the evaluation runs on
@@ -223,7 +223,7 @@ def test_wait_idle_aborts_only_the_callers_requests():
 def test_wait_idle_repeats_an_abort_that_raced_the_request():
     engine, llm = make_engine()
     llm.closes_on_abort = False  # the first abort misses: the request was still registering
-    engine._active.add("sched-2")
+    engine.gate.active.add("sched-2")
     asyncio.run(engine.abort(["sched-2"]))
     llm.closes_on_abort = True
     asyncio.run(engine.wait_idle(timeout=1))

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py in its CPU mode (`--device cpu --small`): it runs, and its JSON is sane.
+"""bench/gpu/gpu_check.py in its CPU mode (`--device cpu --small`): it runs, and its JSON is sane.
 
 Expected values come from the model shapes themselves (parameter and tensor counts written out
 from Qwen2's layout), from Adam's step size (about lr per step for a steady gradient), and from
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
+SCRIPT = ROOT / "bench" / "gpu" / "gpu_check.py"
 
 
 def qwen2_parameters(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from rollover.rollout.engine_control import EngineBusyError
-from rollover.rollout.ipc_buckets import BucketedIpcTransport, plan_buckets
+from rollover.rollout.weights.ipc_buckets import BucketedIpcTransport, plan_buckets
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.remote import EngineHost, EngineLost, RemoteEngine
 from rollover.rollout.settings import EngineSettings
-from rollover.rollout.weight_relay import WeightRelay
-from rollover.rollout.weight_transfer import weight_transport_for
+from rollover.rollout.weights.weight_relay import WeightRelay
+from rollover.rollout.weights.weight_transfer import weight_transport_for
 
 
 def _model(layers: int = 4, width: int = 8) -> dict[str, torch.Tensor]:
@@ -207,7 +207,7 @@ def _received(engine_llm: FakeVllm, sent: list[torch.Tensor]) -> dict[str, torch
     from vllm.distributed.weight_transfer import WeightTransferEngineFactory
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo
 
-    from rollover.rollout.weight_transfer import engine_args_for
+    from rollover.rollout.weights.weight_transfer import engine_args_for
 
     loaded: dict[str, torch.Tensor] = {}
     model = SimpleNamespace(load_weights=lambda ws: loaded.update((n, t.clone()) for n, t in ws))

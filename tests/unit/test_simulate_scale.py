@@ -1,22 +1,17 @@
-"""The scaling simulation (bench/simulate_scale.py, bench/sim_engine.py): virtual clock, engine
+"""The scaling simulation (bench/sim/simulate_scale.py, bench/sim/sim_engine.py): virtual clock, engine
 costs worked out by hand, and the real scheduler + pool over simulated engines."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-import simulate_scale as sim  # noqa: E402
-from sim_engine import SimCosts, SimEngine, SimulationStuck, VirtualTimeLoop, run_virtual  # noqa: E402
-
-from rollover.rollout.remote import EngineLost  # noqa: E402
+from bench.sim import simulate_scale as sim
+from bench.sim.sim_engine import SimCosts, SimEngine, SimulationStuck, VirtualTimeLoop, run_virtual
+from rollover.rollout.remote import EngineLost
 
 COSTS = SimCosts(base_s=0.01, per_seq_s=0.001, sync_s=0.5)  # round numbers for hand sums
 

@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 
+import rollover.swarm.payload_cache  # noqa: F401 - loaded by a real transport's start (hivemind: ~1.5 s)
 from rollover.rollout.types import Group, Sample
 from rollover.swarm.node import SwarmNode
 from rollover.swarm.receive import Incoming
@@ -133,3 +134,49 @@ def test_steps_in_one_round_publish_under_the_next_indices(tmp_path):
     asyncio.run(steps())
     first = int(NOW // ROUND_SECONDS)
     assert transport.published == [(first, 0, 2), (first, 2, 2), (first + 1, 0, 2)]
+
+
+class SlowJudge(CharJudge):
+    """A judge whose likelihood pass takes `seconds` of a thread's time, as policy forward passes do."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def mean_logprobs(self, group):
+        time.sleep(self.seconds)
+        return super().mean_logprobs(group)
+
+
+def test_judging_peers_does_not_stop_the_event_loop(tmp_path):
+    """The rollout running ahead streams on the same event loop as `exchange`: while peers' groups
+    are judged (was: inline, ~0.3 s per group with no tick of the loop), the loop keeps running."""
+    node, transport = make_node(tmp_path)
+    transport.release.set()
+    current = int(NOW // ROUND_SECONDS)
+    node.inbox.admit([Incoming(peer, current, 0, encode_group(current, TASK.record(20 + i)["spec"], answers(20 + i)))
+                      for i, peer in enumerate(("peer-a", "peer-b"))], current)
+    judge = SlowJudge(0.3)
+
+    async def step_with_a_ticker():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await asyncio.sleep(0.05)
+            before = ticks
+            external, _ = await node.exchange(0, [local_group(0)], judge)
+            return external, ticks - before
+        finally:
+            ticker.cancel()
+            await node.close()
+
+    external, ticks = asyncio.run(step_with_a_ticker())
+    assert {g.sender for g in external} == {"peer-a", "peer-b"}  # both judged (2 x 0.3 s)
+    assert ticks >= 20, ticks  # ~60 ticks of 10 ms in 0.6 s of judging; 0 when the judge blocks the loop

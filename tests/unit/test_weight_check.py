@@ -1,4 +1,4 @@
-"""The check after every weight load (rollout/weight_check.py), without an engine.
+"""The check after every weight load (rollout/weights/weight_check.py), without an engine.
 
 `ServingModel` stands in for an engine: a real transformers model that serves whatever its
 transport loaded into it and answers the probe with its own forward pass, so trainer and
@@ -15,10 +15,12 @@ import types
 import pytest
 import torch
 
-from rollover.rollout import weight_check
+from rollover.rollout.weights import weight_check
+from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.pool import EnginePool
-from rollover.rollout.weight_check import (AGREE_TOL, MOVED_FLOOR, CheckedWeightSync, EngineReading,
-                                           WeightCheck, WeightSyncFailed, probe_ids, within)
+from rollover.rollout.weights.weight_check import (AGREE_TOL, MOVED_FLOOR, CheckedWeightSync,
+                                                   EngineReading, WeightCheck, WeightSyncFailed,
+                                                   probe_ids, within)
 from rollover.trainer import failpoints
 from rollover.trainer.config import LoraConfig, ModelConfig
 from rollover.trainer.policy import Policy
@@ -53,7 +55,7 @@ class Hang:
             await asyncio.sleep(3600)
 
 
-class ServingModel:
+class ServingModel(SingleEngine):
     """An engine stand-in: serves its own model; `weight_probe` runs that model."""
 
     def __init__(self, path: str, name: str, transport=None) -> None:

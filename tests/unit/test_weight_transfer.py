@@ -1,4 +1,4 @@
-"""vLLM-native weight transfer (rollout/weight_transfer.py): the parts that run on CPU.
+"""vLLM-native weight transfer (rollout/weights/weight_transfer.py): the parts that run on CPU.
 
 Expected values come from vLLM's own code wherever it runs on CPU: its update-info dataclasses
 (the workers' parse and validation), its packing/unpacking, its msgpack encoder (the AsyncLLM hop),
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rollover.rollout.ipc_buckets import BucketedIpcTransport
-from rollover.rollout.weight_relay import WeightRelay
-from rollover.rollout.weight_sync import SharedMemoryTransport, WeightsUntouched
-from rollover.rollout.weight_transfer import (
+from rollover.rollout.weights.ipc_buckets import BucketedIpcTransport
+from rollover.rollout.weights.weight_relay import WeightRelay
+from rollover.rollout.weights.weight_sync import SharedMemoryTransport, WeightsUntouched
+from rollover.rollout.weights.weight_transfer import (
     NativeWeightTransport,
     _LoopClient,
     engine_args_for,

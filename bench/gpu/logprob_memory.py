@@ -7,7 +7,7 @@ what the machine actually holds: torch's CPU tensors are invisible to tracemallo
 best of the timed iterations over all repeats (the machine is shared, so the minimum is the
 least noisy). Variants alternate order between repeats.
 
-    python bench/logprob_memory.py [--tokens 2048 --hidden 256 --out FILE]
+    python -m bench.gpu.logprob_memory [--tokens 2048 --hidden 256 --out FILE]
 
 Writes JSON (default bench/results/logprob_memory.json) with `memory_ratio` and `time_ratio`
 (chunked over naive) at the largest vocabulary, per-vocabulary details and machine info.
@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.common import RESULTS, ROOT, machine, save_json
+
 VOCABS = (32000, 152064)  # Llama-2 and Qwen2-sized vocabularies
 TARGETS = {"memory_ratio_max": 0.25, "time_ratio_max": 1.2}
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "logprob_memory.json"
+DEFAULT_OUT = RESULTS / "logprob_memory.json"
 
 
 def _rss_bytes() -> int:
@@ -71,33 +72,13 @@ def _child(variant: str, vocab: int, tokens: int, hidden: int, chunk: int, iters
 
 
 def _run_child(variant: str, vocab: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--vocab", str(vocab), "--tokens", str(args.tokens),
-           "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size), "--iters", str(args.iters)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "bench.gpu.logprob_memory", "--child", variant, "--vocab", str(vocab),
+           "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size),
+           "--iters", str(args.iters)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} at vocab {vocab} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _machine() -> dict:
-    import torch
-
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu_model": model,
-        "cpu_cores": os.cpu_count(),
-        "memory_gib": round(mem_gib, 1),
-        "load_average_at_start": os.getloadavg(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def _measure(vocab: int, args: argparse.Namespace) -> dict:
@@ -140,9 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(child))
         return {}
 
-    machine = _machine()
+    info = machine()
     results = {str(vocab): _measure(vocab, args) for vocab in args.vocabs}
-    machine["load_average_at_end"] = os.getloadavg()
+    info["load_avg_end"] = list(os.getloadavg())
     headline = results[str(max(args.vocabs))]
     report = {
         "benchmark": "per-token log-prob + entropy through lm_head, forward + backward, float32, CPU",
@@ -156,10 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "repeats": args.repeats, "iters": args.iters, "dtype": "float32",
                    "memory": "peak RSS above the post-setup baseline, fresh process per run"},
         "results": results,
-        "machine": machine,
+        "machine": info,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(report, args.out)
     print(json.dumps({k: report[k] for k in ("memory_ratio", "time_ratio", "meets_targets")}))
     return report
 

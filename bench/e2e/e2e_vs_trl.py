@@ -4,7 +4,7 @@ Each workload is a recipe: `toy` (recipes/grpo_math.yaml, builtin:tiny-math, sho
 `long` (recipes/grpo_small_math.yaml, builtin:small-math, long long-tailed answers). Every system
 trains the same model on the same task with the same batch shape (N prompts x G completions),
 token budget, learning rate and step budget: the recipe plus one shared list of overrides, which
-`bench/trl_baseline.py --recipe` reads too. Per system only the keys in SYSTEMS differ.
+`bench/e2e/trl_baseline.py --recipe` reads too. Per system only the keys in SYSTEMS differ.
 
 Each (workload, seed, system) runs in its own process, one after another (never in parallel:
 they would share the cores), seeds interleaved so machine noise falls on every system alike.
@@ -19,10 +19,10 @@ the first evaluation at or above it; per system the median over seeds (a seed th
 reached counts as +inf) with (min, max). `speedup_to_target` = TRL's median / the best rl-train
 system's. The JSON is saved after every run; `--resume` keeps the successful runs it holds.
 
-    python bench/e2e_vs_trl.py                                   # ~1 hour on 2 cores
-    python bench/e2e_vs_trl.py --workloads toy --seeds 0 --steps-toy 3 \\
+    python -m bench.e2e.e2e_vs_trl                               # ~1 hour on 2 cores
+    python -m bench.e2e.e2e_vs_trl --workloads toy --seeds 0 --steps-toy 3 \\
         --set toy.train.eval_every=3 --set toy.task.eval_size=16 --out /tmp/e2e_smoke.json
-    python bench/plot.py --in bench/results/e2e_vs_trl.json
+    python -m bench.e2e.plot --in bench/results/e2e_vs_trl.json
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import drop_totals, machine, mean_prefixed, save_json, summarize_workload
+from bench.common import RESULTS, ROOT, machine, save_json
+from bench.e2e.e2e_lib import drop_totals, mean_prefixed, summarize_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Per-system recipe overrides for rl-train; None is the TRL baseline (bench/trl_baseline.py).
+# Per-system recipe overrides for rl-train; None is the TRL baseline (bench/e2e/trl_baseline.py).
 SYSTEMS: dict[str, list[str] | None] = {
     "trl": None,
     "sync": ["rollout.over_provision=1", "rollout.partial=false"],
@@ -77,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a recipe override for one workload, e.g. toy.task.eval_size=16 (repeatable)")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a run is killed")
     p.add_argument("--resume", action="store_true", help="keep the successful runs already in --out")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/e2e_vs_trl.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "e2e_vs_trl.json")
     args = p.parse_args(argv)
     args.workloads, args.systems = args.workloads.split(","), args.systems.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -153,7 +152,7 @@ def run_command(command: list[str], work: Path, timeout: float) -> tuple[int, st
 def run_command_for(system: str, recipe: Path, shared: list[str], seed: int, work: Path) -> list[str]:
     """The command line of one run: trl_baseline.py or rl-train with the system's overrides."""
     if SYSTEMS[system] is None:
-        return [sys.executable, str(ROOT / "bench/trl_baseline.py"), "--recipe", str(recipe),
+        return [sys.executable, "-m", "bench.e2e.trl_baseline", "--recipe", str(recipe),
                 "--seed", str(seed), "--out", str(work / "trl.json"), *shared]
     return [sys.executable, "-m", "rollover.trainer.cli", str(recipe), *shared, *SYSTEMS[system],
             f"train.seed={seed}", f"rollout.seed={seed}", f"train.output_dir={work / 'run'}",

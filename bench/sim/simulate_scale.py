@@ -1,6 +1,6 @@
 """APRIL at scale, simulated: the real scheduler and engine pool over up to 256 simulated engines.
 
-The real `AprilScheduler` and the real `EnginePool` drive `SimEngine`s (bench/sim_engine.py) on a
+The real `AprilScheduler` and the real `EnginePool` drive `SimEngine`s (bench/sim/sim_engine.py) on a
 virtual clock, so hours of simulated rollout cost minutes. Each RL step is what training does:
 `sched.step()`, a simulated train step (`--train-s`), then `pool.wait_idle()` and
 `pool.update_weights(...)` (the version goes up every step, so buffered groups age and are
@@ -30,10 +30,10 @@ tokens never trained on / generated), engine busy fraction during rollout, and t
 queue when the step stops (true outstanding tokens when the N-th group finished and the rest was
 aborted): mean, max, and max/mean.
 
-    python bench/simulate_scale.py                   # every engine count: ~30 min of CPU here
-    python bench/simulate_scale.py --quick           # 1 and 8 engines, a few steps (seconds)
-    python bench/simulate_scale.py --engines 64 --modes sync,april --out /tmp/s.json
-    python bench/simulate_scale.py --merge part1.json part2.json ... --out result.json
+    python -m bench.sim.simulate_scale               # every engine count: ~30 min of CPU here
+    python -m bench.sim.simulate_scale --quick       # 1 and 8 engines, a few steps (seconds)
+    python -m bench.sim.simulate_scale --engines 64 --modes sync,april --out /tmp/s.json
+    python -m bench.sim.simulate_scale --merge part1.json part2.json ... --out result.json
 
 The simulation's own CPU grows faster than linearly with engines (the scheduler's per-step work
 over N' in-flight groups; ~10 s of CPU per simulated APRIL step at 256 engines), so a full sweep
@@ -48,27 +48,22 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-from april_steps import SchedulerMode  # noqa: E402
-from april_throughput import add_workload_args, length_sampler, profile_stats  # noqa: E402
-from sim_calibrate import PROMPT_LEN, RESULTS, calibrate, costs_of  # noqa: E402
-from sim_engine import SimCosts, SimEngine, run_virtual  # noqa: E402
-from sim_report import merge, summarize_run, summary  # noqa: E402
-
-from rollover.rollout.april import STREAM_INTERVAL, AprilScheduler  # noqa: E402
-from rollover.rollout.pool import EnginePool, Lease  # noqa: E402
-from rollover.rollout.settings import SamplingSettings  # noqa: E402
+from bench.april.april_steps import SchedulerMode
+from bench.april.april_throughput import add_workload_args, length_sampler, profile_stats, recipe_max_staleness
+from bench.common import RESULTS, machine, save_json
+from bench.sim.sim_calibrate import PROMPT_LEN, calibrate, costs_of
+from bench.sim.sim_engine import SimCosts, SimEngine, run_virtual
+from bench.sim.sim_report import merge, summarize_run, summary
+from rollover.rollout.april import STREAM_INTERVAL, AprilScheduler
+from rollover.rollout.pool import EnginePool, Lease
+from rollover.rollout.settings import SamplingSettings
 
 DEFAULT_OUT = RESULTS / "scaling_sim.json"
 MODES = ("sync", "april", "april_sticky")
@@ -284,16 +279,6 @@ async def simulate(args: argparse.Namespace, costs: SimCosts, *, engines: int, m
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "load_avg_start": os.getloadavg()}
-
-
 def one_engine(args: argparse.Namespace, costs: SimCosts, cal: dict[str, Any], mode: str,
                train_s: float) -> float:
     """Rollout seconds per step of one simulated engine on the measured workload (8 x 8, exact
@@ -327,7 +312,7 @@ def sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
             "april_throughput.json's april_s4 median; charged per resumed context token")
     costs = costs_of(cal, args)
     started = time.perf_counter()
-    info = machine_info()
+    info = machine()
     runs = []
     for hetero in args.hetero:
         for engines in args.engines:
@@ -364,7 +349,7 @@ def sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
     }
     if args.validate:
         result["validation_one_engine"] = validation(args, costs, cal, train_s)
-    info["load_avg_end"] = os.getloadavg()
+    info["load_avg_end"] = list(os.getloadavg())
     result["machine"] = info
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result["sim_wall_s"] = time.perf_counter() - started
@@ -421,9 +406,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.modes) - set(MODES):
         p.error(f"modes are {', '.join(MODES)}")
     if args.max_staleness is None:
-        from rollover.rollout.config import RolloutConfig
-
-        args.max_staleness = RolloutConfig.model_fields["max_staleness"].default
+        args.max_staleness = recipe_max_staleness()
     return args
 
 
@@ -433,8 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = merge(args.merge)
     else:
         result = sweep(args, log=lambda msg: print(msg, flush=True))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out)
     for key, value in result["summary"].items():
         if key.startswith("headline"):
             print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in value.items() if isinstance(v, float)))

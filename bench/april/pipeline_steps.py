@@ -6,8 +6,8 @@ each run's metrics.jsonl: median seconds per step after the warm-up steps, the e
 trainer's busy fractions, the trainer's wait for a batch and the interrupts per step. Evaluation
 is off the clock (and all but off: one at the start and one at the end).
 
-    python bench/pipeline_steps.py                                   # toy workload, ~12 min here
-    python bench/pipeline_steps.py --recipe recipes/grpo_small_math.yaml --steps 20 --reps 2
+    python -m bench.april.pipeline_steps                             # toy workload, ~12 min here
+    python -m bench.april.pipeline_steps --recipe recipes/grpo_small_math.yaml --steps 20 --reps 2
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from e2e_lib import machine
+from bench.common import RESULTS, ROOT, machine, save_json
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "april": [],
     "pipeline_abort_k1": ["rollout.max_async=1", "rollout.interrupt=abort"],
@@ -65,10 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--set", action="append", default=[], help="a recipe override for every run")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/pipeline_steps.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "pipeline_steps.json")
     args = p.parse_args(argv)
     names = args.settings.split(",")
-    started = time.time()
+    started, info = time.time(), machine()
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="pipeline-") as tmp:
         for rep in range(args.reps):
@@ -80,12 +79,11 @@ def main(argv: list[str] | None = None) -> None:
               "config": {**vars(args), "recipe": str(args.recipe), "out": str(args.out),
                          "settings": {n: SETTINGS[n] for n in names}},
               "settings": {n: summarize(runs[n], args.warmup) for n in names},
-              "runs": runs, "machine": machine(), "bench_wall_seconds": round(time.time() - started, 1)}
+              "runs": runs, "machine": info, "bench_wall_seconds": round(time.time() - started, 1)}
     base = result["settings"].get("april", {}).get("seconds_per_step")
     for figures in result["settings"].values():
         figures["speedup_over_april"] = round(base / figures["seconds_per_step"], 3) if base else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    save_json(result, args.out)
     for name, f in result["settings"].items():
         print(f"{name:20s} {f['seconds_per_step']:.3f} s/step {f['seconds_per_step_runs']}  x{f['speedup_over_april']}  "
               f"engine {f['pipeline/engine_busy']:.0%} trainer {f['pipeline/trainer_busy']:.0%} "

@@ -48,8 +48,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from rollover.rollout.weight_sync import (NamedTensors, SharedMemoryTransport, WeightsUntouched,
-                                          WeightTransport)
+from rollover.rollout.weights.weight_sync import (NamedTensors, SharedMemoryTransport,
+                                                  WeightsUntouched, WeightTransport)
 
 WeightBackend = Literal["shared_memory", "ipc", "nccl"]  # cluster.weight_transfer (or auto)
 BACKENDS: tuple[str, ...] = get_args(WeightBackend)
@@ -97,7 +97,7 @@ def packing_order(pairs: list[tuple[str, torch.Tensor]],
     """Widest dtype first (stable): vLLM's `unpack_tensor` views each byte slice as its dtype, which
     fails unless the offset is a multiple of the itemsize (fp32 after a 7-element bf16). Sorted,
     every offset in a chunk is a sum of sizes that are multiples of the current itemsize."""
-    from rollover.rollout.ipc_buckets import staged_dtype
+    from rollover.rollout.weights.ipc_buckets import staged_dtype
 
     return sorted(pairs, key=lambda pair: -staged_dtype(pair[1], dtype).itemsize)
 
@@ -107,7 +107,7 @@ def _tensor_source_cls() -> type:
     """A vLLM `WeightSource` whose tensors are replaced before each `send_weights()`."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-    from rollover.rollout.ipc_buckets import staged_dtype
+    from rollover.rollout.weights.ipc_buckets import staged_dtype
 
     class TensorSource(WeightSource):
         def __init__(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
@@ -176,7 +176,7 @@ class NativeWeightTransport:
                  master_port: int | None = None, world_size: int | None = None,
                  dtype: torch.dtype | str | None = None) -> None:
         if backend == "ipc":
-            raise ValueError("ipc weight transfer is BucketedIpcTransport (rollout/ipc_buckets.py)")
+            raise ValueError("ipc weight transfer is BucketedIpcTransport (rollout/weights/ipc_buckets.py)")
         _check_backend(backend, NATIVE_BACKENDS)
         self.backend = backend
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -285,7 +285,7 @@ def weight_transport_for(backend: str, **options: Any) -> WeightTransport:
     if backend == "shared_memory":
         return SharedMemoryTransport(**options)
     if backend == "ipc":
-        from rollover.rollout.ipc_buckets import BucketedIpcTransport
+        from rollover.rollout.weights.ipc_buckets import BucketedIpcTransport
 
         return BucketedIpcTransport(**options)
     return NativeWeightTransport(backend, **options)
@@ -297,11 +297,11 @@ def engine_side_transport(backend: str, settings: Any) -> WeightTransport:
     holds none, and relays the trainer's sender (weight_relay.py)."""
     _check_backend(backend)
     if backend == "nccl":
-        from rollover.rollout.weight_relay import WeightRelay
+        from rollover.rollout.weights.weight_relay import WeightRelay
 
         return WeightRelay()
     if backend == "ipc":
-        from rollover.rollout.ipc_buckets import bucket_bytes_of
+        from rollover.rollout.weights.ipc_buckets import bucket_bytes_of
 
         dtype = getattr(torch, str(settings.dtype), None)
         return weight_transport_for("ipc", bucket_bytes=bucket_bytes_of(settings.weight_bucket_mb),

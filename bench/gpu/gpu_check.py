@@ -13,14 +13,18 @@ minutes on one GPU. Three parts, each recorded in the JSON even when it fails:
   (`torch.cuda.max_memory_allocated`), time per step, dtypes of weights and AdamW state, and how
   far the weights moved (about lr per step: bfloat16 masters would not move at lr 1e-6).
 * ipc: the trainer side of the `ipc` weight push up to the engine boundary: the weights planned
-  into buckets (rollout/ipc_buckets.py's planner when vLLM imports, else by size), each bucket
+  into buckets (rollout/weights/ipc_buckets.py's planner when vLLM imports, else by size), each bucket
   cast to bfloat16 on the device and given one CUDA-IPC handle per tensor
   (`torch.multiprocessing.reductions.reduce_tensor`), then freed; time and peak extra memory.
 
-    python bench/gpu_check.py [--out FILE] [--device cuda|cpu] [--small] [--steps N]
+    python bench/gpu/gpu_check.py [--out FILE] [--device cuda|cpu] [--small] [--steps N]
+    python -m bench.gpu.gpu_check ...          # the same, from the repository root
 
 `--device cpu --small` runs every part a CPU can (no Triton, no CUDA memory counters) with tiny
 shapes; tests/unit/test_gpu_check.py runs it. Writes bench/results/gpu_check.json by default.
+
+Self-contained on purpose (it does not use bench/common.py): on a lent machine it runs as a plain
+script, where neither `rollover` (not installed) nor `bench` is importable.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "bench" / "results" / "gpu_check.json"
 LR = 1e-6
 MIB = 1 << 20
@@ -235,9 +239,9 @@ def update_part(name: str, shape: dict, device: torch.device, small: bool, steps
 
 
 def plan(pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype) -> tuple[list, str]:
-    """Buckets by rollout/ipc_buckets.py's planner (it needs vLLM's layer groups), else by size."""
+    """Buckets by rollout/weights/ipc_buckets.py's planner (it needs vLLM's layer groups), else by size."""
     try:
-        from rollover.rollout.ipc_buckets import plan_buckets
+        from rollover.rollout.weights.ipc_buckets import plan_buckets
 
         return plan_buckets(pairs, bucket_bytes, dtype), "rollout.ipc_buckets.plan_buckets"
     except ImportError:

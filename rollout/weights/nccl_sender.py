@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollover.rollout.weight_sync import WeightsUntouched, pairs
+from rollover.rollout.weights.weight_sync import WeightsUntouched, pairs
 
 
 class ActorWeightSyncClient:
@@ -83,7 +83,7 @@ def trainer_sender(backend: str, dtype: str | None = None) -> Any:
     import ray
     import torch
 
-    from rollover.rollout.weight_transfer import NativeWeightTransport
+    from rollover.rollout.weights.weight_transfer import NativeWeightTransport
 
     served = getattr(torch, str(dtype), None) if dtype else None
     return NativeWeightTransport("nccl", master_address=ray.util.get_node_ip_address(),

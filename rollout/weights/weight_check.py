@@ -33,11 +33,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from rollover.tasks.errors import RolloverError
+
+if TYPE_CHECKING:
+    from rollover.rollout.engine_api import ProbedEngine
 
 PROBE_LENGTH = 32
 PROBE_SEED = 20_240_917
@@ -145,7 +148,7 @@ class CheckedWeightSync:
     `RemoteEngine`, an `EnginePool`); `policy` is the trainer's (`token_logprobs`, `tokenizer`).
     """
 
-    def __init__(self, engine: Any, policy: Any, timeout_s: float) -> None:
+    def __init__(self, engine: ProbedEngine, policy: Any, timeout_s: float) -> None:
         self.engine, self.policy, self.timeout_s = engine, policy, timeout_s
         self.ids = probe_ids(len(policy.tokenizer))
         self.check = WeightCheck()

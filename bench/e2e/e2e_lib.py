@@ -1,7 +1,7 @@
-"""Pure helpers of `bench/e2e_vs_trl.py` and `bench/plot.py`: targets, times to target, medians.
+"""Pure helpers of `bench/e2e/e2e_vs_trl.py` and `bench/e2e/plot.py`: targets, times to target, medians.
 
-Standard library only and no side effects at import, so the unit test loads this file by path
-and the benchmark's arithmetic is checked without starting a run.
+Standard library only and no side effects at import, so the unit test imports it and the
+benchmark's arithmetic is checked without starting a run.
 
 A curve is a list of evaluation points `{"step", "train_seconds", "accuracy"}` in step order,
 `train_seconds` counting training only (rollout + update + weight sync) since the first step.
@@ -10,55 +10,15 @@ A "never" (a run that did not reach the target) is None in JSON and +inf inside 
 
 from __future__ import annotations
 
-import math
-import os
-import platform
 import statistics
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-INF = math.inf
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, core count and platform of this machine (recorded beside every result)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "gpu": None}
+from bench.common import median_or_never, spread  # noqa: F401 - median_or_never: part of this module's API
 
 
 def time_to_target(curve: list[dict[str, Any]], target: float) -> float | None:
     """Training seconds at the first evaluation at or above `target` (None if never)."""
     return next((p["train_seconds"] for p in curve if p["accuracy"] >= target), None)
-
-
-def median_or_never(values: Iterable[float | None]) -> float | None:
-    """Median where None (never reached) counts as +inf; None when the median is infinite or no values.
-
-    A system that reached the target in one seed of three has not reached it "typically": its
-    median is never, not the one lucky crossing.
-    """
-    numbers = [INF if v is None else v for v in values]
-    if not numbers:
-        return None
-    middle = statistics.median(numbers)
-    return None if math.isinf(middle) else middle
-
-
-def spread(values: Iterable[float | None]) -> dict[str, Any]:
-    """Median, min and max (None standing for never / +inf) and how many values there were."""
-    numbers = [INF if v is None else v for v in values]
-    return {"median": _finite(median_or_never(numbers)), "min": _finite(min(numbers, default=None)),
-            "max": _finite(max(numbers, default=None)), "n": len(numbers)}
-
-
-def _finite(value: float | None) -> float | None:
-    """JSON's stand-in for a figure: rounded, None for never (+inf) or missing."""
-    return None if value is None or math.isinf(value) else round(value, 4)
 
 
 def target_accuracy(initial: list[float], finals: dict[str, list[float]], fraction: float) -> dict[str, Any]:
@@ -188,13 +148,3 @@ def summarize_workload(runs: dict[str, list[dict[str, Any]]], fraction: float, b
             **({"speedup_note": fastest["note"]} if "note" in fastest else {}),
             **({"speedup_to_target_at_least": fastest["at_least"]} if "at_least" in fastest else {}),
             "pipeline_vs_april_seconds_per_step": ratio(per_step.get(april), per_step.get(pipeline))}
-
-
-def save_json(result: dict[str, Any], path: Path) -> None:
-    """Write a benchmark's JSON atomically (a kill mid-write must not lose the runs already done)."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(path)

@@ -18,8 +18,8 @@ itself, over every scored sample, the filtered ones included (`rollout/reward_be
 summed over steps) — not the training batch's reward, which favours the external groups that
 survived the filter. Beside it: held-out greedy accuracy at the start and the end, per node.
 
-    python bench/sapo_swarm.py [--nodes 4] [--steps 40] [--configs 8/0,6/2,4/4,2/6,filter]
-    python bench/sapo_swarm.py --plot-only   # redraw the PNG from the JSON
+    python -m bench.swarm.sapo_swarm [--nodes 4] [--steps 40] [--configs 8/0,6/2,4/4,2/6,filter]
+    python -m bench.swarm.sapo_swarm --plot-only   # redraw the PNG from the JSON
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import machine, save_json, spread  # bench/ is on sys.path: this file runs as a script
+from bench.common import RESULTS, ROOT, machine, save_json, spread
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/grpo_math.yaml"
 FILTER = "filter"
 
@@ -53,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--round-seconds", type=float, default=8.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every node")
     p.add_argument("--run-timeout", type=float, default=2400.0, help="seconds before a swarm is stopped")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/sapo_swarm.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "sapo_swarm.json")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from --out and exit")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -5,8 +5,8 @@ nothing ready to run, its selector moves the clock to the next timer instead of 
 simulated second costs no real time. There is no I/O in a simulation; keep threads out too (an
 async scorer, no `to_thread`): a thread's wake-up would be seen, but the clock does not wait for it.
 
-`SimEngine` has the interface `EnginePool` and `AprilScheduler` drive (`stream`, `abort`,
-`wait_idle`, `update_weights`, `policy_version`, ...). It models one engine of a continuous-
+`SimEngine` is an `Engine` (rollout/engine_api.py), what `EnginePool` and `AprilScheduler` drive
+(`stream`, `abort`, `wait_idle`, `update_weights`, `policy_version`, ...). It models one engine of a continuous-
 batching server (vLLM's scheduler, coarsely) on a timeline of decode iterations:
 - an iteration costs `(base_s + per_seq_s * running) * slowdown` virtual seconds (plus
   `prefill_per_token_s` per context token of the requests it admits, beyond the first
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rollover.rollout.engine import TokenChunk
+from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.remote import EngineLost
 
 T = TypeVar("T")
@@ -130,7 +131,7 @@ _LOST = object()  # queued instead of a chunk when the engine dies
 _EPS = 1e-12
 
 
-class SimEngine:
+class SimEngine(SingleEngine):
     """One simulated engine (see the module doc). `slowdown` > 1: a slower engine."""
 
     def __init__(self, name: str | int = 0, costs: SimCosts = SimCosts(), *, slowdown: float = 1.0,
@@ -285,7 +286,7 @@ class SimEngine:
             except TimeoutError:
                 pass
 
-    async def update_weights(self, weights: Any, version: int | None = None, keep_requests: bool = False,
+    async def update_weights(self, named_tensors: Any, version: int | None = None, keep_requests: bool = False,
                              recompute_kv: bool = False) -> int:
         if self.errored:
             raise EngineLost(f"sim engine {self.name} is dead")

@@ -1,4 +1,4 @@
-"""TRL baseline for `bench/e2e_vs_trl.py`: GRPO with TRL's `GRPOTrainer` on a recipe's task.
+"""TRL baseline for `bench/e2e/e2e_vs_trl.py`: GRPO with TRL's `GRPOTrainer` on a recipe's task.
 
 Reads the same recipe as `rl-train` (with the same `key.sub=value` overrides) and takes from it
 the model (`model.path`, `model.max_model_len`), the task (every `task.*` key, built by the
@@ -16,7 +16,7 @@ Held-out greedy accuracy is measured at step 0 and every `train.eval_every` step
 The train wall clock starts when the Trainer begins training (after imports, model load and
 TRL's set-up) and excludes the time spent evaluating. Writes one JSON file.
 
-    python bench/trl_baseline.py --recipe recipes/grpo_math.yaml --seed 0 --out /tmp/trl.json \
+    python -m bench.e2e.trl_baseline --recipe recipes/grpo_math.yaml --seed 0 --out /tmp/trl.json \
         train.steps=40 rollout.group_size=8 task.eval_size=128
 
 The older flags (`--steps`, `--groups-per-step`, `--group-size`, `--max-tokens`, `--lr`, ...)
@@ -33,7 +33,6 @@ repeated G times by TRL's RepeatSampler.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -46,9 +45,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from e2e_lib import machine  # bench/ is on sys.path: this file runs as a script
+from bench.common import RESULTS, ROOT, machine, save_json
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes/grpo_math.yaml"
 # The older flags, each a shorthand for one recipe key.
 FLAG_KEYS = {
@@ -75,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None, help="cap on train wall seconds")
     # Generation and the update run one after the other in this one process: all cores for torch.
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=Path("bench/results/trl_baseline.json"))
+    p.add_argument("--out", type=Path, default=RESULTS / "trl_baseline.json")
     return p.parse_args(argv)
 
 
@@ -275,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reached_target_seconds": clock.reached_target_seconds,
         "machine": machine(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out)
     first, last = clock.curve[0]["accuracy"], clock.curve[-1]["accuracy"]
     print(f"trl: {steps_done} steps, {result['seconds_per_step']} s/step "
           f"(median {result['median_seconds_per_step']}), "

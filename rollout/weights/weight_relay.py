@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched
+from rollover.rollout.weights.weight_sync import NamedTensors, WeightsUntouched
 
 
 class WeightRelay:

@@ -16,7 +16,7 @@ that checkpoint's ledger and the run's `trained_uids.jsonl`: one entry per step 
 skipped), and every drawn uid trained exactly once, buffered, or dropped with a reason; the final
 checkpoint loads in transformers.
 
-    python bench/chaos.py --kills 10 --seed 0      # writes bench/results/chaos.json
+    python -m bench.chaos.chaos --kills 10 --seed 0      # writes bench/results/chaos.json
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from typing import Any
 import psutil
 import torch
 
+from bench.common import RESULTS, ROOT, save_json
 from rollover.trainer.checkpoint import STATE_FILE, checkpoint_dir, checkpoint_problem, find_checkpoint
 from rollover.trainer.uid_log import read_trained
 from rollover.trainer.watchdog import WEIGHTS_FILES, cmdline
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUPS = 4
 OVERRIDES = [
     f"rollout.groups_per_step={GROUPS}", "rollout.group_size=4", "rollout.over_provision=2",
@@ -241,12 +241,11 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, help="the run folder (default: a fresh temporary one)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/chaos.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     args = parser.parse_args()
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="rollover-chaos-")) / "run"
     report = chaos(run_dir, args.kills, args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    save_json(report, args.out)
     print(json.dumps({"ok": report["ok"], "checks": report["checks"], "wall_seconds": report["wall_seconds"]},
                      indent=2))
     return 0 if report["ok"] else 1

@@ -16,10 +16,10 @@ The headline `speedup` is APRIL over synchronous useful tokens per second of rol
 sync (what training pays); `speedup_rollout_only` leaves the sync out. Wasted tokens: generated
 tokens dropped as stale or unfinished; tokens still buffered at the end are reported apart.
 
-    python bench/april_throughput.py                # 3 reps x 30 steps, ~10-15 min on 2 cores
-    python bench/april_throughput.py --dist pareto --reps 1
-    python bench/april_throughput.py --lengths-file lengths.txt --out /tmp/r.json
-    python bench/april_throughput.py --table-from bench/results/april_throughput.json
+    python -m bench.april.april_throughput          # 3 reps x 30 steps, ~10-15 min on 2 cores
+    python -m bench.april.april_throughput --dist pareto --reps 1
+    python -m bench.april.april_throughput --lengths-file lengths.txt --out /tmp/r.json
+    python -m bench.april.april_throughput --table-from bench/results/april_throughput.json
 
 Writes bench/results/april_throughput.json (or --out) and prints the README's Markdown table.
 """
@@ -31,10 +31,8 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,10 +40,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from april_steps import RawMode, SchedulerMode, interleaved, percentile, summarize  # noqa: E402
+from bench.april.april_steps import RawMode, SchedulerMode, interleaved, percentile, summarize
+from bench.common import RESULTS, machine, save_json, spread
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "april_throughput.json"
+DEFAULT_OUT = RESULTS / "april_throughput.json"
 
 
 # ---- workload ----------------------------------------------------------------------------------
@@ -183,11 +181,6 @@ async def repetition(engine, tokenizer, weights, args: argparse.Namespace, rep: 
 # ---- aggregation and the README table ---------------------------------------------------------
 
 
-def spread(xs: list[float]) -> dict[str, float]:
-    """Median and range over repetitions."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def aggregate(reps: list[dict], lengths: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any]:
     """Top-level keys: medians over repetitions with their min/max."""
     per = lambda key, s: [r[key][s] for r in reps]  # noqa: E731
@@ -271,27 +264,6 @@ def render_table(result: dict[str, Any]) -> str:
 # ---- entry point -------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    import torch
-    import vllm
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(), "gpu": gpu,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "vllm": vllm.__version__, "git_commit": commit,
-            "load_avg_start": os.getloadavg()}
-
-
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The options `length_sampler` and the prompt batches read (shared by the rollout benches)."""
     p.add_argument("--dist", default="lognormal",
@@ -305,6 +277,25 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=8, help="G samples per group")
 
 
+def add_run_args(p: argparse.ArgumentParser, default_out: Path, table: bool = True) -> None:
+    """How an engine benchmark repeats and where it writes: --reps --seed --model --out, and
+    --table-from when it renders a README table."""
+    p.add_argument("--reps", type=int, default=3, help="repetitions (seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="builtin:tiny-math")
+    p.add_argument("--out", type=Path, default=default_out)
+    if table:
+        p.add_argument("--table-from", type=Path, metavar="JSON",
+                       help="print the Markdown table of an existing result and exit")
+
+
+def recipe_max_staleness() -> int:
+    """The recipe's default `rollout.max_staleness`: what training uses unless told otherwise."""
+    from rollover.rollout.config import RolloutConfig
+
+    return RolloutConfig.model_fields["max_staleness"].default
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(p)
@@ -315,18 +306,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30,
                    help="measured steps per mode and repetition (no tail: rounded up to even)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per mode and repetition")
-    p.add_argument("--reps", type=int, default=3, help="repetitions (seed, seed+1, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="builtin:tiny-math")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--table-from", type=Path, metavar="JSON",
-                   help="print the Markdown table of an existing result and exit")
+    add_run_args(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.staleness is None:
-        from rollover.rollout.config import RolloutConfig
-
-        recipe = RolloutConfig.model_fields["max_staleness"].default
-        args.staleness = ",".join(str(s) for s in dict.fromkeys([recipe, 2, 1]))
+        args.staleness = ",".join(str(s) for s in dict.fromkeys([recipe_max_staleness(), 2, 1]))
     args.staleness = list(dict.fromkeys(int(s) for s in str(args.staleness).split(",") if s.strip()))
     if not args.staleness or min(args.staleness) < 0 or args.reps < 1 or args.steps < 1:
         p.error("need --staleness values >= 0, --reps >= 1 and --steps >= 1")
@@ -377,9 +360,9 @@ def run_on_engine(args: argparse.Namespace, bench_fn, render_table, start=start_
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     started = time.perf_counter()
-    info = machine_info()
     model_path = resolve_model_path(args.model)
     weights = load_weights(model_path)
+    info = machine()  # torch is imported by now: the GPU, if any, is named
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     engine, stop = loop.run_until_complete(start(model_path, args))
@@ -387,22 +370,29 @@ def run_on_engine(args: argparse.Namespace, bench_fn, render_table, start=start_
         result = loop.run_until_complete(bench_fn(engine, weights, args, log))
     finally:
         stop()
-    info["load_avg_end"] = os.getloadavg()
+    info["load_avg_end"] = list(os.getloadavg())
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result["machine"] = info
     result["bench_wall_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out)
     log("\n" + render_table(result) + "\n")
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def run_or_render(args: argparse.Namespace, bench_fn, render_table) -> dict[str, Any]:
+    """With --table-from, print the table of a stored result and return {}; else run the
+    benchmark on the engine (`run_on_engine`) and return its result."""
     if args.table_from:
         print(render_table(json.loads(args.table_from.read_text())))
         return {}
-    result = run_on_engine(args, bench, render_table)
+    return run_on_engine(args, bench_fn, render_table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run_or_render(args, bench, render_table)
+    if not result:
+        return result
     head = result["headline"]["max_staleness"]
     print(f"speedup (max_staleness={head}) {result[f'speedup_staleness_{head}']:.2f}x  "
           f"no_tail_ratio {result['no_tail_ratio']:.2f}  -> {args.out}", flush=True)

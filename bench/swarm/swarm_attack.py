@@ -9,7 +9,7 @@ it (Inbox.admit), and over the run the share of external slots an honest,
 established peer gets with and without the flood. Sybil groups are valid-looking (right
 worked solutions of real tasks), so the judge finds them useful: the worst case for credit.
 
-    python bench/swarm_attack.py [--sybils 1000] [--rounds 6] [--repeats 3] [--out bench/results/swarm_attack.json]
+    python -m bench.swarm.swarm_attack [--sybils 1000] [--rounds 6] [--repeats 3] [--out bench/results/swarm_attack.json]
 
 Reading is bounded per poll (payload_cache.py: each subkey parsed once, at most
 NEW_ENTRIES_PER_READ new entries handed to the inbox per round read, known senders first);
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import pickle
-import platform
 import random
 import secrets
 import statistics
@@ -35,10 +33,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from rollover.rollout.types import Group, Sample
 from hivemind.utils import ValueWithExpiration
 
+from bench.common import RESULTS, machine, save_json
+from rollover.rollout.types import Group, Sample
 from rollover.swarm.entries import parse_payload, shard_of
 from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ, PayloadCache
 from rollover.swarm.receive import Inbox, Incoming
@@ -47,9 +45,6 @@ from rollover.swarm.sampler import SenderCredit
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import ArithmeticTask
 from rollover.swarm.config import SwarmConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from e2e_lib import save_json  # noqa: E402
 
 SHARDS = 4
 TASK = ArithmeticTask(seed=0, digits_min=1, digits_max=3, operands=2, scratchpad=True)
@@ -171,16 +166,6 @@ def run(sybils: int, rounds: int, flood: bool, seed: int) -> dict:
             "rejected": dict(box.rejected), "senders_judged": len(credit.judged)}
 
 
-def machine() -> dict:
-    """Which machine, and how busy it was when the run started (CPU time still suffers on a
-    shared machine: caches and memory bandwidth are shared)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def summary(values: list[float]) -> dict[str, float]:
     ms = sorted(v * 1000 for v in values)
     return {"mean": round(statistics.fmean(ms), 3), "median": round(statistics.median(ms), 3),
@@ -192,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sybils", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench/results/swarm_attack.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "swarm_attack.json")
     parser.add_argument("--repeats", type=int, default=3, help="flood runs (seeds seed, seed+1, ...)")
     args = parser.parse_args(argv)
     if args.sybils < 1 or args.rounds < 1 or args.repeats < 1:
         parser.error("--sybils, --rounds and --repeats must be positive")
+    info = machine()
     baseline = run(0, args.rounds, flood=False, seed=args.seed)
     floods = [run(args.sybils, args.rounds, flood=True, seed=args.seed + k) for k in range(args.repeats)]
     flood = floods[0]
@@ -208,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "process picked out + the inbox admitting them; the DHT process's filter CPU per round read apart) "
                 "and an established honest peer's external slots, with and without sybil keys publishing full "
                 "rounds (records as the DHT read delivers them)",
-        "machine": machine(),
+        "machine": info,
         "settings": {"round_seconds": SwarmConfig().round_seconds, "external_groups": SwarmConfig().external_groups,
                      "max_groups_per_peer": SwarmConfig().max_groups_per_peer, "group_size": 8,
                      "repeats": args.repeats},
@@ -225,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "admit_cpu_every_poll": max(f["admit_cpu_ms_per_poll"]["max"] for f in floods) <= 50,
                 "honest_share": share >= 0.9},
     }
-    save_json(result, Path(args.out))
+    save_json(result, args.out)
     print(f"admit CPU per poll (ms): baseline {baseline['admit_cpu_ms_per_poll']}, flood {flood['admit_cpu_ms_per_poll']}")
     print(f"read CPU per poll (ms): flood {flood['read_cpu_ms_per_poll']}")
     for f in floods:

@@ -1,11 +1,11 @@
-"""Plot `bench/e2e_vs_trl.py`'s results: held-out accuracy against training seconds, per workload.
+"""Plot `bench/e2e/e2e_vs_trl.py`'s results: held-out accuracy against training seconds, per workload.
 
 One panel per workload; each system in its own colour (the same in every panel), each seed a
 thin line, the median curve over seeds bold (per evaluated step: median seconds, median
 accuracy), a marker on the target line at the system's median time to target, and the target
 as a dashed horizontal line.
 
-    python bench/plot.py [--in bench/results/e2e_vs_trl.json] [--out FILE.png]
+    python -m bench.e2e.plot [--in bench/results/e2e_vs_trl.json] [--out FILE.png]
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from e2e_lib import median_curve  # bench/ is on sys.path: this file runs as a script
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import RESULTS
+from bench.e2e.e2e_lib import median_curve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--in", dest="source", type=Path, default=ROOT / "bench/results/e2e_vs_trl.json")
+    p.add_argument("--in", dest="source", type=Path, default=RESULTS / "e2e_vs_trl.json")
     p.add_argument("--out", type=Path, default=None, help="default: the input's name with .png")
     args = p.parse_args(argv)
     args.out = args.out or args.source.with_suffix(".png")
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     result = json.loads(args.source.read_text())
     if "workloads" not in result:
-        raise SystemExit(f"{args.source}: not in bench/e2e_vs_trl.py's per-workload layout (an older run?)")
+        raise SystemExit(f"{args.source}: not in bench/e2e/e2e_vs_trl.py's per-workload layout (an older run?)")
     names = [n for n, e in result["workloads"].items() if e.get("systems") and e.get("target")]
     if not names:
         raise SystemExit(f"{args.source}: no workload with runs to plot")

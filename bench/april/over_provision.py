@@ -15,9 +15,9 @@ provisioning's, reported apart), the off-policy share of returned tokens, and th
 `ratio_auto_over_best_fixed` per workload: auto's rate over the best fixed ratio's rate of the
 same repetition, median (min-max) over repetitions.
 
-    python bench/over_provision.py                 # 3 reps x 20 steps, ~10 min on 2 cores
-    python bench/over_provision.py --reps 1 --steps 3 --warmup 1 --groups 2 --out /tmp/op.json
-    python bench/over_provision.py --table-from bench/results/over_provision.json
+    python -m bench.april.over_provision           # 3 reps x 20 steps, ~10 min on 2 cores
+    python -m bench.april.over_provision --reps 1 --steps 3 --warmup 1 --groups 2 --out /tmp/op.json
+    python -m bench.april.over_provision --table-from bench/results/over_provision.json
 
 Writes bench/results/over_provision.json (or --out) and prints a Markdown table.
 """
@@ -25,26 +25,24 @@ Writes bench/results/over_provision.json (or --out) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from april_steps import SchedulerMode, interleaved, summarize  # noqa: E402
-from april_throughput import (  # noqa: E402
+from bench.april.april_steps import SchedulerMode, interleaved, summarize
+from bench.april.april_throughput import (
+    add_run_args,
     add_workload_args,
     length_sampler,
     make_scheduler,
-    run_on_engine,
     profile_stats,
-    spread,
+    recipe_max_staleness,
+    run_or_render,
 )
+from bench.common import RESULTS, spread
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "over_provision.json"
+DEFAULT_OUT = RESULTS / "over_provision.json"
 WORKLOADS = ("long_tail", "no_tail")
 
 
@@ -84,7 +82,7 @@ def summarize_mode(records: list[dict[str, Any]]) -> dict[str, Any]:
     out.update(filtered_tokens=filtered,
                filtered_token_fraction=filtered / out["generated_tokens"] if out["generated_tokens"] else 0.0,
                offpolicy_token_fraction=offpolicy / out["useful_tokens"] if out["useful_tokens"] else 0.0,
-               n_in_flight={"median": statistics.median(ns), "min": min(ns), "max": max(ns)})
+               n_in_flight=spread(ns))
     return out
 
 
@@ -195,18 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reject", type=float, default=0.3, help="fraction of groups the filter rejects")
     p.add_argument("--steps", type=int, default=20, help="measured steps per mode and repetition")
     p.add_argument("--warmup", type=int, default=4, help="warm-up steps per mode (auto's cold start)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions (seed, seed+1, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="builtin:tiny-math")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--table-from", type=Path, metavar="JSON",
-                   help="print the Markdown table of an existing result and exit")
+    add_run_args(p, DEFAULT_OUT)
     args = p.parse_args(argv)
     args.ratios = list(dict.fromkeys(float(r) for r in args.ratios.split(",") if r.strip()))
     if args.staleness is None:
-        from rollover.rollout.config import RolloutConfig
-
-        args.staleness = RolloutConfig.model_fields["max_staleness"].default
+        args.staleness = recipe_max_staleness()
     if (not args.ratios or min(args.ratios) < 1 or args.reps < 1 or args.steps < 1
             or args.staleness < 0 or not 0 <= args.reject < 1):
         p.error("need --ratios >= 1, --reps >= 1, --steps >= 1, --staleness >= 0, 0 <= --reject < 1")
@@ -221,10 +212,9 @@ async def bench(engine, weights, args: argparse.Namespace, log) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.table_from:
-        print(render_table(json.loads(args.table_from.read_text())))
-        return {}
-    result = run_on_engine(args, bench, render_table)
+    result = run_or_render(args, bench, render_table)
+    if not result:
+        return result
     print("ratio_auto_over_best_fixed " + ", ".join(
         f"{w} {v:.3f}" for w, v in result["ratio_auto_over_best_fixed"].items()) + f"  -> {args.out}", flush=True)
     return result

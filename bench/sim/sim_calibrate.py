@@ -9,9 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from sim_engine import SimCosts
+from bench.common import RESULTS
+from bench.sim.sim_engine import SimCosts
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 16  # tokens of a simulated prompt; its prefill is inside the measured decode costs
 
 

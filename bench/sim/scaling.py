@@ -2,18 +2,18 @@
 
 Measured part: two CPU engine actors (builtin:tiny-math) on a local Ray cluster, each bound to
 its own core. Two modes step in turn on the same long-tailed workload as
-`april_throughput.py` (APRIL, over-provision 2, max_staleness 4): `engines_1`, a pool of one of
+`bench/april/april_throughput.py` (APRIL, over-provision 2, max_staleness 4): `engines_1`, a pool of one of
 the actors, and `engines_2`, a pool of both. Every step ends as a training step does: wait for
 idle, then the same weights pushed to both engines through the pool at a new version (the
 policy version goes up once per round, as in training). On two cores the trainer-side event
 loop, Ray and both engines share the machine, so two engines can at best match what the cores
 allow: the target here is "lose nothing" (>= 0.9x), not 2x.
 
-Projected part: `bench/simulate_scale.py` (virtual time, the real scheduler and pool over
+Projected part: `bench/sim/simulate_scale.py` (virtual time, the real scheduler and pool over
 simulated engines); its JSON is merged in when present (`--sim`).
 
-    python bench/scaling.py                    # 3 reps x 12 steps per mode, ~10 min on 2 cores
-    python bench/scaling.py --reps 1 --steps 4 --out /tmp/scaling.json
+    python -m bench.sim.scaling                # 3 reps x 12 steps per mode, ~10 min on 2 cores
+    python -m bench.sim.scaling --reps 1 --steps 4 --out /tmp/scaling.json
 
 Writes bench/results/scaling.json (or --out) and prints the README's table.
 """
@@ -24,15 +24,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from april_steps import SchedulerMode, interleaved, summarize  # noqa: E402
-from april_throughput import add_workload_args, length_sampler, make_scheduler, run_on_engine  # noqa: E402
+from bench.april.april_steps import SchedulerMode, interleaved, summarize
+from bench.april.april_throughput import add_run_args, add_workload_args, length_sampler, make_scheduler, run_on_engine
+from bench.common import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 MODES = ("engines_1", "engines_2")
 
 
@@ -43,12 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--staleness", type=int, default=4)
     p.add_argument("--steps", type=int, default=12, help="measured steps per mode and repetition")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="builtin:tiny-math")
+    add_run_args(p, RESULTS / "scaling.json", table=False)
     p.add_argument("--sim", type=Path, default=RESULTS / "scaling_sim.json",
                    help="the simulator's JSON, merged in as `projection` when it exists")
-    p.add_argument("--out", type=Path, default=RESULTS / "scaling.json")
     return p.parse_args(argv)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rollover.rollout.weight_sync import NamedTensors, WeightsUntouched
+from rollover.rollout.weights.weight_sync import NamedTensors, WeightsUntouched
 
 DEFAULT_BUCKET_MB = 512
 MIB = 1 << 20
@@ -155,7 +155,7 @@ class BucketedIpcTransport:
 
     async def push(self, llm: Any, named_tensors: NamedTensors) -> None:
         """Load every tensor into `llm`'s workers, bucket by bucket (see the module doc)."""
-        from rollover.rollout.weight_transfer import update_metadata
+        from rollover.rollout.weights.weight_transfer import update_metadata
 
         pairs = [(name, tensor) for name, tensor in named_tensors]
         if not pairs:
