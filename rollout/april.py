@@ -285,10 +285,12 @@ class AprilScheduler:
         await self._run_interrupts()
 
     def give_back(self, groups: list[Group]) -> None:
-        """Finished batches the trainer will not use now go back to the buffer (scored, kept)."""
+        """A finished step's batch the trainer will not use now goes back to the buffer (scored,
+        kept), and the step is uncounted: the next `step()` produces it again."""
         for g in groups:
             self.ledger.move(g.uid, BUFFERED, returned_back=True)
             self.buffer.put(g)
+        self.steps -= 1
 
     async def _collect(self, st: _Step) -> bool:
         """Launch and settle groups until N are accepted; True if the source ran dry first."""

@@ -49,7 +49,7 @@ class RolloutConfig(Section):
     seed: int = 0
     kv_cache_gib: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU
     # CPU only: cores for the engine's worker ("1", "2-7"); the trainer is pinned to the rest.
-    # None: vLLM's choice (all cores but one), the trainer unpinned (trainer/cpu_split.py).
+    # None: vLLM's choice (all cores but one), the trainer unpinned (trainer/runtime/cpu_split.py).
     engine_cpus: str | None = None
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1.0)
     weight_bucket_mb: float = Field(512.0, gt=0)  # ipc weight loads stage this much on the GPU at a time

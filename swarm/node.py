@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rollover.rollout.types import Group
-from rollover.swarm.receive import Inbox, Incoming, Judge
+from rollover.swarm.inbox import Inbox, Incoming, Judge
 from rollover.swarm.records import Caps, encode_group, round_at
-from rollover.swarm.sampler import SenderCredit
+from rollover.swarm.credit import SenderCredit
 from rollover.tasks.registry import Task
 from rollover.swarm.config import SwarmConfig
 
@@ -191,7 +191,7 @@ class SwarmNode:
             from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ
 
             async with self._inbox_lock:
-                known = list(self.credit.judged)  # bounded (sampler.py): the senders we kept credit for
+                known = list(self.credit.judged)  # bounded (credit.py): the senders we kept credit for
             for item in await asyncio.to_thread(self.transport.collect, round_index, True, NEW_ENTRIES_PER_READ,
                                                 known, self.cfg.max_groups_per_peer):
                 if item.sender != self.sender:

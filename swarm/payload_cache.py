@@ -6,7 +6,7 @@ numbers) costs tens of microseconds; under 1,000 sybil keys with 16 entries each
 0.4 s of CPU per poll. A subkey's verdict (who sent it, or why it is skipped) is the same in
 every round, so it is worked out once. A round's entry is new when its subkey is: a later
 expiration under the same subkey is its owner republishing the same slot, which the inbox
-judges once per round anyway (receive.py). Values are never kept: the cache is a few hundred bytes per entry, and
+judges once per round anyway (inbox.py). Values are never kept: the cache is a few hundred bytes per entry, and
 bounded (MAX_VERDICTS subkeys; ROUNDS_CACHED rounds of MAX_ENTRIES_PER_ROUND entries).
 
 A polling node's cache lives in its DHT process (read_new_in_dht, run there by

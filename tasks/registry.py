@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-from rollover.tasks import arithmetic
+from rollover.tasks import arithmetic, word_problems
 from rollover.tasks.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class DatasetTask:
     bounded_score = False  # math-verify's sympy can take unbounded time on adversarial expressions
 
     def __init__(self, path: str, question_key: str, answer_key: str, eval_size: int):
-        where, columns, found = read_rows(path, (question_key, answer_key))
+        where, columns, found = read_rows(data_path(path), (question_key, answer_key))
         missing = [k for k in (question_key, answer_key) if k not in found]
         if missing:
             raise TaskError(f"task.path {path}: missing column(s) {missing} "
@@ -223,6 +223,19 @@ def _as_text(path: str, label: str, key: str, value: Any) -> str:
         return str(value)
     raise TaskError(f"task.path {path}: {label}: '{key}' is a {type(value).__name__} "
                     f"({str(value)[:40]}), expected text or a number")
+
+
+# Datasets shipped in the package, named like builtin models so recipes work from any folder.
+BUILTIN_DATA = {"builtin:word-problems": word_problems.DATA_DIR / word_problems.TRAIN_FILE}
+
+
+def data_path(path: str) -> str:
+    """The file a `task.path` names: a shipped dataset's file for `builtin:` names, else `path`."""
+    if path.startswith("builtin:"):
+        if path not in BUILTIN_DATA:
+            raise TaskError(f"task.path: unknown built-in dataset '{path}' (known: {', '.join(BUILTIN_DATA)})")
+        return str(BUILTIN_DATA[path])
+    return path
 
 
 def read_rows(path: str, keys: tuple[str, ...]) -> tuple[list[str], list[list[Any]], set[str]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from rollover.rollout.config import RolloutConfig
 from rollover.rollout.settings import EngineSettings
-from rollover.trainer.builtin_model import resolve_model_path
+from rollover.trainer.builtin.models import resolve_model_path
 from rollover.trainer.config import ModelConfig, resolve_dtype
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rollover.trainer.failpoints import failpoint
+from rollover.trainer.runtime.failpoints import failpoint
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"

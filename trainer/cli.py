@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rollover.tasks.errors import EXIT_FAILED
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
-from rollover.trainer.console import finish_capture, start_capture
-from rollover.trainer.stopping import GracefulStop, StopRequested, exit_code
+from rollover.trainer.runtime.console import finish_capture, start_capture
+from rollover.trainer.runtime.stopping import GracefulStop, StopRequested, exit_code
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -19,8 +19,15 @@ def check_paths(recipe: Recipe) -> None:
     looks_local = model_path.startswith(("/", "./", "../", "~")) or Path(model_path).exists()
     if looks_local and not Path(model_path).expanduser().is_dir():
         raise RecipeError(f"model.path: model folder not found: {model_path}")
-    if recipe.task.name == "dataset" and not Path(recipe.task.path).expanduser().exists():
-        raise RecipeError(f"task.path: dataset not found: {recipe.task.path}")
+    if recipe.task.name == "dataset":
+        from rollover.tasks.registry import TaskError, data_path  # `builtin:` names a shipped file
+
+        try:
+            found = Path(data_path(recipe.task.path)).expanduser().exists()
+        except TaskError as exc:
+            raise RecipeError(str(exc)) from None
+        if not found:
+            raise RecipeError(f"task.path: dataset not found: {recipe.task.path}")
     resume = recipe.train.resume
     if isinstance(resume, str) and not Path(resume).expanduser().is_dir():
         raise RecipeError(f"train.resume: checkpoint not found: {resume}")

@@ -25,7 +25,7 @@ EXTERNAL_UID = -1  # peers' groups are not draws of our prompt stream (the ledge
 
 
 class LocalJudge:
-    """Builds and scores peers' groups for `swarm.receive.Inbox.take`."""
+    """Builds and scores peers' groups for `swarm.inbox.Inbox.take`."""
 
     def __init__(self, recipe: Recipe, policy: Policy, score_group: Callable[[Group], list[float]]):
         self.recipe, self.policy, self.score_group = recipe, policy, score_group

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rollover.algos.advantages import group_advantages
-from rollover.rollout.ahead import RolloutAhead
+from rollover.rollout.pipeline import RolloutAhead
 from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
 from rollover.rollout.engine import RolloutEngine
@@ -40,9 +40,9 @@ from rollover.trainer.external import LocalJudge
 from rollover.trainer.group_scorer import GroupScorer, informative
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.policy import Policy
-from rollover.trainer.stopping import StopAtSafePoint, stop_requested, stoppable
+from rollover.trainer.runtime.stopping import StopAtSafePoint, stop_requested, stoppable
 from rollover.trainer.tracking import Tracker, busy_text, console, forget_steps_after, progress_bar
-from rollover.trainer.uid_log import forget_trained_after, log_trained
+from rollover.trainer.runtime.uid_log import forget_trained_after, log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
 
@@ -247,7 +247,7 @@ class Trainer:
     async def train(self, resumed: bool = False) -> dict[str, Any]:
         """Train to `train.steps`, evaluating and saving on schedule.
 
-        On SIGINT/SIGTERM (trainer/stopping.py) the rollout or evaluation under way is cut short
+        On SIGINT/SIGTERM (trainer/runtime/stopping.py) the rollout or evaluation under way is cut short
         and an update, weight sync or save under way finishes; StopAtSafePoint then leaves with
         the state between steps, for the caller to save.
         """

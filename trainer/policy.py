@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rollover.tasks.errors import UsageError
-from rollover.trainer.builtin_model import resolve_model_path
+from rollover.trainer.builtin.models import resolve_model_path
 from rollover.trainer.config import LoraConfig, ModelConfig, resolve_dtype
 from rollover.trainer.precision import DTYPES, ServedCasts, autocast_to, low_precision
 from rollover.trainer.precision import token_logprobs as _token_logprobs

@@ -17,17 +17,17 @@ from rollover.swarm.node import SwarmNode
 from rollover.tasks.errors import RolloverError, UsageError
 from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
-from rollover.trainer import failpoints, watchdog
+from rollover.trainer.runtime import failpoints, watchdog
 from rollover.trainer.build import engine_settings
 from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
-from rollover.trainer.cpu_split import bind_engine, pin_trainer
-from rollover.trainer.console import LOG_FILE, error_line, log_to
+from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer
+from rollover.trainer.runtime.console import LOG_FILE, error_line, log_to
 from rollover.trainer.loop import Trainer
 from rollover.trainer.policy import ModelLoadError, Policy
-from rollover.trainer.resume_check import check_resume, recipe_changes
-from rollover.trainer.run_folder import RunFolder
-from rollover.trainer.stopping import (
+from rollover.trainer.runtime.resume_check import check_resume, recipe_changes
+from rollover.trainer.runtime.run_folder import RunFolder
+from rollover.trainer.runtime.stopping import (
     GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code,
     stoppable)
 from rollover.trainer.tracking import Tracker, console
@@ -73,7 +73,7 @@ def run_training(recipe: Recipe, recipe_path: str) -> int:
     except RolloverError as exc:
         return _error(exc)
     log_to(output_dir / LOG_FILE)  # third-party output (the engine's too) from here on
-    stop = current() or GracefulStop().install()  # SIGINT/SIGTERM: see trainer/stopping.py
+    stop = current() or GracefulStop().install()  # SIGINT/SIGTERM: see trainer/runtime/stopping.py
     watchdog.start(stderr=getattr(console, "file", None))  # before the engine: it dies with us
     try:
         return _run_in_folder(recipe, recipe_path, folder, stop)

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rollover.trainer.config import TrackingConfig
-from rollover.trainer.console import console
+from rollover.trainer.runtime.console import console
 
 EVAL_PREFIXES = {"eval": "eval", "resume_eval": "resume check eval"}
 

@@ -356,7 +356,7 @@ def run_on_engine(args: argparse.Namespace, bench_fn, render_table, start=start_
     `args.out`, print the Markdown table; return the result."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from rollover.trainer.builtin_model import resolve_model_path
+    from rollover.trainer.builtin.models import resolve_model_path
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     started = time.perf_counter()

@@ -5,7 +5,7 @@ SIGKILL at one moment, chosen per round:
 - `random`: a random time (0-1.5 s) after the resumed run's first new checkpoint, so it lands
   anywhere in a step: rollout, update, weight sync, evaluation, checkpoint write;
 - `startup`: a random time (0-8 s) after the engine's first process appears: the engine start;
-- `rollout`, `update`, `weight_sync`, `checkpoint_write`: ROLLOVER_FAILPOINT (trainer/failpoints.py)
+- `rollout`, `update`, `weight_sync`, `checkpoint_write`: ROLLOVER_FAILPOINT (trainer/runtime/failpoints.py)
   kills it inside that phase of the second step after the resume: these phases take tens of
   milliseconds here, which a timed kill rarely hits.
 After each kill: every process the run started (the vLLM engine's included) must be gone within
@@ -38,8 +38,8 @@ import torch
 
 from bench.common import RESULTS, ROOT, save_json
 from rollover.trainer.checkpoint import STATE_FILE, checkpoint_dir, checkpoint_problem, find_checkpoint
-from rollover.trainer.uid_log import read_trained
-from rollover.trainer.watchdog import WEIGHTS_FILES, cmdline
+from rollover.trainer.runtime.uid_log import read_trained
+from rollover.trainer.runtime.watchdog import WEIGHTS_FILES, cmdline
 
 GROUPS = 4
 OVERRIDES = [

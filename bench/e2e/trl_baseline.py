@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from rollover.tasks.registry import build_task
-    from rollover.trainer.builtin_model import greedy_accuracy, resolve_model_path
+    from rollover.trainer.builtin.models import greedy_accuracy, resolve_model_path
     from rollover.trainer.config import resolve_dtype
 
     torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ worked solutions of real tasks), so the judge finds them useful: the worst case 
 
 Reading is bounded per poll (payload_cache.py: each subkey parsed once, at most
 NEW_ENTRIES_PER_READ new entries handed to the inbox per round read, known senders first);
-admission refuses a flood's records a sender at a time before parsing them (receive.py).
+admission refuses a flood's records a sender at a time before parsing them (inbox.py).
 
 The sybils' owner markers carry random 2048-bit moduli (exponent 65537): on this path keys are
 only parsed (sender ids), never used to verify, and real key generation would take minutes.
@@ -39,9 +39,9 @@ from bench.common import RESULTS, machine, save_json
 from rollover.rollout.types import Group, Sample
 from rollover.swarm.entries import parse_payload, shard_of
 from rollover.swarm.payload_cache import NEW_ENTRIES_PER_READ, PayloadCache
-from rollover.swarm.receive import Inbox, Incoming
+from rollover.swarm.inbox import Inbox, Incoming
 from rollover.swarm.records import Caps, encode_group
-from rollover.swarm.sampler import SenderCredit
+from rollover.swarm.credit import SenderCredit
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import ArithmeticTask
 from rollover.swarm.config import SwarmConfig

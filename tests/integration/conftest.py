@@ -38,7 +38,7 @@ def run(loop):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rollover.trainer.builtin_model import make_tokenizer
+    from rollover.trainer.builtin.models import make_tokenizer
 
     return make_tokenizer()
 
@@ -47,7 +47,7 @@ def tokenizer():
 def engine(loop):
     """The shared RolloutEngine; tests must leave it idle (wait_idle) and may bump its version."""
     from rollover.rollout.engine import EngineSettings, RolloutEngine
-    from rollover.trainer.builtin_model import resolve_model_path
+    from rollover.trainer.builtin.models import resolve_model_path
 
     settings = EngineSettings(model=resolve_model_path("builtin:tiny-math"), max_model_len=256)
     eng = RolloutEngine(settings)

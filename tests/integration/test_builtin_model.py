@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rollover.trainer.builtin_model import ACCURACY_BAND, make_tokenizer, resolve_model_path
+from rollover.trainer.builtin.models import ACCURACY_BAND, make_tokenizer, resolve_model_path
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_builtin_model_is_the_shipped_file_and_loads_in_transformers():
     from rollover.tasks.arithmetic import arithmetic_record
 
     path = Path(resolve_model_path("builtin:tiny-math"))
-    assert path == Path(__file__).resolve().parents[2] / "trainer" / "builtin_models" / "tiny-math"
+    assert path == Path(__file__).resolve().parents[2] / "trainer" / "builtin" / "shipped" / "tiny-math"
     info = json.loads((path / "build_info.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -60,7 +60,7 @@ def test_the_build_script_reproduces_the_shipped_accuracy_band(tmp_path):
     from rollover.tasks.arithmetic import arithmetic_record
 
     out = tmp_path / "tiny-math"
-    result = subprocess.run([sys.executable, "-m", "rollover.trainer.builtin_model", "tiny-math",
+    result = subprocess.run([sys.executable, "-m", "rollover.trainer.builtin.models", "tiny-math",
                              "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     rebuilt = json.loads((out / "build_info.json").read_text())

@@ -25,7 +25,7 @@ from rollover.rollout.cluster import EngineFactory, connect
 from rollover.rollout.engine import SamplingSettings
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.settings import EngineSettings
-from rollover.trainer.builtin_model import resolve_model_path
+from rollover.trainer.builtin.models import resolve_model_path
 from rollover.rollout.config import ClusterConfig
 
 pytestmark = pytest.mark.integration

@@ -90,7 +90,7 @@ def test_verbose_shows_everything_and_still_writes_the_log_file(tmp_path):
 CAPTURE_SCRIPT = """
 import os, shutil, sys
 from pathlib import Path
-from rollover.trainer.console import console, error_line, finish_capture, log_to, start_capture
+from rollover.trainer.runtime.console import console, error_line, finish_capture, log_to, start_capture
 
 start_capture(verbose=False)
 os.write(2, b"before the run folder is known\\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollover.trainer.uid_log import read_trained
+from rollover.trainer.runtime.uid_log import read_trained
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rollover.trainer.run_folder import LOCK_FILE
+from rollover.trainer.runtime.run_folder import LOCK_FILE
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,9 +34,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from rollover.swarm.entries import SIGNATURE_RE, payload_key, shard_of, status_key
 from rollover.swarm.identity import load_or_create_identity
-from rollover.swarm.receive import Inbox, Incoming
+from rollover.swarm.inbox import Inbox, Incoming
 from rollover.swarm.records import Caps, encode_group
-from rollover.swarm.sampler import SenderCredit
+from rollover.swarm.credit import SenderCredit
 from rollover.swarm.transport import SwarmTransport, harden_dht_pipe
 from rollover.tasks import arithmetic
 from rollover.tasks.registry import build_task

@@ -10,7 +10,7 @@ def save_tiny_model(folder, **config_overrides) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rollover.trainer.builtin_model import make_tokenizer
+    from rollover.trainer.builtin.models import make_tokenizer
 
     tokenizer = make_tokenizer()
     settings = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

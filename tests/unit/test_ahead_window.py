@@ -3,7 +3,7 @@
 import time
 from types import SimpleNamespace
 
-from rollover.rollout.ahead import RolloutAhead
+from rollover.rollout.pipeline import RolloutAhead
 
 
 def test_a_fresh_window_leaves_out_what_came_before_it():

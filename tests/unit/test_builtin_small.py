@@ -7,11 +7,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from rollover.trainer import builtin_model as bm
+from rollover.trainer.builtin import models as bm
 
 
 def test_tiny_math_still_resolves_to_its_shipped_folder():
-    shipped = Path(bm.__file__).parent / "builtin_models" / "tiny-math"
+    shipped = Path(bm.__file__).parent / "shipped" / "tiny-math"
     assert bm.shipped_path("tiny-math") == shipped
     assert bm.resolve_model_path("builtin:tiny-math", progress=False) == str(shipped)
 
@@ -30,10 +30,9 @@ def test_small_math_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ROLLOVER_CACHE", str(tmp_path))
     built = []
 
-    def fake_build(name, settings, target, progress):
+    def fake_build(name, settings, out, progress):  # writes into the fresh folder it is given
         built.append(name)
-        target.mkdir()
-        (target / "build_info.json").write_text(json.dumps({"settings": settings.as_dict()}))
+        (out / "build_info.json").write_text(json.dumps({"settings": settings.as_dict()}))
 
     monkeypatch.setattr(bm, "_build", fake_build)
     assert bm.shipped_path("small-math") is None  # too big for git: never shipped

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollover.tasks.registry import ArithmeticTask
-from rollover.trainer import builtin_model as bm
-from rollover.trainer import builtin_variants as bv
+from rollover.trainer.builtin import models as bm
+from rollover.trainer.builtin import variants as bv
 
 WIDE = "builtin:tiny-math-wide"
 

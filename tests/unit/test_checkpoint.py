@@ -131,7 +131,7 @@ def test_pruned_folders_are_renamed_before_they_are_deleted(tmp_path):
 
 
 def test_the_uid_log_keeps_one_line_per_step_across_a_resume(tmp_path):
-    from rollover.trainer.uid_log import UID_LOG, forget_trained_after, log_trained, read_trained
+    from rollover.trainer.runtime.uid_log import UID_LOG, forget_trained_after, log_trained, read_trained
 
     for step in (1, 2, 3):
         log_trained(tmp_path, step, [10 * step, 10 * step + 1])

@@ -3,7 +3,7 @@
 import pytest
 
 from rollover.trainer.config import RecipeError, load_recipe
-from rollover.trainer.cpu_split import check_engine_cpus, parse_cpu_list
+from rollover.trainer.runtime.cpu_split import check_engine_cpus, parse_cpu_list
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

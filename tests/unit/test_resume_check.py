@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rollover.trainer.config import load_recipe, to_yaml
-from rollover.trainer.resume_check import ResumeMismatch, check_resume
+from rollover.trainer.runtime.resume_check import ResumeMismatch, check_resume
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes/grpo_math.yaml"

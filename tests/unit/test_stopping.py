@@ -20,7 +20,7 @@ from test_buffer import FakeEngine, _config, _score, _stop_by_uid
 from test_scheduler_failures import LoggedSource, assert_conserved
 
 from rollover.rollout.april import AprilScheduler
-from rollover.trainer.stopping import (
+from rollover.trainer.runtime.stopping import (
     GracefulStop,
     StopAtSafePoint,
     StopRequested,
@@ -119,7 +119,7 @@ def test_processes_started_with_sigint_blocked_ignore_a_terminal_ctrl_c():
 def _script(body: str) -> subprocess.CompletedProcess:
     """Run `body` in a fresh Python with rl-train's handler installed and training under way."""
     prelude = ("import hashlib, os, signal, sys, time\n"
-               "from rollover.trainer.stopping import GracefulStop\n"
+               "from rollover.trainer.runtime.stopping import GracefulStop\n"
                "stop = GracefulStop().install()\n"
                "stop.phase = 'training'\n")
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)],

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.utils import ValueWithExpiration
 
 from rollover.swarm.payload_cache import PayloadCache
-from rollover.swarm.receive import Inbox, Incoming
+from rollover.swarm.inbox import Inbox, Incoming
 from rollover.swarm.records import Caps, encode_group
-from rollover.swarm.sampler import ESTABLISHED_ROUNDS, SENIOR_ROUNDS, TRIM_AT, SenderCredit, draw_weights
+from rollover.swarm.credit import ESTABLISHED_ROUNDS, SENIOR_ROUNDS, TRIM_AT, SenderCredit, draw_weights
 from rollover.tasks import arithmetic
 
 from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path

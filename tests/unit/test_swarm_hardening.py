@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 
-from rollover.swarm.receive import Inbox, Incoming
+from rollover.swarm.inbox import Inbox, Incoming
 from rollover.swarm.records import Caps, Rejected, decode_group, encode_group
-from rollover.swarm.sampler import SenderCredit
+from rollover.swarm.credit import SenderCredit
 from rollover.tasks.registry import DatasetTask, record_from_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -366,7 +366,7 @@ def _chat_tokenizer():
 @pytest.mark.parametrize("make, markup", [
     ("builtin", "</s>"), ("builtin", "<s>"), ("chat", "<|im_end|>"), ("chat", "<|im_start|>")])
 def test_special_token_markup_in_peer_text_stays_text(make, markup):
-    from rollover.trainer.builtin_model import make_tokenizer
+    from rollover.trainer.builtin.models import make_tokenizer
 
     tokenizer = make_tokenizer() if make == "builtin" else _chat_tokenizer()
     assert tokenizer.convert_tokens_to_ids(markup) in tokenizer.all_special_ids  # a real special token
@@ -385,7 +385,7 @@ def test_special_token_markup_in_peer_text_stays_text(make, markup):
 
 
 def test_peer_text_filling_the_budget_is_cut_off_not_stopped():
-    from rollover.trainer.builtin_model import make_tokenizer
+    from rollover.trainer.builtin.models import make_tokenizer
 
     tokenizer = make_tokenizer()  # one token per character
     judge, _ = _judge(tokenizer, max_tokens=8)

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from rollover.swarm.receive import Incoming, Inbox
+from rollover.swarm.inbox import Incoming, Inbox
 from rollover.swarm.records import Caps, encode_group
-from rollover.swarm.sampler import SenderCredit, per_sender_cap
+from rollover.swarm.credit import SenderCredit, per_sender_cap
 from rollover.tasks import arithmetic
 
 from swarm_fakes import TASK, CharJudge  # noqa: E402 - tests/unit is on sys.path

@@ -14,7 +14,7 @@ import time
 import rollover.swarm.payload_cache  # noqa: F401 - loaded by a real transport's start (hivemind: ~1.5 s)
 from rollover.rollout.types import Group, Sample
 from rollover.swarm.node import SwarmNode
-from rollover.swarm.receive import Incoming
+from rollover.swarm.inbox import Incoming
 from rollover.swarm.records import encode_group
 from rollover.tasks import arithmetic
 from rollover.swarm.config import SwarmConfig

@@ -28,7 +28,7 @@ FAKE_RUN = textwrap.dedent("""
     if __name__ == "__main__":
         mode = sys.argv[1]
         if mode != "unwatched":
-            from rollover.trainer import watchdog
+            from rollover.trainer.runtime import watchdog
             watchdog.start()
         child = mp.get_context("spawn").Process(target=engine)
         child.start()

@@ -21,7 +21,7 @@ from rollover.rollout.pool import EnginePool
 from rollover.rollout.weights.weight_check import (AGREE_TOL, MOVED_FLOOR, CheckedWeightSync,
                                                    EngineReading, WeightCheck, WeightSyncFailed,
                                                    probe_ids, within)
-from rollover.trainer import failpoints
+from rollover.trainer.runtime import failpoints
 from rollover.trainer.config import LoraConfig, ModelConfig
 from rollover.trainer.policy import Policy
 

@@ -13,15 +13,15 @@ than on a step count leaves RL room to improve it.
   EPYC with bf16) and cached.
 - `builtin:tiny-math-wide`: tiny-math widened to hidden 192 with a permuted vocabulary, the same
   policy with other shapes and token ids (heterogeneous swarm tests). Derived from tiny-math's
-  weights in about a second, no training, and cached (trainer/builtin_variants.py).
+  weights in about a second, no training, and cached (trainer/builtin/variants.py).
 
-The weights this script made are shipped in `trainer/builtin_models/<name>/` and used as they
+The weights this script made are shipped in `trainer/builtin/shipped/<name>/` and used as they
 are: the same model on every machine. A rebuild is not bit-identical across CPUs (a build on an
 Intel Xeon stopped at 25% held-out accuracy where this one stopped at 42%, and the demo then
 learned less), so the shipped file is the reference and a rebuild only has to land in the same
 accuracy band (`ACCURACY_BAND`, checked by a test). A build is used only when the shipped folder
 is missing or was made with other settings; it is cached, keyed by a hash of the settings.
-Rebuild the shipped file with `python -m rollover.trainer.builtin_model tiny-math --out DIR`.
+Rebuild the shipped file with `python -m rollover.trainer.builtin.models tiny-math --out DIR`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import shutil
 import string
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -100,7 +101,7 @@ BUILTINS = {
         target_accuracy=0.25, min_steps=200, bf16_autocast=True,
     ),
 }
-SHIPPED_DIR = Path(__file__).parent / "builtin_models"
+SHIPPED_DIR = Path(__file__).parent / "shipped"
 # Held-out greedy accuracy a tiny-math build must land in: at least the stop target, low enough to
 # leave RL room. Builds on other CPUs land at different points of it.
 ACCURACY_BAND = (0.25, 0.60)
@@ -126,32 +127,51 @@ def resolve_model_path(path: str, progress: bool = True) -> str:
     if not path.startswith(BUILTIN_PREFIX):
         return path
     name = path[len(BUILTIN_PREFIX):]
-    from rollover.trainer.builtin_variants import VARIANTS, resolve_variant
+    from rollover.trainer.builtin.variants import VARIANTS, resolve_variant
 
     if name in VARIANTS:  # derived from a built-in's weights, not trained
         return resolve_variant(name, progress)
+    from rollover.trainer.builtin.chat_math import CHAT_BUILTINS, resolve_chat
+
+    if name in CHAT_BUILTINS:  # a BPE chat model (trainer/builtin/chat_math.py)
+        return resolve_chat(name, progress)
     if name not in BUILTINS:
-        known = ", ".join([*BUILTINS, *VARIANTS])
+        known = ", ".join([*BUILTINS, *VARIANTS, *CHAT_BUILTINS])
         raise ValueError(f"unknown built-in model '{path}' (known: {known})")
     shipped = shipped_path(name)
     if shipped is not None:
         return str(shipped)
     settings = BUILTINS[name]
     target = cache_root() / f"{name}-{settings.key()}"
-    return build_once(target, lambda: _build(name, settings, target, progress))
+    return build_once(target, lambda out: _build(name, settings, out, progress))
 
 
-def build_once(target: Path, build) -> str:
-    """`target` once built: `build()` runs only if its build_info.json is missing, under a lock,
-    so one process builds and the others wait and reuse."""
+def build_once(target: Path, write: Callable[[Path], object]) -> str:
+    """`target` once built: `write(folder)` runs only if its build_info.json is missing, under a
+    lock, so one process builds and the others wait and reuse (see `write_atomically`)."""
     if (target / "build_info.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "build_info.json").is_file():
-            build()
+            write_atomically(target, write)
     return str(target)
+
+
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """`write(folder)` fills a fresh folder beside `target`, which then replaces `target` in one
+    rename: a build that fails or is killed leaves no half-written model behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def make_tokenizer():
@@ -237,8 +257,8 @@ def greedy_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int =
     return sum(hits) / len(hits)
 
 
-def _build(name: str, settings: BuildSettings, target: Path, progress: bool) -> None:
-    """Train the warm start and save it atomically (temporary folder renamed into place)."""
+def _build(name: str, settings: BuildSettings, out: Path, progress: bool) -> None:
+    """Train the warm start and save it into the folder `out` (`write_atomically` gives a fresh one)."""
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -276,18 +296,14 @@ def _build(name: str, settings: BuildSettings, target: Path, progress: bool) -> 
                                       f"({time.time() - started:.0f} s)")
                 if step >= settings.min_steps and accuracy >= settings.target_accuracy:
                     break
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
     info = {"settings": settings.as_dict(), "steps": step, "held_out_greedy_accuracy": accuracy,
             "build_seconds": round(time.time() - started, 1),
             "parameters": sum(p.numel() for p in model.parameters()),
             "machine": _cpu_name(), "torch": torch.__version__,
             "autocast": "bfloat16" if bf16 else "none"}
-    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    (out / "build_info.json").write_text(json.dumps(info, indent=2))
 
 
 def _native_bf16() -> bool:
@@ -313,14 +329,13 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Build a builtin model into a folder (how the shipped weights were made)."""
-    parser = argparse.ArgumentParser(prog="python -m rollover.trainer.builtin_model",
+    parser = argparse.ArgumentParser(prog="python -m rollover.trainer.builtin.models",
                                      description="Build a builtin model from scratch.")
     parser.add_argument("name", choices=sorted(BUILTINS))
     parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
     target = Path(args.out).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _build(args.name, BUILTINS[args.name], target, progress=True)
+    write_atomically(target, lambda out: _build(args.name, BUILTINS[args.name], out, progress=True))
     info = json.loads((target / "build_info.json").read_text())
     print(f"{args.name}: {info['steps']} steps, held-out greedy accuracy "
           f"{info['held_out_greedy_accuracy']:.1%}, {info['build_seconds']} s -> {target}")

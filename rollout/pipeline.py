@@ -124,7 +124,6 @@ class RolloutAhead:
         self.engine_wait.stop()
         while self.ready:  # newest first, so the buffer's draw order is kept either way
             self.scheduler.give_back(self.ready.pop().groups)
-            self.scheduler.steps -= 1
         self.scheduler.check_conservation()
 
     def start_window(self) -> None:

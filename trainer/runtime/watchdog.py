@@ -57,7 +57,7 @@ def start(stderr: IO[str] | None = None) -> subprocess.Popen:
     global _write_fd, _watchdog_pid
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollover.trainer.watchdog", str(os.getpid()), str(read_fd)],
+        [sys.executable, "-m", "rollover.trainer.runtime.watchdog", str(os.getpid()), str(read_fd)],
         pass_fds=(read_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
         start_new_session=True)
     os.close(read_fd)

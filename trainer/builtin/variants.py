@@ -15,7 +15,7 @@ How the function is kept:
   lm_head) rows move with their token, so logits are permuted, not changed.
 
 Built on first use into `cache_root()`, keyed by the settings and the base weights' hash, under
-the same kind of lock as builtin_model's builds, and renamed into place when complete.
+the same kind of lock as models.py's builds, and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rollover.trainer import builtin_model as bm
+from rollover.trainer.builtin import models as bm
 
 WEIGHTS = "model.safetensors"
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -76,20 +73,12 @@ def resolve_variant(name: str, progress: bool = True) -> str:
     base = Path(bm.resolve_model_path(bm.BUILTIN_PREFIX + settings.base, progress))
     target = bm.cache_root() / f"{name}-{variant_key(settings, base)}"
 
-    def build() -> None:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        try:
-            info = build_variant(settings, base, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+    def write(out: Path) -> None:
+        info = build_variant(settings, base, out)
         if progress:
             print(f"built {bm.BUILTIN_PREFIX}{name} from {base} in {info['build_seconds']} s")
 
-    return bm.build_once(target, build)
+    return bm.build_once(target, write)
 
 
 def build_variant(settings: VariantSettings, base: Path, out: Path) -> dict:

@@ -28,7 +28,7 @@ from rollover.rollout.types import Group
 from rollover.swarm.candidates import POOL_CAP, Candidate, CandidatePool, Rank
 from rollover.swarm.copies import CopyMemory
 from rollover.swarm.records import Caps, Rejected, completion_digest, decode_group, group_digest
-from rollover.swarm.sampler import SenderCredit, draw_weights, newcomer_slots, per_sender_cap
+from rollover.swarm.credit import SenderCredit, draw_weights, newcomer_slots, per_sender_cap
 from rollover.tasks.registry import SpecError, Task, record_from_spec
 
 __all__ = ["Candidate", "Inbox", "Incoming", "Judge", "ROUNDS_KEPT"]

@@ -10,7 +10,7 @@ A run goes through three phases, and a first signal does what is safe in each:
   raises `StopAtSafePoint`; the update, the weight sync and a checkpoint write are never cut:
   the loop checks `stop_requested()` after them;
 - finishing (summary, shutdown): the run completes.
-A second signal exits at once (`os._exit`); the watchdog (trainer/watchdog.py) stops the engine.
+A second signal exits at once (`os._exit`); the watchdog (trainer/runtime/watchdog.py) stops the engine.
 Python runs a signal handler only when the main thread is back in the interpreter, and two
 signals that arrive while it is inside one long C call (a backward pass, a weight load) run the
 handler once. So signals are also counted where each one is seen: the C-level handler writes one
@@ -126,8 +126,8 @@ class GracefulStop:
         if not self._exiting.acquire(blocking=False):
             return  # the other counter is already exiting
         try:
-            from rollover.trainer import watchdog
-            from rollover.trainer.console import error_line
+            from rollover.trainer.runtime import watchdog
+            from rollover.trainer.runtime.console import error_line
 
             watchdog.clean_end()  # on purpose: it stops the engine without a message
             error_line(f"rl-train: second {signal.Signals(signum).name}: exiting now; the last "

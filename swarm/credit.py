@@ -2,7 +2,7 @@
 
 A sender earns credit when the groups it sent turned out informative and held at least one
 completion this node verified correct; it loses it when they did not (or were rejected).
-Sampling (swarm/receive.py, `Inbox.take`) is weighted by credit, so a peer that wastes our compute gets picked less and less,
+Sampling (swarm/inbox.py, `Inbox.take`) is weighted by credit, so a peer that wastes our compute gets picked less and less,
 and no sender fills more than its share of a step however much it publishes.
 
 Keys are free, so credit is earned, never granted, and slowly: every sender not yet
