@@ -96,18 +96,31 @@ class RolloutAhead:
         self.outstanding += 1
         return result
 
-    async def load_weights(self, load: Callable[[], Awaitable[Any]] | None) -> None:
-        """The trainer is done with its batch: `load` puts the new weights into the engine
-        (None when the update changed nothing)."""
+    async def load_weights(self, weights: Any, check: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]) -> None:
+        """The trainer is done with its batch: put `weights` into the engine (None when the update
+        changed nothing). The one rule for how a load meets the requests running ahead: with
+        `interrupt: keep` vLLM freezes them and the load goes in under them; with `abort` the
+        running step is interrupted (its samples resume from their token ids) and the load waits
+        for an idle engine, as it always does when nothing runs ahead. `check(load)` runs the load
+        under the caller's deadline and proves it (rollout/weights/weight_check.py)."""
         try:
-            if load is None:
+            if weights is None:
                 return
+            engine = self.scheduler.engine
+            keep = self.max_async > 0 and self.interrupt_mode == "keep"
+
+            async def load() -> Any:
+                if keep:
+                    return await engine.update_weights(weights, keep_requests=True)
+                await engine.wait_idle()
+                return await engine.update_weights(weights)
+
             self._set(loading=True)
             try:
-                if self.max_async == 0 or self.interrupt_mode == "keep":
-                    await load()
+                if self.max_async == 0 or keep:
+                    await check(load)
                 else:
-                    await self.scheduler.interrupt(load)
+                    await self.scheduler.interrupt(lambda: check(load))
             finally:
                 self._set(loading=False)
         finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import pstdev, stdev
 from typing import Any
@@ -24,7 +25,7 @@ from rollover.algos.advantages import group_advantages
 from rollover.rollout.pipeline import RolloutAhead
 from rollover.rollout.april import AprilScheduler
 from rollover.rollout.buffer import group_age
-from rollover.rollout.engine import RolloutEngine
+from rollover.rollout.engine_api import Engine
 from rollover.rollout.types import Group
 from rollover.rollout.weights.weight_check import CheckedWeightSync, WeightSyncFailed, within
 from rollover.swarm.node import AUDIT_LOG, SwarmNode
@@ -37,7 +38,6 @@ from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.external import LocalJudge
-from rollover.trainer.group_scorer import GroupScorer, informative
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.policy import Policy
 from rollover.trainer.runtime.stopping import StopAtSafePoint, stop_requested, stoppable
@@ -64,27 +64,31 @@ class PromptStream:
                                        self.recipe.task.system_prompt)
 
 
+@dataclass
+class RolloutParts:
+    """What the Trainer is handed, built from the recipe by the composition root (trainer/build.py)."""
+
+    prompts: PromptStream  # fresh prompts for the scheduler; its cursor is checkpointed
+    scheduler: AprilScheduler  # APRIL: N scored groups per step
+    ahead: RolloutAhead  # the pipeline: batches rolled out ahead, and the weight-load rule
+    weight_sync: CheckedWeightSync  # every load under a deadline, then proven by a log-prob probe
+    judge: LocalJudge  # builds and scores peers' groups for the swarm
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, task: Task, rewards: RewardRunner, policy: Policy,
-                 engine: RolloutEngine, tracker: Tracker, output_dir: Path, swarm: SwarmNode | None = None):
+    def __init__(self, recipe: Recipe, task: Task, rewards: RewardRunner, policy: Policy, engine: Engine,
+                 tracker: Tracker, output_dir: Path, parts: RolloutParts, swarm: SwarmNode | None = None):
         self.recipe, self.task, self.rewards, self.policy = recipe, task, rewards, policy
         self.engine, self.tracker, self.output_dir = engine, tracker, output_dir
         self.swarm = swarm  # SAPO: peers' groups join each step's batch (swarm/node.py)
-        self.scorer = GroupScorer(rewards, recipe.algo, recipe.rollout.max_tokens)
-        self.judge = LocalJudge(recipe, policy, self.scorer)
+        self.prompts, self.scheduler, self.ahead = parts.prompts, parts.scheduler, parts.ahead
+        self.weight_sync, self.judge = parts.weight_sync, parts.judge
         train = recipe.train
         self.optimizer = build_optimizer(policy.trainable_parameters(), lr=train.lr,
                                          weight_decay=train.weight_decay)
         self.lr_schedule = build_lr_schedule(self.optimizer, train)
         if recipe.algo.kl_coef > 0:
             policy.enable_reference()
-        self.prompts = PromptStream(task, policy.tokenizer, recipe)
-        self.scheduler = AprilScheduler(engine, recipe.rollout, self.prompts, self.scorer,
-                                        informative if recipe.algo.dynamic_sampling else None,
-                                        max_rejections_per_step=recipe.rollout.max_rejections_per_step)
-        self.ahead = RolloutAhead(self.scheduler, recipe.rollout.max_async, recipe.rollout.interrupt)
-        # Every load under a deadline, then proven by a log-prob probe (rollout/weights/weight_check.py).
-        self.weight_sync = CheckedWeightSync(engine, policy, recipe.rollout.weight_load_timeout_s)
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
                                         recipe.task.system_prompt) for r in self.eval_records]
@@ -148,22 +152,43 @@ class Trainer:
         return result
 
     async def train_step(self) -> dict[str, Any]:
-        recipe = self.recipe
-        started = time.perf_counter()
+        """One step: a batch of scored groups (rolled out ahead, when the pipeline runs), peers'
+        groups beside it, advantages, the update, and the new weights into the engine."""
+        clock = {"start": time.perf_counter()}
         result = await stoppable(self.ahead.next_batch())  # a stop files every group in the buffer
-        rollout_seconds = time.perf_counter() - started
+        clock["rollout"] = time.perf_counter()
         groups = result.groups
         token_age = oldest_token_age(groups, self.engine.policy_version)
-        if token_age > recipe.rollout.max_staleness:
+        if token_age > self.recipe.rollout.max_staleness:
             raise RuntimeError(f"a batch holds a token {token_age} versions old (rollout.max_staleness="
-                               f"{recipe.rollout.max_staleness}): a scheduler bug")
+                               f"{self.recipe.rollout.max_staleness}): a scheduler bug")
         external, swarm_metrics = ([], {}) if self.swarm is None else \
             await self.swarm.exchange(self.step, groups, self.judge)
         rows = self._rows(groups, external)
-        train_started = time.perf_counter()
+        clock["batch"] = time.perf_counter()
+        stats = await self._update(rows)
+        clock["train"] = time.perf_counter()
+        await self._sync_weights(changed=stats["updates"] > 0, started=clock["train"])
+        clock["sync"] = time.perf_counter()
+        self.step += 1
+        self.train_seconds += clock["sync"] - clock["start"]
+        metrics = {**result.metrics, **group_metrics(groups, result.metrics.get("rollout/filter_drops", 0)),
+                   **self._step_metrics(stats, rows, clock), "pipeline/max_token_age": token_age,
+                   **swarm_metrics}
+        self.tracker.log(self.step, metrics)
+        log_trained(self.output_dir, self.step, [g.uid for g in groups])
+        stop = self.rewards.stop_reason()  # a reward that fails on every sample is a bug
+        if stop is not None:
+            raise TrainingStopped(stop)
+        return metrics
+
+    async def _update(self, rows: list) -> dict[str, Any]:
+        """The update, in a thread (the event loop keeps streaming the rollout running ahead);
+        a non-finite loss is a counted bad step, never a crash."""
+        recipe = self.recipe
         await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
         self.ahead.trainer_busy.start()
-        try:  # in a thread: the event loop keeps streaming the rollout running ahead
+        try:
             stats = await asyncio.to_thread(
                 train_on_batch, self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
                 recipe.train, version=self.engine.policy_version, max_tokens=recipe.rollout.max_tokens,
@@ -176,39 +201,33 @@ class Trainer:
         refused = stats.pop("nonfinite_reason", None)
         if refused is not None:  # earlier mini-batches were applied: the weights did change
             self._count_bad_step(f"{refused}; the step's later updates were not applied")
-        train_seconds = time.perf_counter() - train_started
-        sync_started = time.perf_counter()
-        await within(self.engine.wake_up(), self.recipe.rollout.weight_load_timeout_s,
-                     f"step {self.step + 1}'s engine wake-up")
-        # Any applied update changes the weights the engine must serve.
-        weights = (self.policy.engine_weights(cast=not transport_casts(self.engine))
-                   if stats["updates"] > 0 else None)
+        return stats
+
+    async def _sync_weights(self, changed: bool, started: float) -> None:
+        """Wake the engine; if any update was applied, load the new weights (the pipeline decides
+        how they meet running requests) under the deadline, then prove them."""
+        label = f"step {self.step + 1}"
+        await within(self.engine.wake_up(), self.recipe.rollout.weight_load_timeout_s, f"{label}'s engine wake-up")
+        weights = self.policy.engine_weights(cast=not transport_casts(self.engine)) if changed else None
         try:
-            await self.ahead.load_weights(None if weights is None else lambda: self._load(weights))
+            await self.ahead.load_weights(weights, lambda load: self.weight_sync.load(load, f"{label}'s weight sync"))
         except WeightSyncFailed:
             self.tracker.log(self.step + 1, {"weights/fingerprint_ok": 0.0,
-                                             "time/weight_sync": time.perf_counter() - sync_started})
+                                             "time/weight_sync": time.perf_counter() - started})
             raise
-        sync_seconds = time.perf_counter() - sync_started
-        self.step += 1
-        step_seconds = time.perf_counter() - started
-        self.train_seconds += step_seconds
-        metrics = {**result.metrics, **group_metrics(groups, result.metrics.get("rollout/filter_drops", 0)),
-                   **stats, **({"kl": stats["kl_ref"]} if "kl_ref" in stats else {}),
-                   "policy_version": self.engine.policy_version,
-                   "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
-                   **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
-                   "time/rollout": rollout_seconds, "time/train": train_seconds,
-                   "time/weight_sync": sync_seconds, "time/step": step_seconds,
-                   **self.weight_sync.take_metrics(),  # weights/fingerprint_ok, when weights loaded
-                   "pipeline/max_token_age": token_age, **self.ahead.window_metrics(), **swarm_metrics,
-                   "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
-        self.tracker.log(self.step, metrics)
-        log_trained(self.output_dir, self.step, [g.uid for g in groups])
-        stop = self.rewards.stop_reason()  # a reward that fails on every sample is a bug
-        if stop is not None:
-            raise TrainingStopped(stop)
-        return metrics
+
+    def _step_metrics(self, stats: dict[str, Any], rows: list, clock: dict[str, float]) -> dict[str, Any]:
+        """The update's statistics, counters, and where the step's time went."""
+        step_seconds = clock["sync"] - clock["start"]
+        return {**stats, **({"kl": stats["kl_ref"]} if "kl_ref" in stats else {}),
+                "policy_version": self.engine.policy_version,
+                "bad_steps": self.bad_steps, "reward_failures": sum(self.rewards.failures.values()),
+                **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
+                "time/rollout": clock["rollout"] - clock["start"], "time/train": clock["train"] - clock["batch"],
+                "time/weight_sync": clock["sync"] - clock["train"], "time/step": step_seconds,
+                **self.weight_sync.take_metrics(),  # weights/fingerprint_ok, when weights loaded
+                **self.ahead.window_metrics(),
+                "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}
 
     def _rows(self, groups: list[Group], external: list[Group]) -> list:
         """Training rows: advantages within each group; a peer's group may have another size, so
@@ -220,20 +239,6 @@ class Trainer:
             alone = group_advantages(torch.tensor([group.rewards], dtype=torch.float32), std)
             rows += rows_from_groups([group], alone)
         return rows
-
-    async def _load(self, weights) -> None:
-        """Put new weights into the engine: in place under running requests (`interrupt: keep`
-        while rolling out ahead), else into the idle engine; under the deadline, then checked
-        (WeightSyncFailed stops the run)."""
-        rollout = self.recipe.rollout
-
-        async def load() -> int:
-            if rollout.max_async > 0 and rollout.interrupt == "keep":
-                return await self.engine.update_weights(weights, keep_requests=True)
-            await self.engine.wait_idle()
-            return await self.engine.update_weights(weights)
-
-        await self.weight_sync.load(load, f"step {self.step + 1}'s weight sync")
 
     def _count_bad_step(self, reason: str) -> None:
         """One more non-finite step; stop the run past `train.max_bad_steps`."""

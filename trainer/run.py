@@ -18,7 +18,7 @@ from rollover.tasks.errors import RolloverError, UsageError
 from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.runtime import failpoints, watchdog
-from rollover.trainer.build import engine_settings
+from rollover.trainer.build import build_trainer, engine_settings
 from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
 from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer
@@ -125,7 +125,7 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
         tracker = Tracker(recipe.tracking, output_dir, recipe.model_dump(mode="json"), output_dir.name)
         swarm = SwarmNode(recipe.swarm, task, recipe.rollout.group_size, output_dir,
                           recipe.train.seed) if recipe.swarm.enabled else None
-        trainer = Trainer(recipe, task, rewards, policy, engine, tracker, output_dir, swarm)
+        trainer = build_trainer(recipe, task, rewards, policy, engine, tracker, output_dir, swarm)
         failpoints.arm(trainer)  # ROLLOVER_FAILPOINT (the kill test) only
         stop.phase = "training"
         summary = asyncio.run(_train(trainer, checkpoint))

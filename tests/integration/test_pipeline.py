@@ -13,7 +13,7 @@ from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.checkpoint import load_trainer_state
 from rollover.trainer.config import Recipe
-from rollover.trainer.loop import Trainer
+from rollover.trainer.build import build_trainer
 from rollover.trainer.policy import Policy
 from rollover.trainer.run import load_checkpoint_weights
 from rollover.trainer.tracking import Tracker
@@ -44,7 +44,7 @@ class Spied:
         self.task = build_task(recipe.task)
         self.rewards = RewardRunner.from_config(recipe.task, self.task)
         self.policy = Policy(recipe.model, recipe.train.lora)
-        self.trainer = Trainer(recipe, self.task, self.rewards, self.policy, engine,
+        self.trainer = build_trainer(recipe, self.task, self.rewards, self.policy, engine,
                                Tracker(recipe.tracking, folder, {}, "test"), folder)
         self.batches: list[tuple[int, list]] = []  # (version trained at, groups)
         take = self.trainer.ahead.next_batch

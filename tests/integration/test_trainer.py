@@ -10,7 +10,8 @@ from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.checkpoint import latest_checkpoint, load_trainer_state
 from rollover.trainer.config import Recipe
-from rollover.trainer.loop import Trainer, TrainingStopped
+from rollover.trainer.build import build_trainer
+from rollover.trainer.loop import TrainingStopped
 from rollover.trainer.policy import Policy
 from rollover.trainer.tracking import Tracker
 
@@ -36,7 +37,7 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
     rewards = RewardRunner.from_config(recipe.task, task)
     policy = Policy(recipe.model, recipe.train.lora)
     tracker = Tracker(recipe.tracking, tmp_path, {}, "test")
-    trainer = Trainer(recipe, task, rewards, policy, engine, tracker, tmp_path)
+    trainer = build_trainer(recipe, task, rewards, policy, engine, tracker, tmp_path)
     try:
         start_version = engine.policy_version
         first = run(trainer.train_step())

@@ -16,7 +16,7 @@ import pytest
 CASES = {
     # (what raises, base class, expected status, expected stderr line start)
     "usage_before_the_engine": ("run.build_task", "UsageError", 2, "rl-train: error: made-up mistake"),
-    "failure_after_the_engine": ("run.Trainer", "RolloverError", 1, "rl-train: stopped at step 0: made-up mistake"),
+    "failure_after_the_engine": ("run.build_trainer", "RolloverError", 1, "rl-train: stopped at step 0: made-up mistake"),
 }
 
 
