@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test unit clean
+.PHONY: install demo test test-fast unit clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q
+
+# While developing: the unit tests and the integration tests that share one engine start.
+test-fast: install
+	$(PY) -m pytest tests/integration/test_engine.py tests/integration/test_april.py tests/unit -q
 
 unit: install
 	$(PY) -m pytest tests/unit -q
