@@ -28,7 +28,7 @@ from rollover.rollout.buffer import group_age
 from rollover.rollout.engine_api import Engine
 from rollover.rollout.types import Group
 from rollover.rollout.weights.weight_check import CheckedWeightSync, WeightSyncFailed, within
-from rollover.swarm.node import AUDIT_LOG, SwarmNode
+from rollover.swarm.node import SwarmNode
 from rollover.tasks.errors import RolloverError
 from rollover.tasks.prompts import prompt_ids
 from rollover.tasks.registry import Task
@@ -41,8 +41,9 @@ from rollover.trainer.external import LocalJudge
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.policy import Policy
 from rollover.trainer.runtime.stopping import StopAtSafePoint, stop_requested, stoppable
-from rollover.trainer.tracking import Tracker, busy_text, console, forget_steps_after, progress_bar
-from rollover.trainer.runtime.uid_log import forget_trained_after, log_trained
+from rollover.trainer.tracking import Tracker, busy_text, console, progress_bar
+from rollover.trainer.runtime.run_folder import rewind_step_logs
+from rollover.trainer.runtime.uid_log import log_trained
 from rollover.trainer.update import NonFiniteLoss, train_on_batch
 
 
@@ -118,10 +119,7 @@ class Trainer:
         # Checkpoints written before per-step reward accounting hold only the failure totals.
         self.rewards.load_state_dict(state.get("rewards", {"failures": state.get("rewards_failures", {})}))
         self.step = state["step"]
-        # The steps after the checkpoint are trained again: their old lines go.
-        self.tracker.forget_after(self.step)
-        forget_trained_after(self.output_dir, self.step)
-        forget_steps_after(self.output_dir / AUDIT_LOG, self.step)
+        rewind_step_logs(self.output_dir, self.step)  # the steps after it are trained again
         if self.swarm is not None and "swarm" in state:
             self.swarm.load_state_dict(state["swarm"])
         set_rng_state(state["rng"])

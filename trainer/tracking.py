@@ -67,13 +67,6 @@ class Tracker:
             console.print(f"W&B offline run in {Path(self.run.dir).parent} — upload with: "
                           f"wandb sync {Path(self.run.dir).parent}")
 
-    def forget_after(self, step: int) -> int:
-        """Drop metrics.jsonl lines of steps after `step` (a resume retrains them); returns how many.
-
-        Keeps one line per step whatever checkpoint a run resumes from. Rewritten atomically.
-        """
-        return forget_steps_after(self.metrics_path, step)
-
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")

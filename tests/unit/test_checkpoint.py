@@ -5,6 +5,7 @@ import json
 from rollover.trainer.checkpoint import find_checkpoint, save_checkpoint
 from rollover.trainer.config import LoraConfig, ModelConfig, TrackingConfig
 from rollover.trainer.policy import Policy
+from rollover.trainer.runtime.run_folder import rewind_step_logs
 from rollover.trainer.tracking import Tracker
 
 
@@ -46,7 +47,7 @@ def test_resume_keeps_one_metrics_line_per_step(tmp_path):
     tracker = Tracker(TrackingConfig(wandb="disabled"), tmp_path, {}, "t")
     for step in (1, 2, 3, 4, 5):
         tracker.log(step, {"loss": float(step)})
-    assert tracker.forget_after(2) == 3
+    assert rewind_step_logs(tmp_path, 2) == {"metrics.jsonl": 3}
     tracker.log(3, {"loss": 30.0})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["loss"]) for m in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
@@ -131,12 +132,28 @@ def test_pruned_folders_are_renamed_before_they_are_deleted(tmp_path):
 
 
 def test_the_uid_log_keeps_one_line_per_step_across_a_resume(tmp_path):
-    from rollover.trainer.runtime.uid_log import UID_LOG, forget_trained_after, log_trained, read_trained
+    from rollover.trainer.runtime.uid_log import UID_LOG, log_trained, read_trained
 
     for step in (1, 2, 3):
         log_trained(tmp_path, step, [10 * step, 10 * step + 1])
     with (tmp_path / UID_LOG).open("a") as log:
         log.write('{"step": 4, "ui')  # a line cut by a crash
-    assert forget_trained_after(tmp_path, 2) == 2  # step 3 and the cut line
+    assert rewind_step_logs(tmp_path, 2) == {UID_LOG: 2}  # step 3 and the cut line
     log_trained(tmp_path, 3, [99])
     assert read_trained(tmp_path) == [(1, [10, 11]), (2, [20, 21]), (3, [99])]
+
+
+def test_a_resume_rewinds_every_per_step_log_in_the_run_folder(tmp_path):
+    """The swarm's audit log is rewound with the trainer's own logs, though the trainer never
+    names it: every JSON-lines log at the top of the run folder is a per-step log."""
+    import json
+
+    from rollover.swarm.node import AUDIT_LOG
+
+    for name in (AUDIT_LOG, "metrics.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"step": step, "x": step}) + "\n" for step in (1, 2, 3, 4)))
+    (tmp_path / "rl-train.log").write_text("not a per-step log\n")
+    assert rewind_step_logs(tmp_path, 2) == {AUDIT_LOG: 2, "metrics.jsonl": 2}
+    for name in (AUDIT_LOG, "metrics.jsonl"):
+        assert [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "rl-train.log").read_text() == "not a per-step log\n"

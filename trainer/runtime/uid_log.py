@@ -2,16 +2,14 @@
 
 With the checkpoint's ledger it proves conservation across kills and resumes: every drawn uid
 was trained exactly once (it is in exactly one line), is buffered, or was dropped with a reason.
-A resume re-trains the steps after its checkpoint, so it first drops their lines (as the
-tracker does for `metrics.jsonl`): the log keeps exactly one line per step.
+A resume re-trains the steps after its checkpoint, so it first drops their lines
+(`run_folder.rewind_step_logs`, as for every per-step log): the log keeps one line per step.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from rollover.trainer.tracking import forget_steps_after
 
 UID_LOG = "trained_uids.jsonl"
 
@@ -31,11 +29,6 @@ def _entries(path: Path) -> list[dict]:
         except ValueError:
             continue
     return entries
-
-
-def forget_trained_after(output_dir: Path, step: int) -> int:
-    """Drop the lines of steps after `step`; returns how many."""
-    return forget_steps_after(output_dir / UID_LOG, step)
 
 
 def read_trained(output_dir: Path) -> list[tuple[int, list[int]]]:
