@@ -47,8 +47,12 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
         # returned ones per step, each scored once: a buffered group keeps its scores), counted
         # in the metrics, and never crashes the run.
         assert first["reward_failures"] == failed_after_first >= 12
-        # Per step and function too (scoring still running at a step's end counts in the next).
-        assert first[f"reward_failures/{JUDGE}"] >= 12 and second[f"reward_failures/{JUDGE}"] >= 12
+        # Per step and function too. A step's figure counts the samples scored during it, which
+        # need not be the samples it trains on: a group finished early in step 1 and kept for
+        # step 2 was scored (and counted) in step 1, so only the sum over steps is bounded below.
+        per_step = [first[f"reward_failures/{JUDGE}"], second[f"reward_failures/{JUDGE}"]]
+        assert per_step[0] >= 12 and sum(per_step) >= 2 * 12
+        assert sum(per_step) <= rewards.failures[JUDGE]  # scoring may go on after a step reports
         assert first["reward_failures/correctness"] == second["reward_failures/correctness"] == 0
         assert second["reward_failures"] >= 2 * 12 and second["reward_failures"] > failed_after_first
         assert engine.policy_version == start_version + 2  # each step's weights reached the engine
