@@ -155,3 +155,52 @@ def test_model_loads_generates_to_im_end_and_wraps_in_lora(model_dir, tok):
     assert 0 < trainable < sum(p.numel() for p in lora.parameters()) // 10
     with torch.no_grad():  # LoRA starts as the identity (B = 0)
         assert torch.equal(lora(torch.tensor([ids])).logits, base)
+
+
+def test_a_character_level_peers_group_crosses_into_the_bpe_node_as_text_not_tokens(tok):
+    """Heterogeneous swarm: tiny-math (one id per character) shares a group; the chat-math node
+    (byte-level BPE, ChatML) rebuilds it from the words alone, with its own prompt and ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollover.swarm.records import Caps, decode_group, encode_group
+    from rollover.tasks.prompts import prompt_ids
+    from rollover.tasks.registry import build_task, record_from_spec
+    from rollover.trainer.builtin.models import resolve_model_path
+    from rollover.trainer.config import load_recipe
+    from rollover.trainer.external import LocalJudge
+    from rollover.trainer.policy import Policy
+
+    sender_recipe = load_recipe(str(ROOT / "recipes" / "grpo_math.yaml"), [])
+    sender_task = build_task(sender_recipe.task)
+    sender_path = resolve_model_path("builtin:tiny-math")
+    sender_tok = AutoTokenizer.from_pretrained(sender_path)
+    sender_model = AutoModelForCausalLM.from_pretrained(sender_path, dtype=torch.float32).eval()
+    record = sender_task.record(11)
+    sent_prompt = prompt_ids(record, sender_tok, "raw", "")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = sender_model.generate(torch.tensor([sent_prompt]), max_new_tokens=12, do_sample=True,
+                                    num_return_sequences=3)
+    sent_ids = [row[len(sent_prompt):].tolist() for row in out]
+    texts = [sender_tok.decode(ids, skip_special_tokens=True) for ids in sent_ids]
+    assert all(texts)
+    wire = decode_group(encode_group(5, record["spec"], texts), Caps())  # what crosses: text
+
+    recipe = load_recipe(str(ROOT / "recipes" / "grpo_math.yaml"),
+                         ["model.path=builtin:chat-math", "task.prompt_format=chat"])
+    policy = Policy(recipe.model, recipe.train.lora, torch.device("cpu"))
+    judge = LocalJudge(recipe, policy, lambda group: [0.0] * len(group.samples))
+    local_record = record_from_spec(build_task(recipe.task), wire.spec)
+    group = judge.build_group(local_record, wire.completions, sender="peer")
+
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    want_prompt = tok.apply_chat_template([{"role": "user", "content": record["question"]}],
+                                          add_generation_prompt=True, tokenize=False)
+    for sample, text, ids in zip(group.samples, texts, sent_ids):
+        assert tok.decode(sample.prompt_ids) == want_prompt  # our template, not the sender's prompt
+        assert sample.response_ids == tok(text, add_special_tokens=False)["input_ids"] + [end]
+        assert sample.text == text and sample.finish_reason == "stop"
+    # Not one sequence of the sender's ids survived: the two vocabularies differ.
+    assert all(s.response_ids[:-1] != ids for s, ids in zip(group.samples, sent_ids))
+    assert sender_tok.vocab_size != tok.vocab_size
