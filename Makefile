@@ -32,7 +32,7 @@ demo: install
 	$(VENV)/bin/rl-train recipes/grpo_math.yaml
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=30
 
 # While developing: the unit tests and the integration tests that share one engine start.
 test-fast: install

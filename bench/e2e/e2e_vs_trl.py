@@ -1,7 +1,8 @@
 """End to end: TRL's GRPOTrainer vs rl-train (synchronous, APRIL, APRIL pipelined), per workload.
 
-Each workload is a recipe: `toy` (recipes/grpo_math.yaml, builtin:tiny-math, short answers) and
-`long` (recipes/grpo_small_math.yaml, builtin:small-math, long long-tailed answers). Every system
+Each workload is a recipe: `toy` (recipes/grpo_math.yaml, builtin:tiny-math, short answers),
+`long` (recipes/grpo_small_math.yaml, builtin:small-math, long long-tailed answers) and `chat`
+(recipes/grpo_chat.yaml, builtin:chat-math: word problems through a chat template, math-verify). Every system
 trains the same model on the same task with the same batch shape (N prompts x G completions),
 token budget, learning rate and step budget: the recipe plus one shared list of overrides, which
 `bench/e2e/trl_baseline.py --recipe` reads too. Per system only the keys in SYSTEMS differ.
@@ -20,6 +21,7 @@ reached counts as +inf) with (min, max). `speedup_to_target` = TRL's median / th
 system's. The JSON is saved after every run; `--resume` keeps the successful runs it holds.
 
     python -m bench.e2e.e2e_vs_trl                               # ~1 hour on 2 cores
+    python -m bench.e2e.e2e_vs_trl --workloads chat --resume     # ~2.5 hours more: the chat row
     python -m bench.e2e.e2e_vs_trl --workloads toy --seeds 0 --steps-toy 3 \\
         --set toy.train.eval_every=3 --set toy.task.eval_size=16 --out /tmp/e2e_smoke.json
     python -m bench.e2e.plot --in bench/results/e2e_vs_trl.json
@@ -57,6 +59,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     # The recipe's steps (at most max_steps: one run a few minutes here) and eval settings
     # (eval_every lowered to leave MIN_EVALS points; see workload_overrides).
     "long": {"recipe": "recipes/grpo_small_math.yaml", "settings": {}, "max_steps": 30},
+    # builtin:chat-math on the shipped word problems: BPE tokenizer, ChatML template, system
+    # prompt, math-verify. The recipe's 200 steps take ~15 min per run here; 100 show the climb.
+    "chat": {"recipe": "recipes/grpo_chat.yaml", "settings": {}, "max_steps": 100},
 }
 MIN_EVALS = 5  # evaluations after step 0 a derived eval_every leaves, for time-to-target resolution
 TAIL_CHARS = 3000  # of a failed run's stderr, kept in the JSON
@@ -72,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-toy", type=int, default=None, help="steps of `toy` (default 60)")
     p.add_argument("--steps-long", type=int, default=None,
                    help=f"steps of `long` (default: the recipe's, at most {WORKLOADS['long']['max_steps']})")
+    p.add_argument("--steps-chat", type=int, default=None,
+                   help=f"steps of `chat` (default: the recipe's, at most {WORKLOADS['chat']['max_steps']})")
     p.add_argument("--set", action="append", default=[], metavar="WORKLOAD.KEY=VALUE",
                    help="a recipe override for one workload, e.g. toy.task.eval_size=16 (repeatable)")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds before a run is killed")

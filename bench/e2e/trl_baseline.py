@@ -2,7 +2,8 @@
 
 Reads the same recipe as `rl-train` (with the same `key.sub=value` overrides) and takes from it
 the model (`model.path`, `model.max_model_len`), the task (every `task.*` key, built by the
-project's own task registry, with its reward function `correctness_reward`), the batch shape
+project's own task registry, with its reward function `correctness_reward`; `task.prompt_format:
+chat` rows are conversational, so TRL renders the model's chat template as rl-train does), the batch shape
 (`rollout.groups_per_step` N, `rollout.group_size` G), `rollout.max_tokens`, `temperature`,
 `top_p`, the step budget and evaluation schedule (`train.steps`, `train.eval_every`,
 `task.eval_size`) and the optimizer and loss settings (`train.lr`, `warmup_steps`, `schedule`,
@@ -89,22 +90,52 @@ def load_settings(args: argparse.Namespace):
         sys.exit(f"trl_baseline: {exc}")
     if recipe.rollout.group_size < 2:
         sys.exit("trl_baseline: rollout.group_size must be at least 2 (GRPO needs a group baseline)")
-    if recipe.task.name != "arithmetic" or recipe.task.prompt_format != "raw":
-        sys.exit("trl_baseline: needs task.name: arithmetic with task.prompt_format: raw (its held-out "
-                 "accuracy is the built-in task's exact match)")
+    if recipe.task.name not in ("arithmetic", "dataset"):
+        sys.exit(f"trl_baseline: task.name '{recipe.task.name}' is not supported here "
+                 "(arithmetic or dataset: tasks whose records TRL can hold as dataset rows)")
     if recipe.algo.loss not in TRL_LOSSES:
         sys.exit(f"trl_baseline: algo.loss '{recipe.algo.loss}' has no TRL counterpart here "
                  f"(known: {', '.join(TRL_LOSSES)})")
     return recipe
 
 
-def completion_budget(recipe, tokenizer, records: list[dict]) -> int:
+def trl_prompt(record: dict, task_cfg) -> str | list[dict[str, str]]:
+    """The dataset row's `prompt` as TRL takes it: the text rl-train's `raw` prompt encodes, or
+    for `chat` the messages TRL renders through the model's chat template (what rl-train renders)."""
+    if task_cfg.prompt_format == "raw":
+        return (task_cfg.system_prompt + "\n" if task_cfg.system_prompt else "") + record["question"]
+    system = [{"role": "system", "content": task_cfg.system_prompt}] if task_cfg.system_prompt else []
+    return [*system, {"role": "user", "content": record["question"]}]
+
+
+def completion_text(completion: str | list[dict[str, str]]) -> str:
+    """A completion as text: TRL hands conversational completions as [{"role": "assistant", ...}]."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+def completion_budget(recipe, prompts: list[list[int]]) -> int:
     """rollout.max_tokens, lowered so the longest prompt plus its answer fits model.max_model_len.
 
     rl-train's engine never runs past max_model_len; HF generate would, so TRL gets the same cap.
     """
-    longest = max(len(ids) for ids in tokenizer([r["question"] for r in records])["input_ids"])
+    longest = max(len(ids) for ids in prompts)
     return max(1, min(recipe.rollout.max_tokens, recipe.model.max_model_len - longest))
+
+
+def held_out_accuracy(model, tokenizer, prompts: list[list[int]], records: list[dict], task,
+                      max_new_tokens: int) -> float:
+    """Greedy accuracy by the task's own verifier, as rl-train's evaluation scores it: the same
+    prompt ids (trainer prompts), left-padded for HF generate, decoded without special tokens."""
+    import torch
+
+    width, pad = max(len(p) for p in prompts), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(task.score(t, r) for t, r in zip(texts, records)) / len(records)
 
 
 def counting_reward(task, token_count: dict[str, int]):
@@ -119,13 +150,13 @@ def counting_reward(task, token_count: dict[str, int]):
 
     score = correctness_reward(task)
 
-    def correctness(prompts: list[str], completions: list[str], completion_ids=None,
+    def correctness(prompts: list, completions: list, completion_ids=None,
                     **kwargs: Any) -> list[float | None]:
         if completion_ids is not None:
             token_count["completion_tokens"] += sum(len(ids) for ids in completion_ids)
         columns = {k: v for k, v in kwargs.items()
                    if isinstance(v, list) and len(v) == len(completions)}
-        return score(prompts, completions, **columns)
+        return score(prompts, [completion_text(c) for c in completions], **columns)
 
     return correctness
 
@@ -145,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from rollover.tasks.prompts import prompt_ids
     from rollover.tasks.registry import build_task
-    from rollover.trainer.builtin.models import greedy_accuracy, resolve_model_path
+    from rollover.trainer.builtin.models import resolve_model_path
     from rollover.trainer.config import resolve_dtype
 
     torch.set_num_threads(args.threads)
@@ -159,14 +191,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # One row per prompt the run will draw, in the task's order (TRL's shuffling is off, so TRL
     # sees task.record(0), record(1), ... as rl-train's dataset cursor does).
     rows = [task.record(i) for i in range(steps * n)]
-    train = datasets.Dataset.from_list([{"prompt": r["question"], **r} for r in rows])
+    train = datasets.Dataset.from_list([{**r, "prompt": trl_prompt(r, recipe.task)} for r in rows])
     held_out = task.eval_records(recipe.task.eval_size)
 
     path = resolve_model_path(recipe.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     dtype = resolve_dtype(recipe.model.dtype, has_cuda=False)  # TRL runs on the CPU here
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    max_tokens = completion_budget(recipe, tokenizer, rows + held_out)
+
+    def encode(record: dict) -> list[int]:
+        return prompt_ids(record, tokenizer, recipe.task.prompt_format, recipe.task.system_prompt)
+
+    held_out_prompts = [encode(r) for r in held_out]
+    max_tokens = completion_budget(recipe, [encode(r) for r in rows] + held_out_prompts)
+
+    def accuracy_fn(model, _tokenizer, records: list[dict], max_new_tokens: int) -> float:
+        return held_out_accuracy(model, tokenizer, held_out_prompts, records, task, max_new_tokens)
     loss_type, sampling_level = TRL_LOSSES[algo.loss]
 
     out_dir = tempfile.mkdtemp(prefix="trl_baseline_")  # Trainer wants one; nothing is saved
@@ -216,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     token_count = {"completion_tokens": 0}
     reward = counting_reward(task, token_count)
 
-    clock = EvalClock(tokenizer, held_out, greedy_accuracy, token_count, eval_every=train_cfg.eval_every,
+    clock = EvalClock(tokenizer, held_out, accuracy_fn, token_count, eval_every=train_cfg.eval_every,
                       max_tokens=max_tokens, target=args.target_accuracy, max_seconds=args.max_seconds)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config,
                           train_dataset=train, processing_class=tokenizer, callbacks=[clock])

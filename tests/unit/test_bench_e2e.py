@@ -136,3 +136,24 @@ def test_refreshing_a_workload_drops_a_note_its_new_summary_does_not_make():
                       "april": {"0": run(curve((0, 0.0, 0.5), (10, 10.0, 0.6)))}}}
     bench.refresh(entry, argparse.Namespace(seeds=[0], systems=["trl", "april"], target_fraction=0.8))
     assert entry["speedup_to_target"] == 2.0 and "speedup_note" not in entry
+
+
+def test_trl_rows_carry_the_prompt_rl_train_renders_and_completions_become_text():
+    """The chat workload: TRL gets conversational rows whose template rendering is exactly the
+    prompt ids rl-train builds, and the reward sees the assistant's text, not a message list."""
+    from transformers import AutoTokenizer
+
+    from bench.e2e.trl_baseline import completion_text, trl_prompt
+    from rollover.tasks.prompts import prompt_ids
+    from rollover.trainer.builtin.models import resolve_model_path
+    from rollover.trainer.config import TaskConfig
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:chat-math"))
+    record = {"question": "Mia has 7 apples. She buys 5 more. How many apples does Mia have now?"}
+    chat = TaskConfig(prompt_format="chat", system_prompt="Solve the problem. End with the answer as #### N.")
+    rendered = tok.apply_chat_template(trl_prompt(record, chat), add_generation_prompt=True, tokenize=False)
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == prompt_ids(record, tok, "chat", chat.system_prompt)
+    raw = TaskConfig(prompt_format="raw", system_prompt="Answer.")
+    assert trl_prompt(record, raw) == "Answer.\n" + record["question"]
+    assert completion_text([{"role": "assistant", "content": "12 apples.\n#### 12"}]) == "12 apples.\n#### 12"
+    assert completion_text("#12") == "#12"
