@@ -35,6 +35,7 @@ from pathlib import Path
 
 from rollover.tasks import word_problems as wp
 from rollover.trainer.builtin import models as bm
+from rollover.trainer.builtin.warm_start import warm_start
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 PAD, END = "<|endoftext|>", "<|im_end|>"
@@ -207,30 +208,18 @@ def build_chat_model(settings: ChatSettings, out: Path, progress: bool = True) -
     excluded = {r["question"] for r in test + wp.read_jsonl(wp.DATA_DIR / wp.TRAIN_FILE)}
     held_out = test[: settings.eval_size]
     stream = _sft_rows(settings, excluded)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     bf16 = settings.bf16_autocast and bm._native_bf16()
-    accuracy, step, curve = 0.0, 0, []
-    for step in range(1, settings.max_steps + 1):
-        model.train()
-        ids, mask, labels = _batch([next(stream) for _ in range(settings.batch_size)], tokenizer)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * min(1.0, step / 50)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % settings.eval_every == 0:
-            model.eval()
-            accuracy = chat_greedy_accuracy(model, tokenizer, held_out, settings.eval_max_tokens)
-            curve.append([step, round(loss.item(), 4), accuracy])
-            if progress:
-                print(f"building {bm.BUILTIN_PREFIX}chat-math: step {step} loss {loss.item():.3f} "
-                      f"held-out acc {accuracy:.0%} ({time.time() - started:.0f} s)",
-                      file=sys.stderr, flush=True)
-            if step >= settings.min_steps and accuracy >= settings.target_accuracy:
-                break
+
+    def report(step: int, loss: float, accuracy: float) -> None:
+        if progress:
+            print(f"building {bm.BUILTIN_PREFIX}chat-math: step {step} loss {loss:.3f} "
+                  f"held-out acc {accuracy:.0%} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    step, accuracy, curve = warm_start(
+        model, lambda step: _batch([next(stream) for _ in range(settings.batch_size)], tokenizer),
+        lambda m: chat_greedy_accuracy(m, tokenizer, held_out, settings.eval_max_tokens),
+        lr=settings.lr, max_steps=settings.max_steps, min_steps=settings.min_steps,
+        eval_every=settings.eval_every, target_accuracy=settings.target_accuracy, bf16=bf16, on_eval=report)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {"settings": asdict(settings), "steps": step, "held_out_greedy_accuracy": accuracy,

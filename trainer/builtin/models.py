@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from rollover.trainer.builtin.warm_start import warm_start
+
 BUILTIN_PREFIX = "builtin:"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB_CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]  # 95 printable chars
@@ -266,36 +268,24 @@ def _build(name: str, settings: BuildSettings, out: Path, progress: bool) -> Non
     torch.manual_seed(settings.seed)
     tokenizer = make_tokenizer()
     model = _make_model(settings, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     held_out = [_record(settings, settings.seed + 1, i) for i in range(settings.eval_size)]
     bf16 = settings.bf16_autocast and _native_bf16()
-    accuracy, step = 0.0, 0
     columns = [TextColumn(f"building {BUILTIN_PREFIX}{name}"), BarColumn(),
                TextColumn("{task.description}"), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("", total=settings.max_steps)
-        for step in range(1, settings.max_steps + 1):
-            model.train()
-            ids, attn, labels = _batch(settings, tokenizer, step * settings.batch_size)
-            warmup = min(1.0, step / 50)
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * warmup
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step % settings.eval_every == 0:
-                model.eval()
-                accuracy = greedy_accuracy(model, tokenizer, held_out, settings.eval_max_tokens)
-                status = f"step {step} loss {loss.item():.3f} held-out acc {accuracy:.0%}"
-                bar.update(task, completed=step, description=status)
-                if progress and not bar.console.is_terminal:  # a log file: one line per evaluation
-                    bar.console.print(f"building {BUILTIN_PREFIX}{name}: {status} "
-                                      f"({time.time() - started:.0f} s)")
-                if step >= settings.min_steps and accuracy >= settings.target_accuracy:
-                    break
+
+        def report(step: int, loss: float, accuracy: float) -> None:
+            status = f"step {step} loss {loss:.3f} held-out acc {accuracy:.0%}"
+            bar.update(task, completed=step, description=status)
+            if progress and not bar.console.is_terminal:  # a log file: one line per evaluation
+                bar.console.print(f"building {BUILTIN_PREFIX}{name}: {status} ({time.time() - started:.0f} s)")
+
+        step, accuracy, _ = warm_start(
+            model, lambda step: _batch(settings, tokenizer, step * settings.batch_size),
+            lambda m: greedy_accuracy(m, tokenizer, held_out, settings.eval_max_tokens),
+            lr=settings.lr, max_steps=settings.max_steps, min_steps=settings.min_steps,
+            eval_every=settings.eval_every, target_accuracy=settings.target_accuracy, bf16=bf16, on_eval=report)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {"settings": settings.as_dict(), "steps": step, "held_out_greedy_accuracy": accuracy,
