@@ -7,6 +7,8 @@ event loop it first runs on, so every test runs its coroutines on one session lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 
 import pytest
@@ -43,21 +45,36 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def engine(loop):
-    """The shared RolloutEngine; tests must leave it idle (wait_idle) and may bump its version."""
+@contextlib.contextmanager
+def _serving(loop, model: str, max_model_len: int = 256):
     from rollover.rollout.engine import EngineSettings, RolloutEngine
-    from rollover.trainer.builtin.models import resolve_model_path
 
-    settings = EngineSettings(model=resolve_model_path("builtin:tiny-math"), max_model_len=256)
-    eng = RolloutEngine(settings)
+    eng = RolloutEngine(EngineSettings(model=model, max_model_len=max_model_len))
     asyncio.set_event_loop(loop)
     eng.start()
-    yield eng
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(eng.wait_idle())
-    eng.shutdown()
-    loop.run_until_complete(asyncio.sleep(0.1))  # let the output handler see its cancellation
+    try:
+        yield eng
+    finally:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(eng.wait_idle())
+        eng.shutdown()
+        loop.run_until_complete(asyncio.sleep(0.1))  # let the output handler see its cancellation
+
+
+@pytest.fixture(scope="session")
+def serving(loop):
+    """serving(model_folder) -> a context manager holding a RolloutEngine on the session loop
+    (for a module that needs another model than the shared engine's)."""
+    return functools.partial(_serving, loop)
+
+
+@pytest.fixture(scope="session")
+def engine(serving):
+    """The shared RolloutEngine; tests must leave it idle (wait_idle) and may bump its version."""
+    from rollover.trainer.builtin.models import resolve_model_path
+
+    with serving(resolve_model_path("builtin:tiny-math")) as eng:
+        yield eng
 
 
 @pytest.fixture

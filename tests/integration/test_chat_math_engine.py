@@ -8,7 +8,6 @@ loads our checkpoint export as it loads a hub model.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -44,17 +43,9 @@ def lora_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chat_engine(loop, lora_checkpoint):
-    from rollover.rollout.engine import EngineSettings, RolloutEngine
-
-    eng = RolloutEngine(EngineSettings(model=str(lora_checkpoint), max_model_len=256))
-    asyncio.set_event_loop(loop)
-    eng.start()
-    yield eng
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(eng.wait_idle())
-    eng.shutdown()
-    loop.run_until_complete(asyncio.sleep(0.1))
+def chat_engine(serving, lora_checkpoint):
+    with serving(str(lora_checkpoint)) as eng:
+        yield eng
 
 
 def test_vllm_generates_chat_answers_that_stop_on_im_end_and_resume_from_ids(chat_engine, lora_checkpoint, run):
