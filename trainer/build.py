@@ -25,6 +25,7 @@ from rollover.trainer.builtin.models import resolve_model_path
 from rollover.trainer.config import ModelConfig, Recipe, resolve_dtype
 from rollover.trainer.external import LocalJudge
 from rollover.trainer.group_scorer import GroupScorer, informative
+from rollover.trainer.learner import Learner
 from rollover.trainer.loop import PromptStream, RolloutParts, Trainer
 from rollover.trainer.policy import Policy
 from rollover.trainer.tracking import Tracker
@@ -45,15 +46,18 @@ def engine_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, *, has_c
 
 
 def build_trainer(recipe: Recipe, task: Task, rewards: RewardRunner, policy: Policy, engine: Engine,
-                  tracker: Tracker, output_dir: Path, swarm: SwarmNode | None = None) -> Trainer:
-    """A `Trainer` for one run, its rollout side built from the recipe."""
+                  tracker: Tracker, output_dir: Path, swarm: SwarmNode | None = None,
+                  learner: Learner | None = None) -> Trainer:
+    """A `Trainer` for one run, its rollout side built from the recipe. `learner`: the policy's
+    trainer (default: one process; trainer/distributed/launch.py builds the N-rank one)."""
     rollout = recipe.rollout
+    learner = learner or Learner(policy, recipe)
     scorer = GroupScorer(rewards, recipe.algo, rollout.max_tokens)
     prompts = PromptStream(task, policy.tokenizer, recipe)
     scheduler = AprilScheduler(engine, rollout, prompts, scorer, informative if recipe.algo.dynamic_sampling else None,
                                max_rejections_per_step=rollout.max_rejections_per_step)
     parts = RolloutParts(prompts=prompts, scheduler=scheduler,
                          ahead=RolloutAhead(scheduler, rollout.max_async, rollout.interrupt),
-                         weight_sync=CheckedWeightSync(engine, policy, rollout.weight_load_timeout_s),
-                         judge=LocalJudge(recipe, policy, scorer))
+                         weight_sync=CheckedWeightSync(engine, learner.probe_policy, rollout.weight_load_timeout_s),
+                         judge=LocalJudge(recipe, learner.probe_policy, scorer), learner=learner)
     return Trainer(recipe, task, rewards, policy, engine, tracker, output_dir, parts, swarm)

@@ -95,6 +95,8 @@ class TrainConfig(Section):
     seed: int = 0
     cpu_threads: int | None = Field(None, ge=1)  # trainer threads on a CPU-only host; default 1
     max_bad_steps: int = Field(3, ge=0)  # NaN/inf losses tolerated (skipped) before stopping
+    # Data-parallel trainer ranks on this machine (FSDP2; trainer/distributed/): 1 is one process.
+    world_size: int = Field(1, ge=1)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 

@@ -38,13 +38,13 @@ from rollover.trainer.checkpoint import load_trainer_state, save_checkpoint, set
 from rollover.trainer.config import Recipe
 from rollover.trainer.evaluate import evaluate
 from rollover.trainer.external import LocalJudge
-from rollover.trainer.optim import build_lr_schedule, build_optimizer
+from rollover.trainer.learner import Learner
 from rollover.trainer.policy import Policy
 from rollover.trainer.runtime.stopping import StopAtSafePoint, stop_requested, stoppable
 from rollover.trainer.tracking import Tracker, busy_text, console, progress_bar
 from rollover.trainer.runtime.run_folder import rewind_step_logs
 from rollover.trainer.runtime.uid_log import log_trained
-from rollover.trainer.update import NonFiniteLoss, train_on_batch
+from rollover.trainer.update import NonFiniteLoss
 
 
 class TrainingStopped(RolloverError, RuntimeError):
@@ -74,6 +74,7 @@ class RolloutParts:
     ahead: RolloutAhead  # the pipeline: batches rolled out ahead, and the weight-load rule
     weight_sync: CheckedWeightSync  # every load under a deadline, then proven by a log-prob probe
     judge: LocalJudge  # builds and scores peers' groups for the swarm
+    learner: Learner  # the policy's optimizer and updates (one process, or N ranks in step)
 
 
 class Trainer:
@@ -83,13 +84,7 @@ class Trainer:
         self.engine, self.tracker, self.output_dir = engine, tracker, output_dir
         self.swarm = swarm  # SAPO: peers' groups join each step's batch (swarm/node.py)
         self.prompts, self.scheduler, self.ahead = parts.prompts, parts.scheduler, parts.ahead
-        self.weight_sync, self.judge = parts.weight_sync, parts.judge
-        train = recipe.train
-        self.optimizer = build_optimizer(policy.trainable_parameters(), lr=train.lr,
-                                         weight_decay=train.weight_decay)
-        self.lr_schedule = build_lr_schedule(self.optimizer, train)
-        if recipe.algo.kl_coef > 0:
-            policy.enable_reference()
+        self.weight_sync, self.judge, self.learner = parts.weight_sync, parts.judge, parts.learner
         self.eval_records = task.eval_records(recipe.task.eval_size)
         self.eval_prompts = [prompt_ids(r, policy.tokenizer, recipe.task.prompt_format,
                                         recipe.task.system_prompt) for r in self.eval_records]
@@ -98,11 +93,14 @@ class Trainer:
         self.evals: list[dict[str, float]] = []  # {"step", "accuracy", "reward"} per evaluation
         self.train_seconds = 0.0  # wall time of completed steps, carried across resumes
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.learner.optimizer
+
     # ---- state -----------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "prompt_cursor": self.prompts.cursor,
+        return {**self.learner.optimizer_state(), "scheduler": self.scheduler.state_dict(), "prompt_cursor": self.prompts.cursor,
                 "bad_steps": self.bad_steps, "evals": self.evals, "train_seconds": self.train_seconds,
                 "rewards": self.rewards.state_dict(),
                 **({"swarm": self.swarm.state_dict()} if self.swarm else {})}
@@ -110,8 +108,7 @@ class Trainer:
     async def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`; the engine already serves its weights (started from it)."""
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.learner.load_optimizer_state(checkpoint)
         self.engine.policy_version = self.scheduler.load_state_dict(state["scheduler"])  # started from it
         self.prompts.cursor = state["prompt_cursor"]
         self.bad_steps, self.evals = state["bad_steps"], state["evals"]
@@ -127,7 +124,7 @@ class Trainer:
     async def save(self) -> Path:
         """Checkpoint between steps: batches rolled out ahead go back to the buffer first."""
         await self.ahead.settle()
-        return save_checkpoint(self.output_dir, self.step, self.policy, self.state(),
+        return save_checkpoint(self.output_dir, self.step, self.learner, self.state(),
                                self.recipe.train.keep_checkpoints)
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -183,14 +180,11 @@ class Trainer:
     async def _update(self, rows: list) -> dict[str, Any]:
         """The update, in a thread (the event loop keeps streaming the rollout running ahead);
         a non-finite loss is a counted bad step, never a crash."""
-        recipe = self.recipe
         await self.engine.sleep()  # rollout.sleep_mode: a colocated trainer gets the GPU memory back
         self.ahead.trainer_busy.start()
         try:
-            stats = await asyncio.to_thread(
-                train_on_batch, self.policy, self.optimizer, self.lr_schedule, rows, recipe.algo,
-                recipe.train, version=self.engine.policy_version, max_tokens=recipe.rollout.max_tokens,
-                temperature=recipe.rollout.temperature, seed=recipe.train.seed + self.step)
+            stats = await asyncio.to_thread(self.learner.update, rows, version=self.engine.policy_version,
+                                            step=self.step)
         except NonFiniteLoss as exc:
             self._count_bad_step(str(exc))
             stats = {"updates": 0.0, "nonfinite": 1.0}
@@ -206,7 +200,7 @@ class Trainer:
         how they meet running requests) under the deadline, then prove them."""
         label = f"step {self.step + 1}"
         await within(self.engine.wake_up(), self.recipe.rollout.weight_load_timeout_s, f"{label}'s engine wake-up")
-        weights = self.policy.engine_weights(cast=not transport_casts(self.engine)) if changed else None
+        weights = self.learner.engine_weights(cast=not transport_casts(self.engine)) if changed else None
         try:
             await self.ahead.load_weights(weights, lambda load: self.weight_sync.load(load, f"{label}'s weight sync"))
         except WeightSyncFailed:

@@ -21,6 +21,42 @@ class NonFiniteLoss(RuntimeError):
     """Every update of a batch was refused (NaN or infinite loss or gradient): nothing changed."""
 
 
+class Ranks:
+    """How a step's rows spread over data-parallel ranks; this base is one process with them all.
+
+    Every rank is handed the whole step's rows and trains on its `share` of each mini-batch;
+    the loss normalisers are `total`s over ranks, so that with gradients *summed* over ranks N
+    ranks compute the update one process computes on the whole batch. Ranks must run the same
+    number of forward/backward passes (FSDP's collectives), hence `most`, and must refuse a
+    mini-batch together, hence `all_finite`. The gradient-norm clip needs nothing: on FSDP's
+    DTensor gradients torch reduces the norm over ranks. trainer/distributed/ranks.py implements
+    these over a process group.
+    """
+
+    def share(self, rows: list[Row]) -> list[Row]:
+        """The rows of `rows` this rank trains on."""
+        return rows
+
+    def total(self, count: int) -> int:
+        """The sum of `count` over ranks."""
+        return count
+
+    def most(self, count: int) -> int:
+        """The largest `count` of any rank."""
+        return count
+
+    def all_finite(self, finite: bool) -> bool:
+        """True when every rank's value is finite."""
+        return finite
+
+    def gather_stats(self, collected: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+        """Every rank's micro-batch stats, merged (the step's stats are reduced from all of them)."""
+        return collected
+
+
+ONE_PROCESS = Ranks()
+
+
 def _merge(into: dict[str, list[tuple[float, float]]], stats: dict[str, torch.Tensor], weight: float) -> None:
     for name, value in stats.items():
         into[name].append((float(value), weight))
@@ -43,34 +79,47 @@ def _reduce(collected: dict[str, list[tuple[float, float]]]) -> dict[str, float]
     return out
 
 
+def aligned_packs(rows: list[Row], token_budget: int, ranks: Ranks, filler: Row | None) -> list[tuple[list[Row], bool]]:
+    """`pack(rows)` as (rows, real) pairs, padded with (`[filler]`, False) passes up to the most
+    any rank has: every rank then runs as many forward/backward passes (one process: no padding)."""
+    packs = [(micro, True) for micro in pack(rows, token_budget)]
+    missing = ranks.most(len(packs)) - len(packs)
+    if missing and filler is None:
+        raise ValueError("a rank with fewer micro-batches than another needs a filler row")
+    return packs + [([filler], False)] * missing
+
+
 @torch.no_grad()
-def response_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float) -> list[Tensor]:
+def response_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float,
+                      ranks: Ranks = ONE_PROCESS, filler: Row | None = None) -> list[Tensor]:
     """Each row's response-token log-probs under `policy` as it is (dropout off, no gradient),
-    in row order: pi_old before several updates, and the likelihood test of peers' groups."""
+    in row order: pi_old before several updates, and the likelihood test of peers' groups.
+    With several `ranks`, each passes its own `rows` and a `filler` row all ranks share."""
     found: dict[int, Tensor] = {}
     was_training = policy.model.training
     policy.model.eval()
     try:
         with torch.no_grad():
-            for micro in pack(rows, token_budget):
+            for micro, real in aligned_packs(rows, token_budget, ranks, filler):
                 batch = collate(micro, policy.tokenizer.pad_token_id, 0, policy.device)
                 logprobs, _ = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
-                for row, values in zip(micro, scatter_response(logprobs, micro)):
+                for row, values in zip(micro, scatter_response(logprobs, micro)) if real else ():
                     found[id(row)] = values
     finally:
         policy.model.train(was_training)
     return [found[id(row)] for row in rows]
 
 
-def set_old_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float) -> None:
+def set_old_logprobs(policy: Policy, rows: list[Row], token_budget: int, temperature: float,
+                     ranks: Ranks = ONE_PROCESS, filler: Row | None = None) -> None:
     """pi_old for every row, before the first update (needed when there are several updates)."""
-    for row, values in zip(rows, response_logprobs(policy, rows, token_budget, temperature)):
+    for row, values in zip(rows, response_logprobs(policy, rows, token_budget, temperature, ranks, filler)):
         row.old_logprobs = values
 
 
 def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, rows: list[Row],
                    algo: AlgoConfig, train: TrainConfig, *, version: int, max_tokens: int,
-                   temperature: float, seed: int) -> dict[str, float | str]:
+                   temperature: float, seed: int, ranks: Ranks = ONE_PROCESS) -> dict[str, float | str]:
     """`train.updates_per_batch` optimizer updates over shuffled mini-batches of `rows`.
 
     With one update, pi_old is the current policy (ratios are exactly 1 and clipping is idle);
@@ -80,25 +129,41 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
     was refused (`nonfinite`, and the reason as the string `nonfinite_reason`, to pop before
     logging): when `updates` > 0 the weights changed and the engine must get them. Raises
     NonFiniteLoss only when no update was applied at all.
+
+    `ranks`: data-parallel training (see `Ranks`): every rank passes the same `rows` and `seed`,
+    trains on its share of each mini-batch, and applies the same update.
     """
     options = loss_options(algo, max_tokens)
     several = train.updates_per_batch > 1
+    minibatches = split_minibatches(rows, train.updates_per_batch, seed)
+    shares = [ranks.share(minibatch) for minibatch in minibatches]
     if several:
-        set_old_logprobs(policy, rows, train.micro_batch_tokens, temperature)
+        owned = {id(row) for share in shares for row in share}
+        set_old_logprobs(policy, [row for row in rows if id(row) in owned], train.micro_batch_tokens,
+                         temperature, ranks, rows[0] if rows else None)
     collected: dict[str, list[tuple[float, float]]] = defaultdict(list)
     grad_norms: list[float] = []
     learning_rates: list[float] = []
     refused: str | None = None
     pad_id = policy.tokenizer.pad_token_id
-    for minibatch in split_minibatches(rows, train.updates_per_batch, seed):
+    for minibatch, share in zip(minibatches, shares):
         policy.model.train()
-        packed_rows = pack(minibatch, train.micro_batch_tokens)
-        micro_batches = [collate(m, pad_id, version, policy.device) for m in packed_rows]
+        packed = aligned_packs(share, train.micro_batch_tokens, ranks, minibatch[0] if minibatch else None)
+        micro_batches = [collate(m, pad_id, version, policy.device) for m, _ in packed]
         masks = [_loss_mask(b, algo) for b in micro_batches]
-        num_tokens = sum(int(active_mask(m, b.stale_mask, algo.offpolicy).sum()) for m, b in zip(masks, micro_batches))
+        num_tokens = ranks.total(sum(int(active_mask(m, b.stale_mask, algo.offpolicy).sum())
+                                     for (_, real), m, b in zip(packed, masks, micro_batches) if real))
+        num_sequences = ranks.total(len(share))
         update_stats: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for micro_rows, batch, mask in zip(packed_rows, micro_batches, masks):
+        for (micro_rows, real), batch, mask in zip(packed, micro_batches, masks):
             logprobs, entropy = policy.token_logprobs(batch.input_ids, batch.attention_mask, temperature)
+            if not real:  # a pass that keeps this rank in step with the others; adds no gradient
+                filler_loss = logprobs.sum() * 0.0
+                if not ranks.all_finite(bool(torch.isfinite(filler_loss))):
+                    refused = "loss is not finite on another rank"
+                    break
+                filler_loss.backward()
+                continue
             if several:
                 old = gather_response([r.old_logprobs for r in micro_rows], micro_rows,
                                       batch.input_ids.shape[1], policy.device)
@@ -110,14 +175,15 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
             behaviour = torch.where(batch.external_mask, old, batch.behaviour_logprobs)
             loss, stats = policy_loss(
                 logprobs, old, behaviour, batch.advantages, mask, batch.stale_mask, ref,
-                entropy=entropy.detach(), num_sequences=len(minibatch), num_tokens=max(num_tokens, 1),
+                entropy=entropy.detach(), num_sequences=num_sequences, num_tokens=max(num_tokens, 1),
                 **options)
-            if not torch.isfinite(loss):
-                refused = f"loss is {loss.item()}"
+            if not ranks.all_finite(bool(torch.isfinite(loss))):
+                refused = f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is not finite on another rank"
                 break
             loss.backward()
             _merge(update_stats, stats, float(stats["tokens/active"]) or 1.0)
         if refused is None:
+            # With FSDP's DTensor gradients, torch reduces the norm over every rank's shards.
             norm = float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip))
             if not math.isfinite(norm):
                 refused = f"gradient norm is {norm}"
@@ -133,7 +199,7 @@ def train_on_batch(policy: Policy, optimizer: torch.optim.Optimizer, scheduler, 
             collected[name].extend(pairs)
     if not grad_norms:
         raise NonFiniteLoss(f"{refused}; no update applied")
-    out = _reduce(collected)
+    out = _reduce(ranks.gather_stats(collected))
     for name in SUMMED[:5]:  # loss parts: the mean over updates of each update's value
         out[name] = out.get(name, 0.0) / len(grad_norms)
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)

@@ -1,0 +1,92 @@
+"""A run resumes exactly across trainer world sizes (2 -> 1 and 1 -> 2), full fine-tune and LoRA.
+
+One process trains a step, checkpoints, and trains a second; two spawned FSDP2 ranks (gloo) train
+the same first step and checkpoint it, and separately resume from the one-process checkpoint and
+train the second step. The second step's weights must be the one-process run's both ways: from
+the ranks' checkpoint in one process (2 -> 1), and on the ranks from one process's (1 -> 2).
+AdamW with a large lr: a moment lost or mis-sharded on the way moves the second update by
+5e-3 to 1e-2 (the control: the same resume with a fresh optimizer). Sums in another order (the
+ranks split each batch; another thread count) differ by ~1e-6 in a gradient, which Adam's
+normalisation turns into up to ~8e-5 on weights whose moments are near zero: hence 2e-4.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_ranks  # noqa: E402 - tests/unit is on sys.path
+import sharded_resume_ranks as ranks_main  # noqa: E402
+
+from rollover.trainer.checkpoint import save_checkpoint  # noqa: E402
+from rollover.trainer.learner import Learner  # noqa: E402
+from rollover.trainer.policy import Policy  # noqa: E402
+from rollover.trainer.run import load_checkpoint_weights  # noqa: E402
+
+WORLD_SIZE = 2
+SPAWN_TIMEOUT_S = 300
+TOLERANCE = 2e-4  # see the module docstring
+
+
+def one_process(kind: str, rows, folder: Path, fresh_optimizer: bool = False, start: Path | None = None):
+    """Step 1 (or `start`'s checkpoint), then step 2, in one process; the weights after step 2."""
+    torch.manual_seed(0)
+    r = ranks_main.recipe(kind == "lora")
+    policy = Policy(r.model, r.train.lora, torch.device("cpu"))
+    if start is not None:
+        load_checkpoint_weights(policy, start)
+    learner = Learner(policy, r)
+    if start is None:
+        learner.update(rows[0], version=0, step=0)
+        save_checkpoint(folder / f"single-{kind}", 1, learner, learner.optimizer_state(), keep=1)
+    elif not fresh_optimizer:
+        learner.load_optimizer_state(start)
+    learner.update(rows[1], version=1, step=1)
+    return ranks_main.weights(learner)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("resume")
+    rows = [fsdp_ranks.make_rows(seed=1), fsdp_ranks.make_rows(seed=2)]
+    torch.save(rows, folder / "rows.pt")
+    single = {kind: one_process(kind, rows, folder) for kind in ("full", "lora")}
+    ranks = mp.spawn(ranks_main.rank_main, nprocs=WORLD_SIZE, join=False,
+                     args=(WORLD_SIZE, fsdp_ranks.free_port(), str(folder), str(folder / "rows.pt")))
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish in {SPAWN_TIMEOUT_S} s")
+    return folder, rows, single, torch.load(folder / "ranks-results.pt", weights_only=False)
+
+
+def close(a: dict, b: dict) -> float:
+    """The largest absolute difference of any weight (same names, same order)."""
+    assert list(a) == list(b)
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_one_process_checkpoint_resumes_on_two_ranks(runs, kind):
+    _, _, single, sharded = runs
+    assert close(sharded[kind], single[kind]) < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_rank_checkpoint_resumes_in_one_process(runs, kind):
+    folder, rows, single, _ = runs
+    start = folder / f"ranks-{kind}" / "checkpoints" / "step-000001"
+    state = torch.load(start / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert all(not type(v).__name__.startswith("DTensor") for moments in state.values() for v in moments.values())
+    assert close(one_process(kind, rows, folder, start=start), single[kind]) < TOLERANCE
+    # The control: the same resume without the optimizer's moments lands far off.
+    assert close(one_process(kind, rows, folder, fresh_optimizer=True, start=start), single[kind]) > 10 * TOLERANCE
