@@ -2,7 +2,9 @@
 
 `model.dtype` names the *compute* dtype. Trained parameters are float32 master weights (AdamW's
 state follows them), forward passes run under `torch.autocast` to the compute dtype, and the
-engine is sent casts of the masters in that dtype. Kept free of the recipe schema so the GPU
+engine is sent casts of the masters in that dtype. A policy sharded by FSDP2
+(trainer/distributed/shard.py) keeps the float32 masters but casts with FSDP's mixed-precision
+policy instead of autocast. Kept free of the recipe schema so the GPU
 check (bench/gpu/gpu_check.py) runs it on a machine with only torch and transformers.
 """
 

@@ -22,6 +22,7 @@ from rollover.trainer.update import ONE_PROCESS, NonFiniteLoss, Ranks, train_on_
 
 MODEL = "builtin:tiny-math"
 VERSION = 3  # rows' tokens of versions < 3 are stale
+BUCKET_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,22 @@ def rank_main(rank: int, world_size: int, port: int, out: str, names: list[str])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        def gathered(policy) -> dict[str, torch.Tensor]:
-            # A small bucket size: many buckets, so the bucketing itself is exercised.
-            return {name: t.clone() for bucket in engine_weight_buckets(policy, bucket_bytes=1 << 16)
-                    for name, t in bucket}
+        def gathered(policy, sizes: list | None = None) -> dict[str, torch.Tensor]:
+            # A small bucket size: many buckets, so the bucketing itself is exercised. `sizes`:
+            # each bucket's (bytes, bytes of its last tensor).
+            weights = {}
+            for bucket in engine_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):
+                weights.update((name, t.clone()) for name, t in bucket)
+                if sizes is not None:
+                    sizes.append((sum(t.numel() * t.element_size() for _, t in bucket),
+                                  bucket[-1][1].numel() * bucket[-1][1].element_size()))
+            return weights
 
         results = {}
         for dtype in ("float32", "bfloat16"):
             initial = ShardedPolicy(Policy(ModelConfig(path=MODEL, dtype=dtype), LoraConfig(), torch.device("cpu")))
-            results[f"initial-{dtype}"] = ({}, gathered(initial))
+            sizes: list[tuple[int, int]] = []
+            results[f"initial-{dtype}"] = ({"bucket_sizes": sizes}, gathered(initial, sizes))
         for variant in VARIANTS:
             if variant.name in names:
                 # Each rank's own adapter init: sharding must start from rank 0's (seed 0, as the

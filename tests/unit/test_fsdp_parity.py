@@ -49,8 +49,11 @@ def sharded_results(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gathered_weights_are_the_policys_engine_weights(sharded_results, dtype):
     expected = Policy(ModelConfig(path=MODEL, dtype=dtype), LoraConfig(), torch.device("cpu")).engine_weights()
-    gathered = sharded_results[f"initial-{dtype}"][1]
+    info, gathered = sharded_results[f"initial-{dtype}"]
     assert list(gathered) == list(expected)  # the same names in the same order
+    # Buckets close once they reach the size: none holds more than the size plus one tensor.
+    sizes = info["bucket_sizes"]
+    assert len(sizes) > 3 and all(total - last < fsdp_ranks.BUCKET_BYTES for total, last in sizes)
     for name, tensor in expected.items():
         assert gathered[name].dtype == tensor.dtype and torch.equal(gathered[name], tensor), name
 
