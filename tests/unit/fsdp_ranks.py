@@ -112,9 +112,10 @@ def rank_main(rank: int, world_size: int, port: int, out: str, names: list[str])
     from rollover.trainer.distributed.shard import ShardedPolicy
 
     torch.set_num_threads(1)
-    # A rank stuck in a collective (ranks out of step) fails in a minute rather than hanging.
+    # A rank stuck in a collective (ranks out of step) fails in minutes rather than hanging
+    # (generous: a busy CI machine can hold one rank back for a while).
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=240))
     try:
         def gathered(policy, sizes: list | None = None) -> dict[str, torch.Tensor]:
             # A small bucket size: many buckets, so the bucketing itself is exercised. `sizes`:

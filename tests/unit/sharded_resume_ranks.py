@@ -36,7 +36,7 @@ def rank_main(rank: int, world_size: int, port: int, folder: str, rows_path: str
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=240))
     rows = torch.load(rows_path, weights_only=False)
     out = Path(folder)
     results = {}
