@@ -40,6 +40,7 @@ class Variant:
     # two agree only to bfloat16's precision.
     tolerance: float = 1e-5
     algo: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = False  # model.gradient_checkpointing: recomputed in backward
 
 
 VARIANTS = [
@@ -48,6 +49,7 @@ VARIANTS = [
     Variant("dr_grpo-kl", "dr_grpo", kl_coef=0.1),
     Variant("gspo-adamw", "gspo", optimizer="adamw"),
     Variant("lora-grpo-kl", "grpo", lora=True, kl_coef=0.1, optimizer="adamw"),
+    Variant("grpo-gradient-checkpointing", "grpo", gradient_checkpointing=True),
     Variant("grpo-nan-second-minibatch", "grpo", nan_row=13),
     Variant("grpo-bfloat16", "grpo", dtype="bfloat16", tolerance=2e-2),
     Variant("lora-bfloat16", "grpo", lora=True, dtype="bfloat16", tolerance=2e-2),
@@ -72,7 +74,8 @@ def train(variant: Variant, ranks: Ranks = ONE_PROCESS, shard=None, seed: int = 
     """One `train_on_batch` of `variant` on a fresh policy: (stats, policy trained); `shard`
     wraps the policy first (the sharded run). `seed`: the LoRA adapter's random init."""
     torch.manual_seed(seed)
-    policy = Policy(ModelConfig(path=MODEL, dtype=variant.dtype), LoraConfig(enabled=variant.lora, r=4, alpha=8),
+    policy = Policy(ModelConfig(path=MODEL, dtype=variant.dtype, gradient_checkpointing=variant.gradient_checkpointing),
+                    LoraConfig(enabled=variant.lora, r=4, alpha=8),
                     torch.device("cpu"))
     if variant.kl_coef > 0:
         policy.enable_reference()
