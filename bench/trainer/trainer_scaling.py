@@ -173,9 +173,11 @@ def run_setting(setting: str, folder: str, args: dict, scratch: str) -> dict:
     """Every rank of `setting` in fresh processes; the per-rank figures and their summary."""
     import torch.multiprocessing as mp
 
+    from rollover.trainer.distributed.launch import free_port
+
     world_size = SETTINGS[setting]
     out = str(Path(scratch) / setting)
-    mp.spawn(_rank, args=(world_size, _free_port(), setting, folder, args, out), nprocs=world_size, join=True)
+    mp.spawn(_rank, args=(world_size, free_port(), setting, folder, args, out), nprocs=world_size, join=True)
     ranks = [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in range(world_size)]
     # A step takes as long as its slowest rank.
     steps = [max(r["step_s"][i] for r in ranks) for i in range(args["repeats"])]
@@ -186,14 +188,6 @@ def run_setting(setting: str, folder: str, args: dict, scratch: str) -> dict:
         "gather_s_max": max(r["gather_s"] for r in ranks),
         "ranks": ranks,
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import random
-import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -97,12 +96,6 @@ def train(variant: Variant, ranks: Ranks = ONE_PROCESS, shard=None, seed: int = 
     except NonFiniteLoss as exc:
         stats = {"error": str(exc)}
     return stats, policy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_main(rank: int, world_size: int, port: int, out: str, names: list[str]) -> None:

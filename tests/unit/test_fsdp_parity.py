@@ -25,6 +25,7 @@ from fsdp_ranks import MODEL, VARIANTS, Variant  # noqa: E402
 
 from rollover.trainer.config import LoraConfig, ModelConfig  # noqa: E402
 from rollover.trainer.distributed.batch_split import rank_share, split_by_tokens  # noqa: E402
+from rollover.trainer.distributed.launch import free_port  # noqa: E402
 from rollover.trainer.policy import Policy  # noqa: E402
 
 WORLD_SIZE = 2
@@ -36,7 +37,7 @@ def sharded_results(tmp_path_factory):
     """{variant name: (stats, engine weights)} from 2 spawned ranks, and "initial"."""
     out = tmp_path_factory.mktemp("fsdp") / "results.pt"
     ranks = mp.spawn(fsdp_ranks.rank_main, nprocs=WORLD_SIZE, join=False,
-                     args=(WORLD_SIZE, fsdp_ranks.free_port(), str(out), [v.name for v in VARIANTS]))
+                     args=(WORLD_SIZE, free_port(), str(out), [v.name for v in VARIANTS]))
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ranks.join(timeout=1):  # raises when a rank failed
         if time.monotonic() > deadline:

@@ -26,6 +26,7 @@ import sharded_resume_ranks as ranks_main  # noqa: E402
 
 from rollover.trainer.checkpoint import save_checkpoint  # noqa: E402
 from rollover.trainer.learner import Learner  # noqa: E402
+from rollover.trainer.distributed.launch import free_port  # noqa: E402
 from rollover.trainer.policy import Policy  # noqa: E402
 from rollover.trainer.run import load_checkpoint_weights  # noqa: E402
 
@@ -59,7 +60,7 @@ def runs(tmp_path_factory):
     torch.save(rows, folder / "rows.pt")
     single = {kind: one_process(kind, rows, folder) for kind in ("full", "lora")}
     ranks = mp.spawn(ranks_main.rank_main, nprocs=WORLD_SIZE, join=False,
-                     args=(WORLD_SIZE, fsdp_ranks.free_port(), str(folder), str(folder / "rows.pt")))
+                     args=(WORLD_SIZE, free_port(), str(folder), str(folder / "rows.pt")))
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:

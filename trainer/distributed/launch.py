@@ -46,7 +46,8 @@ def check_world_size(world_size: int) -> None:
                          "(one per trainer rank)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for the ranks' rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -67,7 +68,7 @@ def start_ranks(policy: Policy, recipe: Recipe) -> LeaderLearner:
     return the learner the Trainer uses: every call of it runs on all ranks."""
     world_size = recipe.train.world_size
     check_world_size(world_size)
-    port = _free_port()
+    port = free_port()
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=follower_main, name=f"rollover-rank-{rank}", daemon=True,
                                  args=(rank, world_size, port, recipe.model_dump(mode="json"), os.getpid()))
