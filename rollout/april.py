@@ -32,44 +32,47 @@ batches the trainer has not used to the buffer (for a checkpoint between steps).
 started, so every group runs to completion (the synchronous baseline, through the same code).
 With `partial: false` at most N' groups are started per step (launched + accepted <= N'), since
 work beyond that would be thrown away; surplus *finished* groups are still buffered.
+
+The scheduler's parts: this file runs steps and interrupts and holds the state; which group to
+start next is rollout/planning.py, where each group goes (settle, stop, file) is
+rollout/filing.py, and what a running step holds, with its completion queue, is
+rollout/step_state.py. Per event (a group's task ending) the scheduler does O(1) work plus
+O(log buffer) per group it starts; its own CPU per step is the metric `rollout/scheduler_cpu_s`
+(rollout/cpu_clock.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rollover.rollout.buffer import PartialBuffer
 from rollover.rollout.config import RolloutConfig
+from rollover.rollout.cpu_clock import CpuClock
 from rollover.rollout.engine_api import Engine
-from rollover.rollout.group_run import ROUTING, SCORING, BudgetFn, GroupRun, GroupRunner, RequestFailed
-from rollover.rollout.ledger import BUFFERED, DROPPED, IN_FLIGHT, RETURNED, Ledger
+from rollover.rollout.filing import ENGINE_ERROR, SCORE_ERROR, GroupFiling  # noqa: F401 - re-exported
+from rollover.rollout.group_run import BudgetFn, GroupRun, GroupRunner
+from rollover.rollout.ledger import BUFFERED, RETURNED, Ledger
 from rollover.rollout.metrics import StepCounters, step_metrics
-from rollover.rollout.pool import AllEnginesLost
+from rollover.rollout.planning import GroupPlanning, PromptItem, PromptSource  # noqa: F401 - re-exported
 from rollover.rollout.provision import make_provision
 from rollover.rollout.scoring import KeptScores, Scorer, ScoringPool
 from rollover.rollout.settings import SamplingSettings
-from rollover.rollout.types import Group, Sample
+from rollover.rollout.step_state import StepResult, StepState
+from rollover.rollout.types import Group
 from rollover.tasks.errors import RolloverError
-
-log = logging.getLogger(__name__)
 
 # Tokens per streamed chunk: fewer wake-ups of the scheduler per decode step (frontend CPU);
 # an abort still delivers every token the engine produced, so nothing is lost.
 STREAM_INTERVAL = 8
 
-PromptItem = tuple[int, dict[str, Any], list[int]]  # (uid, task record, prompt token ids)
-PromptSource = Callable[[], PromptItem] | Iterator[PromptItem]  # StopIteration: exhausted
 GroupFilter = Callable[[Group], bool]  # True: keep the group for training
-
-SCORE_ERROR, ENGINE_ERROR = "score_error", "engine_error"
 
 
 class RolloutExhausted(RolloverError, RuntimeError):
@@ -89,26 +92,6 @@ class TooManyFailures(RolloverError, RuntimeError):
 
 
 @dataclass
-class StepResult:
-    groups: list[Group]  # exactly N, finished and scored
-    metrics: dict[str, Any]
-
-
-@dataclass
-class _Step:
-    """What one step holds while it runs; every group in here is filed before the step ends."""
-
-    counters: StepCounters
-    runs: dict[int, GroupRun] = field(default_factory=dict)  # in flight
-    accepted: list[Group] = field(default_factory=list)
-    surplus: list[Group] = field(default_factory=list)  # accepted beyond N
-    retry_later: list[Group] = field(default_factory=list)  # failed; buffered at the end
-    rejected: int = 0
-    failed: int = 0
-    already_finished: set[int] = field(default_factory=set)  # launched finished (surplus before)
-
-
-@dataclass
 class _Interrupt:
     """An action to run on an idle engine in the middle of a step, and its outcome."""
 
@@ -120,7 +103,7 @@ def _accept_all(group: Group) -> bool:
     return True
 
 
-class AprilScheduler:
+class AprilScheduler(GroupFiling, GroupPlanning):
     """Produces N groups of G scored samples per `step()`; holds the buffer and the ledger.
 
     `config` is a `RolloutConfig` (or anything with its attribute names). The trainer injects
@@ -177,9 +160,10 @@ class AprilScheduler:
         self.steps = 0
         self.min_policy_version = 0  # a restored checkpoint's version: the engine must be there
         self.last_metrics: dict[str, Any] = {}
-        self._live: _Step | None = None  # the step running now, if any
+        self._live: StepState | None = None  # the step running now, if any
         self._interrupts: deque[_Interrupt] = deque()
         self._wake = asyncio.Event()  # set when an interrupt waits for the running step
+        self._clock = CpuClock()  # the running step's own CPU (paused for interrupt actions)
 
     @property
     def max_rejections(self) -> int:
@@ -188,9 +172,6 @@ class AprilScheduler:
     @property
     def max_failures(self) -> int:
         return self._max_failures or 2 * self.n_in_flight
-
-    def _request_id(self, uid: int, index: int) -> str:
-        return f"{self.request_prefix}-g{uid}-s{index}-{next(self._request_seq)}"
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -201,6 +182,16 @@ class AprilScheduler:
         engine's); a group whose oldest token would then be more than `max_staleness` versions
         old is dropped as `stale` before the step starts.
         """
+        self._clock = clock = CpuClock()
+        result = await clock.measure(self._step(train_version))
+        # thread_time while this step's own code ran, not its groups' streaming, scoring threads
+        # or interrupt actions (rollout/cpu_clock.py says why thread_time and not process_time);
+        # the garbage collector's runs in those stretches apart (they follow the whole heap)
+        result.metrics["rollout/scheduler_cpu_s"] = clock.seconds
+        result.metrics["rollout/scheduler_gc_s"] = clock.gc_seconds
+        return result
+
+    async def _step(self, train_version: int | None) -> StepResult:
         started = time.perf_counter()
         version = self.engine.policy_version
         if version < self.min_policy_version:
@@ -209,7 +200,7 @@ class AprilScheduler:
                 f"{self.min_policy_version}: load its weights with "
                 f"engine.update_weights(weights, version={self.min_policy_version})"
             )
-        st = _Step(StepCounters())
+        st = StepState(StepCounters())
         target = version if train_version is None else max(version, int(train_version))
         for g in self.buffer.take_stale(target, self.max_staleness):
             self._drop(g, "stale", st.counters)
@@ -262,6 +253,7 @@ class AprilScheduler:
         request = _Interrupt(action, asyncio.get_running_loop().create_future())
         self._interrupts.append(request)
         self._wake.set()
+        self._live.wake()
         return await request.done
 
     async def _run_interrupts(self) -> None:
@@ -270,13 +262,13 @@ class AprilScheduler:
         while self._interrupts:
             request = self._interrupts.popleft()
             try:
-                request.done.set_result(await request.action())
+                request.done.set_result(await self._clock.pause(request.action()))
             except BaseException as exc:  # noqa: BLE001 - the caller of interrupt() gets it
                 request.done.set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
 
-    async def _pause_for_interrupts(self, st: _Step) -> None:
+    async def _pause_for_interrupts(self, st: StepState) -> None:
         """Abort the step's requests, buffer their groups, run the interrupt actions."""
         st.counters.interrupts += 1
         abort_error = await self._stop(st.runs, st.counters)
@@ -292,8 +284,11 @@ class AprilScheduler:
             self.buffer.put(g)
         self.steps -= 1
 
-    async def _collect(self, st: _Step) -> bool:
-        """Launch and settle groups until N are accepted; True if the source ran dry first."""
+    async def _collect(self, st: StepState) -> bool:
+        """Launch and settle groups until N are accepted; True if the source ran dry first.
+
+        Completion-driven (rollout/step_state.py): each wake-up settles only the groups whose
+        tasks ended, so its cost does not grow with the groups in flight."""
         exhausted = False
         while len(st.accepted) < self.n_groups:
             if self._wake.is_set():
@@ -306,18 +301,10 @@ class AprilScheduler:
                 run = GroupRun(group)
                 if group.finished:
                     st.already_finished.add(group.uid)  # its lengths were observed when it finished
-                run.task = asyncio.create_task(self.runner.run(run, st.counters))
-                st.runs[group.uid] = run
+                st.launch(run, self.runner.run(run, st.counters))
             if not st.runs:
                 return True
-            wake = asyncio.ensure_future(self._wake.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    [r.task for r in st.runs.values()] + [wake], return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                wake.cancel()
-            for run in [r for r in st.runs.values() if r.task in done]:
+            for run in await st.completed():
                 self._settle(st.runs.pop(run.group.uid), st)
                 if run.group.finished and run.group.uid not in st.already_finished:
                     st.counters.finished_lengths += [len(s.response_ids) for s in run.group.samples]
@@ -332,165 +319,6 @@ class AprilScheduler:
                     f"retries so far: {dict(st.counters.retries)}; see the warnings above"
                 )
         return False
-
-    def _may_launch(self, in_flight: int, accepted: int) -> bool:
-        if self.partial:
-            return in_flight < self.n_in_flight
-        return in_flight + accepted < self.n_in_flight  # no work that would be thrown away
-
-    def _next_group(self, counters: StepCounters) -> Group | None:
-        """The oldest buffered group, else a fresh prompt; None when the source is exhausted."""
-        while True:
-            group = self.buffer.pop_oldest()
-            if group is not None:
-                self.ledger.move(group.uid, IN_FLIGHT)
-                counters.groups_resumed += 1
-                return group
-            try:
-                uid, task, prompt_ids = self._next_prompt()
-            except StopIteration:
-                return None
-            self.ledger.draw(uid)
-            counters.groups_drawn += 1
-            group = Group(uid, task, [Sample(list(prompt_ids)) for _ in range(self.group_size)])
-            if len(prompt_ids) >= self.engine.max_model_len:
-                log.warning("prompt %s has %d tokens, engine context is %d: dropped",
-                            uid, len(prompt_ids), self.engine.max_model_len)
-                self._drop(group, "prompt_too_long", counters)
-                continue
-            if not prompt_ids:
-                self._drop(group, "empty_prompt", counters)
-                continue
-            return group
-
-    def _settle(self, run: GroupRun, st: _Step) -> None:
-        """File a completed group task: accepted, surplus, filtered, or failed (retry or drop).
-
-        Raises only when the engine is dead or on a non-Exception (KeyboardInterrupt ...),
-        after the group is buffered.
-        """
-        group, task = run.group, run.task
-        if task.cancelled():  # cancelled by someone else: nothing is wrong with the group
-            st.retry_later.append(group)
-            return
-        exc = task.exception()
-        if exc is not None:
-            if (not isinstance(exc, Exception) or isinstance(exc, AllEnginesLost)
-                    or (run.phase != SCORING and self.engine.errored)):
-                self._to_buffer(group)
-                raise exc
-            self._fail(group, SCORE_ERROR if run.phase == SCORING else ENGINE_ERROR, exc, st)
-            return
-        if not task.result():  # unfinished, yet the step did not stop it: vLLM kept aborting it
-            self._fail(group, ENGINE_ERROR, RuntimeError("requests aborted by the engine"), st)
-            return
-        try:
-            keep = self.group_filter(group)
-        except Exception as filter_exc:  # noqa: BLE001 - a broken filter is a failed attempt
-            self._fail(group, SCORE_ERROR, filter_exc, st)
-            return
-        if not keep:
-            self._drop(group, "filtered", st.counters)
-            st.counters.filtered_rewards += group.rewards
-            st.rejected += 1
-        elif len(st.accepted) < self.n_groups:
-            st.accepted.append(group)
-        else:
-            st.surplus.append(group)
-
-    def _fail(self, group: Group, reason: str, exc: BaseException, st: _Step) -> None:
-        """A failed attempt: retry the group in a later step, or drop it after too many."""
-        st.failed += 1
-        if not self._count_attempt(group, reason, exc, st.counters):
-            st.retry_later.append(group)
-
-    def _count_attempt(self, group: Group, reason: str, exc: BaseException, counters: StepCounters) -> bool:
-        """Count one failed attempt; True when that was the last allowed (the group is dropped)."""
-        self.attempts[group.uid] += 1
-        n = self.attempts[group.uid]
-        if n >= self.max_group_attempts:
-            log.warning("group %s dropped as %s after %d failed attempts: %r", group.uid, reason, n, exc)
-            self._drop(group, reason, counters)
-            return True
-        log.warning("group %s failed (%s, attempt %d of %d): %r; retried later",
-                    group.uid, reason, n, self.max_group_attempts, exc)
-        counters.retries[reason] += 1
-        return False
-
-    async def _wind_down(self, st: _Step, keep_accepted: bool) -> BaseException | None:
-        """Stop what runs and file every group of the step; returns an abort failure, if any."""
-        try:
-            abort_error = await self._stop(st.runs, st.counters)
-        finally:
-            for g in st.surplus + st.retry_later + ([] if keep_accepted else st.accepted):
-                self._to_buffer(g)
-            st.surplus, st.retry_later = [], []
-            if not keep_accepted:
-                st.accepted = []
-        return abort_error
-
-    async def _stop(self, runs: dict[int, GroupRun], counters: StepCounters) -> BaseException | None:
-        """Abort every in-flight request, stop waiting for scoring, file the groups away.
-
-        Every group is filed even if the abort fails or this coroutine is cancelled; a failed
-        abort is returned (the caller raises it once everything is filed).
-        """
-        if not runs:
-            return None
-        tasks = [r.task for r in runs.values()]
-        abort_error = None
-        try:
-            for r in runs.values():
-                r.stopping = True  # a group finishing from here on is buffered, not scored
-            ids = set().union(*(r.request_ids for r in runs.values()))
-            try:
-                await self.engine.abort(ids)  # streams count their own aborts (finish reason)
-            except Exception as exc:  # noqa: BLE001 - cancelling the streams aborts them too
-                log.error("abort failed (%r): cancelling the requests instead", exc)
-                abort_error = exc
-            for r in runs.values():
-                if r.phase in (SCORING, ROUTING) or abort_error is not None:
-                    # A scorer keeps running (its result is kept for the group); a group waiting
-                    # for a replacement engine has nothing to abort.
-                    r.task.cancel()
-            _, pending = await asyncio.wait(tasks, timeout=self.abort_timeout_s)
-            for t in pending:  # cancelling the stream aborts its request too
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for t in tasks:
-                t.cancel()  # no-op for finished ones; nothing may keep writing to a filed group
-            for run in runs.values():
-                g = run.group
-                failed = run.task.done() and not run.task.cancelled() and run.task.exception()
-                if isinstance(failed, RequestFailed) and self._count_attempt(g, ENGINE_ERROR, failed, counters):
-                    continue  # vLLM's error came as the step stopped: it counts all the same
-                if g.finished or self.partial:
-                    self._to_buffer(g)
-                else:
-                    self._drop(g, "unfinished", counters)
-            runs.clear()
-        return abort_error
-
-    # ---- bookkeeping -------------------------------------------------------------------------
-
-    def _to_buffer(self, group: Group) -> None:
-        self.buffer.put(group)
-        self.ledger.move(group.uid, BUFFERED)
-
-    def _leave(self, group: Group, place: str, reason: str | None = None) -> None:
-        """The group leaves for good (returned or dropped): forget its attempts and kept score."""
-        self.ledger.move(group.uid, place, reason)
-        self.attempts.pop(group.uid, None)
-        self.scores.forget(group.uid)
-
-    def _drop(self, group: Group, reason: str, counters: StepCounters) -> None:
-        self._leave(group, DROPPED, reason)
-        counters.drops[reason] += 1
-
-    def check_conservation(self) -> None:
-        """Between steps: nothing in flight, and the ledger's buffered set is the buffer."""
-        self.ledger.check(in_flight=set(), buffered=self.buffer.uids())
 
     def state_dict(self) -> dict[str, Any]:
         """Buffer + ledger + policy version + failed attempts, for checkpoints (between steps)."""

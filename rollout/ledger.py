@@ -4,6 +4,10 @@ Every uid drawn from the prompt source is in exactly one place: in flight, in th
 buffer, returned in a training batch, or dropped with a counted reason. Moves are checked
 (a uid cannot be drawn twice, and returned or dropped are final), so a scheduler bug that
 loses or duplicates a group fails loudly instead of skewing training.
+
+The scheduler checks the ledger after every step, so the two places that stay small (in flight,
+buffered) are also kept as sets: the check costs O(groups in flight and buffered), not
+O(every prompt drawn since the run began).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ class Ledger:
     def __init__(self) -> None:
         self._place: dict[int, str] = {}
         self._reason: dict[int, str] = {}
+        self._open: dict[str, set[int]] = {IN_FLIGHT: set(), BUFFERED: set()}  # = uids(place)
 
     def draw(self, uid: int) -> None:
         """A fresh prompt enters: it starts in flight."""
         if uid in self._place:
             raise LedgerError(f"uid {uid} drawn twice (it is {self._place[uid]})")
         self._place[uid] = IN_FLIGHT
+        self._open[IN_FLIGHT].add(uid)
 
     def move(self, uid: int, place: str, reason: str | None = None, *, returned_back: bool = False) -> None:
         """Move a drawn uid; drops need a reason.
@@ -50,7 +56,7 @@ class Ledger:
         if current is None:
             raise LedgerError(f"uid {uid} was never drawn")
         if returned_back and current == RETURNED and place == BUFFERED:
-            self._place[uid] = place
+            self._set(uid, current, place)
             return
         if place not in _LEGAL[current]:
             raise LedgerError(f"uid {uid}: illegal move {current} -> {place}")
@@ -58,12 +64,21 @@ class Ledger:
             if not reason:
                 raise LedgerError(f"uid {uid}: a drop needs a reason")
             self._reason[uid] = reason
+        self._set(uid, current, place)
+
+    def _set(self, uid: int, current: str, place: str) -> None:
         self._place[uid] = place
+        if current in self._open:
+            self._open[current].discard(uid)
+        if place in self._open:
+            self._open[place].add(uid)
 
     def place(self, uid: int) -> str | None:
         return self._place.get(uid)
 
     def uids(self, place: str) -> set[int]:
+        if place in self._open:
+            return set(self._open[place])
         return {u for u, p in self._place.items() if p == place}
 
     def drop_reasons(self) -> Counter:
@@ -95,3 +110,4 @@ class Ledger:
             raise LedgerError("a saved ledger must not have groups in flight (save between steps)")
         self._place = place
         self._reason = {int(u): r for u, r in state["reason"].items()}
+        self._open = {p: {u for u, q in place.items() if q == p} for p in (IN_FLIGHT, BUFFERED)}

@@ -31,11 +31,11 @@ class StepCounters:
 
 def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]:
     """Tokens of `groups` counted by age (current version minus the version that sampled them)."""
-    ages: Counter = Counter()
+    versions: Counter = Counter()
     for g in groups:
         for s in g.samples:
-            ages.update(current_version - v for v in s.versions)
-    return dict(sorted(ages.items()))
+            versions.update(s.versions)  # counted in C; ages from the few distinct versions
+    return dict(sorted((current_version - v, n) for v, n in versions.items()))
 
 
 def step_metrics(

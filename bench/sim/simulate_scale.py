@@ -35,9 +35,11 @@ aborted): mean, max, and max/mean.
     python -m bench.sim.simulate_scale --engines 64 --modes sync,april --out /tmp/s.json
     python -m bench.sim.simulate_scale --merge part1.json part2.json ... --out result.json
 
-The simulation's own CPU grows faster than linearly with engines (the scheduler's per-step work
-over N' in-flight groups; ~10 s of CPU per simulated APRIL step at 256 engines), so a full sweep
-is best run in parts (one engine count or mode each) and merged; every part records its config.
+The simulation's own CPU grows faster than linearly with engines (the engines themselves, the
+pool's routing over every engine per group, and the garbage collector walking a heap that grows
+with them; the scheduler's own share is linear since issue 26, see bench/sim/scheduler_cpu.py),
+so a full sweep is best run in parts (one engine count or mode each) and merged; every part
+records its config.
 Writes bench/results/scaling_sim.json (or --out).
 """
 
@@ -62,6 +64,7 @@ from bench.sim.sim_calibrate import PROMPT_LEN, calibrate, costs_of
 from bench.sim.sim_engine import SimCosts, SimEngine, run_virtual
 from bench.sim.sim_report import merge, summarize_run, summary
 from rollover.rollout.april import STREAM_INTERVAL, AprilScheduler
+from rollover.rollout.cpu_clock import CpuClock
 from rollover.rollout.pool import EnginePool, Lease
 from rollover.rollout.settings import SamplingSettings
 
@@ -153,6 +156,18 @@ def track_groups(sched: AprilScheduler) -> None:
     sched.runner.run = tracked
 
 
+def measure_steps(sched: Any) -> CpuClock:
+    """Every `sched.step()` from now on runs under the returned clock (its own CPU, see
+    rollout/cpu_clock.py): one definition for any scheduler, old or new."""
+    clock, step = CpuClock(), sched.step
+
+    async def measured(*args: Any, **kw: Any) -> Any:
+        return await clock.measure(step(*args, **kw))
+
+    sched.step = measured
+    return clock
+
+
 def outstanding(engine: SimEngine) -> int:
     """Tokens the engine still has to generate for its open requests (what it really holds)."""
     return engine.outstanding()
@@ -194,9 +209,17 @@ def n_slow(engines: int, fraction: float) -> int:
 
 async def simulate(args: argparse.Namespace, costs: SimCosts, *, engines: int, mode: str,
                    hetero: bool, train_s: float, deaths: int = 0, die_at: float | None = None,
-                   revive_s: float | None = None, on_step=None) -> dict[str, Any]:
+                   revive_s: float | None = None, on_step=None,
+                   scheduler_cls: type = AprilScheduler) -> dict[str, Any]:
     """`args.warmup + args.steps` RL steps of one mode on `engines` simulated engines;
-    `on_step(scheduler, pool, record)` is called after each step's rollout."""
+    `on_step(scheduler, pool, record)` is called after each step's rollout. `scheduler_cls`
+    stands in for `AprilScheduler` (bench/sim/scheduler_cpu.py runs an older one beside it).
+
+    Every step record has the scheduler's own CPU seconds as `CpuClock` measures them from
+    outside (`scheduler_task_cpu_s`, the same for any scheduler class; the garbage collector's
+    runs in those stretches apart, `scheduler_task_gc_s`), the scheduler's metric
+    (`scheduler_cpu_s`, None for a scheduler without it) and the event loop thread's CPU over
+    the rollout (`loop_cpu_s`: the scheduler, the group runs, the pool and the simulated engines)."""
     loop = asyncio.get_running_loop()
     length = functools.lru_cache(maxsize=None)(length_sampler(args, args.seed))
     stop_at = None if args.lengths_known else profile_stop(length)
@@ -223,11 +246,12 @@ async def simulate(args: argparse.Namespace, costs: SimCosts, *, engines: int, m
                           over_provision=args.over_provision if april else 1.0, partial=april,
                           max_staleness=args.max_staleness, max_tokens=args.max_len,
                           temperature=1.0, top_p=1.0)
-    sched = AprilScheduler(pool, cfg, Prompts(), no_score,
+    sched = scheduler_cls(pool, cfg, Prompts(), no_score,
                            sampling=SamplingSettings(temperature=1.0, ignore_eos=args.lengths_known,
                                                      stream_interval=STREAM_INTERVAL),
                            budget_fn=(lambda g, i: length(g.uid, i)) if args.lengths_known else None)
     track_groups(sched)
+    clock = measure_steps(sched)
     stepper = SchedulerMode(sched)
     records = []
     real_started = time.perf_counter()
@@ -237,8 +261,12 @@ async def simulate(args: argparse.Namespace, costs: SimCosts, *, engines: int, m
             live = [m.engine for m in pool.members]
             t0, real0, moved0 = loop.time(), time.perf_counter(), pool.moved
             busy0 = [e.busy_at(t0) for e in live]
+            cpu0, gc0, loop_cpu0 = clock.seconds, clock.gc_seconds, time.thread_time()
             rec = await stepper.rollout()
             t1 = loop.time()
+            rec.update(scheduler_task_cpu_s=clock.seconds - cpu0, scheduler_task_gc_s=clock.gc_seconds - gc0,
+                       loop_cpu_s=time.thread_time() - loop_cpu0,
+                       scheduler_cpu_s=sched.last_metrics.get("rollout/scheduler_cpu_s"))
             if on_step is not None:
                 on_step(sched, pool, rec)
             busy = [(e.busy_at(t1) - b) / (t1 - t0) for e, b in zip(live, busy0)] if t1 > t0 else []
