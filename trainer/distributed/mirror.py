@@ -106,9 +106,9 @@ class LeaderLearner:
                 self.followers.check()
                 self.channel.send((name, args, kwargs))
                 return getattr(self.learner, name)(*args, **kwargs)
-            except RuntimeError as exc:
-                if isinstance(exc, RolloverError):
-                    raise
+            except (RolloverError, NonFiniteLoss):  # the run's own outcomes, the same on every rank
+                raise
+            except RuntimeError as exc:  # gloo/NCCL: a peer's connection closed, a timeout
                 self.followers.check(grace_s=DEATH_GRACE_S)  # names the rank that died, if one did
                 raise TrainerRankLost(f"a trainer collective failed ({_first_line(exc)})") from None
 
