@@ -25,10 +25,15 @@ class SwarmConfig(Section):
     # not told the length serves the swarm anyway (swarm/guard.py)
     round_seconds: float = Field(30.0, ge=1.0, le=3600.0, multiple_of=1.0)
     max_record_bytes: int = Field(12288, ge=1024, le=16384)  # one group; hivemind's pipe breaks past ~24 KiB
-    max_groups_per_peer: int = Field(16, ge=1, le=256)  # per sender per round, and in the pool
+    max_groups_per_peer: int = Field(16, ge=1, le=256)  # per sender per round (the pool keeps two rounds)
     max_external_share_per_peer: float = Field(0.5, gt=0.0, le=1.0)  # of J, per step
     max_completion_chars: int = Field(2048, ge=16)
-    likelihood_z: float = Field(6.0, gt=0.0)  # robust z below own samples' log-likelihood: rejected
+    # The likelihood filter (swarm/inbox.py, calibrated by bench/swarm/likelihood_filter.py): a peer's
+    # group is refused when its median completion lies likelihood_z robust deviations below our own
+    # samples (scored by the same policy), or any completion it would reinforce likelihood_z_each.
+    likelihood_z: float = Field(4.0, gt=0.0)  # the group's median completion, in robust deviations
+    likelihood_z_each: float = Field(6.0, gt=0.0)  # each completion with reward above the group's mean
+    likelihood_floor: float = Field(0.3, gt=0.0)  # nats/token: the least deviation (a sharp policy's is ~0.03)
 
     @field_validator("initial_peers", "host_maddrs", "announce_maddrs")
     @classmethod

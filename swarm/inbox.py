@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import statistics
 from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from rollover.rollout.types import Group
 from rollover.swarm.candidates import POOL_CAP, Candidate, CandidatePool, Rank
 from rollover.swarm.copies import CopyMemory
+from rollover.swarm.likelihood import MIN_REFERENCE, LIKELIHOOD_FLOOR, LikelihoodFilter
 from rollover.swarm.records import Caps, Rejected, completion_digest, decode_group, group_digest
 from rollover.swarm.credit import SenderCredit, draw_weights, newcomer_slots, per_sender_cap
 from rollover.tasks.registry import SpecError, Task, record_from_spec
@@ -65,11 +65,12 @@ class Judge(Protocol):
 class Inbox:
     """Admits, pools and judges peers' records; counts every rejection by reason."""
 
-    def __init__(self, task: Task, caps: Caps, likelihood_z: float, min_reference: int = 16,
+    def __init__(self, task: Task, caps: Caps, likelihood_z: float, min_reference: int = MIN_REFERENCE,
                  pool_cap: int = POOL_CAP, new_senders_per_round: int = NEW_SENDERS_PER_ROUND,
-                 salt: bytes | None = None, newcomer_records_per_round: int = NEWCOMER_RECORDS_PER_ROUND):
-        self.task, self.caps, self.likelihood_z = task, caps, likelihood_z
-        self.min_reference = min_reference
+                 salt: bytes | None = None, newcomer_records_per_round: int = NEWCOMER_RECORDS_PER_ROUND,
+                 likelihood_z_each: float | None = None, likelihood_floor: float = LIKELIHOOD_FLOOR):
+        self.task, self.caps = task, caps
+        self.likelihood = LikelihoodFilter(likelihood_z, likelihood_z_each, likelihood_floor, min_reference)
         self.new_senders_per_round = new_senders_per_round
         # Newcomers fill few slots per step (sampler.newcomer_slots): decoding more of their
         # records per round than this is work a horde of keys makes us do for nothing.
@@ -82,7 +83,6 @@ class Inbox:
         self._handled: dict[int, set[tuple[str, int]]] = {}  # round -> {(sender, index)} read
         self._per_round: Counter[tuple[str, int]] = Counter()  # admitted records per (sender, round)
         self._new_senders: dict[int, set[str]] = {}  # round -> never-judged senders admitted
-        self.reference: deque[float] = deque(maxlen=512)  # own samples' mean log-probs
         # Ties between senders are broken by a hash salted with this node's secret: no key can be
         # ground to win them (the round is public, so an unsalted hash of it could be).
         self._salt = os.urandom(16) if salt is None else salt  # tests pass one to be repeatable
@@ -98,9 +98,19 @@ class Inbox:
         """Our own published group: a peer echoing its completions back is a copy."""
         self._copies.note((completion_digest(spec, c) for c in completions), sender, round_index)
 
+    @property
+    def reference(self) -> deque[float]:
+        """Our own recent samples' mean log-probs, as the judge scores them."""
+        return self.likelihood.reference
+
     def note_reference(self, values: Iterable[float]) -> None:
-        """Mean log-probs of our own samples under our own policy (the behaviour log-probs)."""
-        self.reference.extend(values)
+        """Own samples' mean log-probs already scored by the judge."""
+        self.likelihood.note(values)
+
+    def note_own_groups(self, groups: list[Group]) -> None:
+        """This step's own groups: some of their samples are scored by the judge at the next
+        `take` and join the likelihood reference (swarm/likelihood.py)."""
+        self.likelihood.note_own_groups(groups)
 
     def admit(self, incoming: Iterable[Incoming], current_round: int, credit: SenderCredit | None = None) -> int:
         """Check newly read records; returns how many joined the pool. `credit` (the node's)
@@ -184,7 +194,7 @@ class Inbox:
                 rest.append(item)
         most = self.caps.max_groups_per_peer
         for (sender, round_index), group in by_sender.items():
-            if credit.is_established(sender) or self._pool.count(sender) >= most:
+            if credit.is_established(sender):
                 rest.extend(group)
                 continue
             if credit.is_new(sender) and sender not in newcomers.get(round_index, ()):
@@ -232,8 +242,9 @@ class Inbox:
         if not 0 <= item.index < self.caps.max_groups_per_peer or \
                 self._per_round[(item.sender, item.round)] >= self.caps.max_groups_per_peer:
             raise Rejected("too_many_groups", f"over {self.caps.max_groups_per_peer} in round {item.round}")
-        if self._pool.count(item.sender) >= self.caps.max_groups_per_peer:
-            raise Rejected("flooding", "the sender already fills its share of the pool")
+        # No separate per-sender pool cap: the pool keeps ROUNDS_KEPT rounds, so an honest peer at
+        # its per-round cap holds up to ROUNDS_KEPT x max_groups_per_peer there, and a cap of one
+        # round's worth refused its new round while the last one waited (issue 25: 19 of 128).
         is_new = credit.is_new(item.sender)
         if is_new and item.sender not in newcomers.get(item.round, ()):
             raise Rejected("new_senders", f"over {self.new_senders_per_round} new senders in round {item.round}")
@@ -312,6 +323,8 @@ class Inbox:
         (default 4 x count) are judged per call: the work peers can cause us is bounded.
         """
         max_judged = 4 * count if max_judged is None else max_judged
+        if count > 0:
+            self.likelihood.score_pending(judge)
         cap = per_sender_cap(count, max_share)
         newcomer_cap = newcomer_slots(count)
         accepted: list[tuple[Candidate, Group]] = []
@@ -353,7 +366,7 @@ class Inbox:
             self.rejected["uninformative"] += 1
             self._credit(credit, candidate, useful=False)
             return None
-        if self.is_unlikely(judge.mean_logprobs(group)):
+        if self.likelihood.is_unlikely(judge.mean_logprobs(group), rewards):
             self.rejected["unlikely"] += 1
             self._credit(credit, candidate, useful=False)
             return None
@@ -384,19 +397,9 @@ class Inbox:
         if not candidate.contested:
             credit.record(candidate.sender, useful=useful, round_index=candidate.round)
 
-    def is_unlikely(self, values: list[float]) -> bool:
-        """True when any completion's mean log-likelihood lies far below our own samples'.
-
-        A robust z-score against our own recent samples (median and MAD, floored at 0.05
-        nats/token): each node compares text with what it itself would write, so nodes with
-        different models and tokenizers each apply their own scale.
-        """
-        if len(self.reference) < self.min_reference:
-            return False  # no picture of our own samples yet
-        median = statistics.median(self.reference)
-        mad = statistics.median(abs(v - median) for v in self.reference)
-        scale = max(1.4826 * mad, 0.05)
-        return any((v - median) / scale < -self.likelihood_z for v in values)
+    def is_unlikely(self, values: list[float], rewards: list[float] | None = None) -> bool:
+        """The likelihood filter's verdict on a group (swarm/likelihood.py)."""
+        return self.likelihood.is_unlikely(values, rewards)
 
     # ---- checkpoint ----------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ class SwarmNode:
         self.caps = Caps(max_record_bytes=cfg.max_record_bytes, max_groups_per_peer=cfg.max_groups_per_peer,
                          max_completion_chars=cfg.max_completion_chars,
                          max_completions=max(16, group_size))
-        self.inbox = Inbox(task, self.caps, cfg.likelihood_z)
+        self.inbox = Inbox(task, self.caps, cfg.likelihood_z, likelihood_z_each=cfg.likelihood_z_each,
+                           likelihood_floor=cfg.likelihood_floor)
         self.credit = SenderCredit()
         self.rng = random.Random(seed)
         self.transport = None  # a SwarmTransport once started (hivemind is imported only then)
@@ -91,14 +92,16 @@ class SwarmNode:
         (`time/swarm`: how long the step waited here, bounded whatever peers do)."""
         started = time.perf_counter()
         round_index = round_at(self.clock(), self.cfg.round_seconds)
-        self.inbox.note_reference(_mean_behaviour_logprobs(local_groups))
+        self.inbox.note_own_groups(local_groups)  # scored by the judge in `take`, as peers' text is
         self._start_publish(round_index, local_groups)
-        await self._collect_briefly()
-        async with self._inbox_lock:
-            rejected_before = Counter(self.inbox.rejected)
-            taken = await asyncio.to_thread(self.inbox.take, self.cfg.external_groups, judge, self.credit,
-                                            self.cfg.max_external_share_per_peer, self.rng)
-            rejected_now = self.inbox.rejected - rejected_before
+        taken, rejected_now = [], Counter()
+        if self.cfg.external_groups > 0:  # a node that takes nothing waits for no read (issue 25)
+            await self._collect_briefly()
+            async with self._inbox_lock:
+                rejected_before = Counter(self.inbox.rejected)
+                taken = await asyncio.to_thread(self.inbox.take, self.cfg.external_groups, judge, self.credit,
+                                                self.cfg.max_external_share_per_peer, self.rng)
+                rejected_now = self.inbox.rejected - rejected_before
         self._audit(step, round_index, taken, rejected_now)
         groups = [group for _, group in taken]
         senders = {c.sender for c, _ in taken}
@@ -233,16 +236,15 @@ class SwarmNode:
             out.write(json.dumps(line) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
+        # The next index in the round we last published in: a node resumed within that round
+        # continues it (the DHT refuses a re-stored index, issue 25).
         return {"credit": self.credit.state_dict(), "inbox": self.inbox.state_dict(),
-                "rng": self.rng.getstate()}
+                "rng": self.rng.getstate(), "round_indices": [[r, i] for r, i in self._round_indices.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.credit.load_state_dict(state["credit"])
         self.inbox.load_state_dict(state["inbox"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self._round_indices = {int(r): int(i) for r, i in state.get("round_indices", [])}  # older: none kept
 
-
-def _mean_behaviour_logprobs(groups: list[Group]) -> list[float]:
-    """Our own samples' per-token mean log-probs under the policy that wrote them."""
-    return [sum(s.logprobs) / len(s.logprobs) for g in groups for s in g.samples if s.logprobs]

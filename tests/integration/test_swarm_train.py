@@ -168,10 +168,13 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
         assert last.get(f"swarm/used/{other}", 0) > 0 and f"swarm/credit/{other}" in last
         assert last.get(f"swarm/used/{hostile.sender}", 0) == len(from_hostile)
         assert last.get(f"swarm/credit/{hostile.sender}", 0.0) <= 0.5  # it earned nothing
-    # The groups judged in full (wrong answers, unlikely text) were met by at least one node.
+    # The hostile groups judged in full were refused on their re-scored rewards (its "all right"
+    # answers are wrong, and its garbage text fails the worked-steps check). No `unlikely` count
+    # is asserted: the honest peers here must not trip the likelihood filter (issue 25), and
+    # the filter's refusals of poison are tested on real models in tests/unit/test_swarm_likelihood.py.
     judged = {}
     for folder in nodes:
         for entry in (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()):
             for reason in ("uninformative", "unlikely"):
                 judged[reason] = max(judged.get(reason, 0), entry.get(f"swarm/rejected/{reason}", 0))
-    assert judged["unlikely"] > 0, judged
+    assert judged["uninformative"] > 0, judged

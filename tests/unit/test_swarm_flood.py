@@ -93,8 +93,10 @@ def test_an_honest_newcomer_earns_its_way_in_over_rounds():
     slots, credit = run_rounds(40, 12, newcomer="newcomer")
     assert credit.is_established("newcomer")
     assert slots.get("newcomer", 0) >= ESTABLISHED_ROUNDS
-    share = slots["newcomer"] / max(slots.get(f"sybil{i:04d}", 0) for i in range(12))
-    assert share > 0.4, slots  # about what any of its equals got
+    # About what its equals got on average. (Not against the luckiest of them: whoever is
+    # established first takes established slots, so equal keys spread widely, 5 to 85 here.)
+    share = slots["newcomer"] / (sum(slots.get(f"sybil{i:04d}", 0) for i in range(12)) / 12)
+    assert share > 0.5, slots
 
 
 def test_credit_stays_bounded_and_keeps_the_best_and_the_latest():
@@ -247,5 +249,7 @@ def test_keys_established_during_a_flood_do_not_outweigh_a_senior_peer():
     # rounds before; the honest peer was useful in SENIOR_ROUNDS rounds before the flood. Over the
     # next rounds it must still get nearly every group it publishes (2 per round, 3 steps of J = 4
     # per round): before the fix the new keys weighed their full credit each and took its slots.
+    # (10, not 11, since a sender at its per-round cap is no longer refused as `flooding` while
+    # last round's groups wait: that throttled the graduated keys, and honest peers with them.)
     kept = [run_rounds(6, 300, seed=seed, graduated=6)[0].get("honest", 0) for seed in range(3)]
-    assert min(kept) >= 11, kept
+    assert min(kept) >= 10, kept

@@ -91,12 +91,24 @@ def test_a_record_read_again_is_judged_once():
     assert len(box.pool) == 1 and not box.rejected and box.received == 1
 
 
-def test_per_round_and_pool_caps_stop_flooding():
+def test_the_per_round_cap_stops_flooding():
     box = inbox()
     box.admit([incoming("a", i, spec_index=i) for i in range(3)], ROUND)  # 3 = the cap
-    box.admit([incoming("a", 0, spec_index=9, round_index=ROUND + 1)], ROUND + 1)  # a new round
-    assert dict(box.rejected) == {"flooding": 1}  # the pool already holds 3 of a's
-    assert len(box.pool) == 3
+    box.admit([incoming("a", 3, spec_index=3), incoming("a", 0, spec_index=7)], ROUND)  # past it; a reused slot
+    assert dict(box.rejected) == {"too_many_groups": 1} and len(box.pool) == 3
+
+
+def test_an_honest_peer_at_its_full_rate_is_never_flooding():
+    """A peer publishing its per-round cap every round, read by a node that takes fewer per round
+    than that, keeps the previous round's groups pooled: its new round must still get in."""
+    box, credit, taken = inbox(), SenderCredit(), 0
+    for offset in range(4):
+        round_index = ROUND + offset
+        published = [incoming("a", i, spec_index=10 * offset + i, round_index=round_index) for i in range(3)]
+        assert box.admit(published, round_index, credit) == 3
+        taken += len(box.take(1, CharJudge(), credit, 1.0, random.Random(offset)))
+    assert not box.rejected and taken == 4
+    assert {c.round for c in box.pool} == {ROUND + 2, ROUND + 3}  # at most ROUNDS_KEPT rounds of it
 
 
 def test_wrong_answers_claimed_right_are_harmless():
@@ -122,10 +134,10 @@ def test_unlikely_text_is_rejected_and_costs_credit():
 
 
 def test_no_reference_yet_means_no_likelihood_verdict():
-    box = Inbox(TASK, CAPS, likelihood_z=4.0)
+    box = Inbox(TASK, CAPS, likelihood_z=4.0, likelihood_floor=0.3)
     assert not box.is_unlikely([-50.0])
-    box.note_reference([-1.0] * 20)  # identical own samples: the scale floor (0.05) applies
-    assert box.is_unlikely([-1.0 - 4.1 * 0.05]) and not box.is_unlikely([-1.0 - 3.9 * 0.05])
+    box.note_reference([-1.0] * 40)  # identical own samples: the scale floor (0.3 nats/token) applies
+    assert box.is_unlikely([-1.0 - 4.1 * 0.3] * 3) and not box.is_unlikely([-1.0 - 3.9 * 0.3] * 3)
 
 
 def test_one_sender_fills_at_most_its_share():

@@ -180,3 +180,45 @@ def test_judging_peers_does_not_stop_the_event_loop(tmp_path):
     external, ticks = asyncio.run(step_with_a_ticker())
     assert {g.sender for g in external} == {"peer-a", "peer-b"}  # both judged (2 x 0.3 s)
     assert ticks >= 20, ticks  # ~60 ticks of 10 ms in 0.6 s of judging; 0 when the judge blocks the loop
+
+
+def test_a_node_that_takes_no_external_groups_waits_for_no_read(tmp_path):
+    """swarm.external_groups=0 (issue 25: 1.9 s a step in the 8/0 runs): the step publishes and
+    reads nothing; the stalled transport would hold it collect_wait seconds otherwise."""
+    cfg = SwarmConfig(enabled=True, round_seconds=ROUND_SECONDS, external_groups=0)
+    node = SwarmNode(cfg, TASK, group_size=2, run_folder=tmp_path, seed=0, clock=lambda: NOW)
+    node.transport, node.sender = StalledTransport(), "me"
+
+    async def step():
+        try:
+            started = time.perf_counter()
+            external, metrics = await node.exchange(0, [local_group(0)], CharJudge())
+            waited = time.perf_counter() - started
+            await node._publishing
+            return external, metrics, waited
+        finally:
+            node.transport.release.set()
+            await node.close()
+
+    external, metrics, waited = asyncio.run(step())
+    assert external == [] and node.transport.reads == 0 and metrics["swarm/slow_reads"] == 0
+    assert waited < node.collect_wait / 2, waited
+    assert node.transport.published == [(int(NOW // ROUND_SECONDS), 0, 1)]  # still shares its groups
+
+
+def test_a_node_restarted_within_a_round_publishes_under_the_next_indices(tmp_path):
+    """The DHT refuses a re-stored index in a round: a node resumed from its checkpoint in the
+    same round must continue its indices, not republish from 0 (issue 25)."""
+    node, transport = make_node(tmp_path)
+    transport.release.set()
+
+    async def publish(n: SwarmNode, start: int):
+        n._start_publish(int(NOW // ROUND_SECONDS), [local_group(start), local_group(start + 1)])
+        await n._publishing
+
+    asyncio.run(publish(node, 0))
+    restarted, again = make_node(tmp_path)
+    restarted.load_state_dict(node.state_dict())
+    asyncio.run(publish(restarted, 2))
+    first = int(NOW // ROUND_SECONDS)
+    assert transport.published == [(first, 0, 2)] and again.published == [(first, 2, 2)]
