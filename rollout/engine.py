@@ -52,6 +52,8 @@ from rollover.tasks.errors import RolloverError
 
 log = logging.getLogger(__name__)
 
+# Seconds a stopping CPU engine gets before it is killed (it waits ~3 s on its worker otherwise).
+CPU_SHUTDOWN_GRACE_S = 1.0
 # vLLM finish reason -> ours. `repetition` (vLLM stopped a repetitive pattern) is a finished
 # sample; `error` is a retryable request-level failure the scheduler counts and retries.
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted",
@@ -93,6 +95,7 @@ class RolloutEngine(SingleEngine):
         self.weight_transport = weight_transport or SharedMemoryTransport()
         self._llm: Any = None
         self._prefix_caching = False
+        self._shutdown_grace_s: float | None = None  # None: vLLM's default
         # Closed while weights load or the engine sleeps: new requests wait there, so each is
         # stamped with the version that will really serve it.
         self.gate = AdmissionGate()
@@ -115,9 +118,17 @@ class RolloutEngine(SingleEngine):
             if s.sleep_mode and not current_platform.is_cuda_alike():
                 raise SleepModeUnavailable(SLEEP_MODE_NEEDS_CUDA)
             block_size = s.block_size
+            cpu_cache: dict[str, int] = {}
             if current_platform.is_cpu():
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gib))))
                 block_size = block_size or CPU_BLOCK_SIZE
+                cpu_cache["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
+                # The CPU engine holds nothing a kill would leak; vLLM's default grace is 5 s.
+                self._shutdown_grace_s = CPU_SHUTDOWN_GRACE_S
+                # vLLM's CPU platform would replace the size with this legacy whole-GiB variable.
+                legacy = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+                if legacy:
+                    log.warning("VLLM_CPU_KVCACHE_SPACE=%s ignored: rollout.kv_cache_gib (%g GiB) "
+                                "sizes the KV cache", legacy, s.kv_cache_gib)
             args = AsyncEngineArgs(
                 model=s.model,
                 dtype=s.dtype,
@@ -131,7 +142,7 @@ class RolloutEngine(SingleEngine):
                 block_size=block_size,
                 enable_sleep_mode=s.sleep_mode,
                 disable_log_stats=True,
-                **s.extra,
+                **{**cpu_cache, **s.extra},
             )
             started = time.perf_counter()
             self._llm = AsyncLLM.from_engine_args(args)
@@ -148,7 +159,7 @@ class RolloutEngine(SingleEngine):
     def shutdown(self) -> None:
         """Stop the engine processes."""
         if self._llm is not None:
-            self._llm.shutdown()
+            self._llm.shutdown(timeout=self._shutdown_grace_s)
             self._llm = None
 
     @property

@@ -33,7 +33,9 @@ class EngineSettings:
     dtype: str = "float32"
     max_model_len: int = 512
     seed: int = 0
-    kv_cache_gib: float = 1.0  # CPU build: VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1)
+    # CPU build: the KV cache, in GiB (fractions honoured). vLLM zero-fills it at start, ~9 s
+    # per GiB on a 2-core machine, so the default is what a CPU run uses, not a GPU's share.
+    kv_cache_gib: float = 0.25
     gpu_memory_utilization: float = 0.5  # GPU build
     # ipc weight loads stage at most this much of the weights on the engine's GPU at a time.
     weight_bucket_mb: float = 512.0

@@ -346,7 +346,7 @@ async def start_one_engine(model_path: str, args: argparse.Namespace) -> tuple[A
     from rollover.rollout.engine import EngineSettings, RolloutEngine
 
     engine = RolloutEngine(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
-                                          enable_prefix_caching=True)).start()
+                                          enable_prefix_caching=True, kv_cache_gib=2.0)).start()
     return engine, engine.shutdown
 
 
@@ -355,7 +355,6 @@ def run_on_engine(args: argparse.Namespace, bench_fn, render_table, start=start_
     `bench_fn(engine, weights, args, log)`, save the JSON with the machine and config to
     `args.out`, print the Markdown table; return the result."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from rollover.trainer.builtin.models import resolve_model_path
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -55,7 +55,7 @@ async def start_engines(model_path: str, args: argparse.Namespace) -> tuple[list
 
     connect("local", num_cpus=4)  # logical: two 1-CPU actors and room for Ray's own tasks
     factory = EngineFactory(EngineSettings(model=model_path, max_model_len=512, seed=args.seed,
-                                           enable_prefix_caching=True),
+                                           enable_prefix_caching=True, kv_cache_gib=2.0),
                             ClusterConfig(address="local", engines=2))
     engines = list(await asyncio.gather(factory.start(0), factory.start(1)))
 

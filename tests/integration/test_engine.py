@@ -141,6 +141,30 @@ def test_engine_that_cannot_start_raises_a_clear_error(tmp_path):
         RolloutEngine(EngineSettings(model=str(missing))).start()
 
 
+def test_kv_cache_gib_sizes_the_cpu_cache_and_wins_over_the_legacy_variable(engine, monkeypatch):
+    """vLLM's CPU platform replaces the KV size with VLLM_CPU_KVCACHE_SPACE (whole GiB) when it is
+    set; the recipe key must win, fractions included (a 1 GiB cache costs ~9 s per start here)."""
+    from vllm import envs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert engine.llm.vllm_config.cache_config.kv_cache_memory_bytes == 2**28  # default 0.25 GiB
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    seen = {}
+
+    def config_only(args, **_):  # vLLM's own config resolution (the platform hook), no engine
+        seen["config"] = args.create_engine_config()
+        raise RuntimeError("config resolved; no engine wanted")
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", staticmethod(config_only))
+    try:
+        with pytest.raises(EngineStartError, match="config resolved"):
+            RolloutEngine(EngineSettings(model=engine.settings.model, max_model_len=256,
+                                         kv_cache_gib=0.125)).start()
+    finally:
+        envs.disable_envs_cache()
+    assert seen["config"].cache_config.kv_cache_memory_bytes == 128 * 2**20
+
+
 def test_abort_of_unknown_or_finished_requests_is_harmless(engine, run):
     assert run(engine.abort(["never-submitted"])) == 0
     run(asyncio.sleep(0))
