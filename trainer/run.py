@@ -26,7 +26,7 @@ from rollover.trainer.runtime.console import LOG_FILE, error_line, log_to
 from rollover.trainer.loop import Trainer
 from rollover.trainer.policy import ModelLoadError, Policy
 from rollover.trainer.runtime.resume_check import check_resume, recipe_changes
-from rollover.trainer.runtime.run_folder import RunFolder
+from rollover.trainer.runtime.run_folder import RunFolder, rewind_step_logs
 from rollover.trainer.runtime.stopping import (
     GracefulStop, RunStopped, StopAtSafePoint, StopRequested, call_with_sigint_blocked, current, exit_code,
     stoppable)
@@ -50,8 +50,10 @@ def resume_point(recipe: Recipe, output_dir: Path) -> Path | None:
         found, skipped = find_checkpoint(output_dir)
         for damaged, problem in skipped:
             console.print(f"[yellow]warning: skipping damaged checkpoint {damaged} ({problem})")
-        if found is None:
-            console.print(f"train.resume: no checkpoint in {output_dir}; starting fresh")
+        if found is None:  # the earlier attempt's step lines would precede this run's own
+            cleared = [name for name, lines in rewind_step_logs(output_dir, -1).items() if lines]
+            note = f" (cleared the earlier attempt's {', '.join(cleared)})" if cleared else ""
+            console.print(f"train.resume: no checkpoint in {output_dir}; starting fresh{note}")
         return found
     return None
 

@@ -157,3 +157,19 @@ def test_a_resume_rewinds_every_per_step_log_in_the_run_folder(tmp_path):
     for name in (AUDIT_LOG, "metrics.jsonl"):
         assert [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()] == [1, 2]
     assert (tmp_path / "rl-train.log").read_text() == "not a per-step log\n"
+
+
+def test_a_resume_without_a_checkpoint_starts_its_step_logs_afresh(tmp_path):
+    """train.resume=true after a run died before its first checkpoint: that run's step lines
+    (metrics, trained uids, swarm audit) must not precede the new run's own step 0 and 1."""
+    from rollover.trainer.config import Recipe
+    from rollover.trainer.run import resume_point
+
+    for name in ("metrics.jsonl", "trained_uids.jsonl", "swarm_audit.jsonl"):
+        (tmp_path / name).write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 2}\n{"step": 2, "x"')
+    (tmp_path / "rl-train.log").write_text("the earlier attempt's console\n")
+    recipe = Recipe.model_validate({"train": {"resume": True, "output_dir": str(tmp_path)}})
+    assert resume_point(recipe, tmp_path) is None
+    for name in ("metrics.jsonl", "trained_uids.jsonl", "swarm_audit.jsonl"):
+        assert (tmp_path / name).read_text() == ""
+    assert (tmp_path / "rl-train.log").read_text() == "the earlier attempt's console\n"  # not a step log

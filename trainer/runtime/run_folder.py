@@ -85,8 +85,9 @@ class RunFolder:
 def rewind_step_logs(folder: Path, step: int) -> dict[str, int]:
     """A resume trains the steps after its checkpoint again: every per-step log at the top of the
     run folder (`*.jsonl`, one JSON line per step with its `step`: the metrics, the trained uids,
-    the swarm's audit) drops the lines of later steps, whichever part of the run writes it.
-    Returns how many lines each log dropped."""
+    the swarm's audit) drops the lines of later steps, whichever part of the run writes it; step
+    -1 empties them (a resume that found no checkpoint starts afresh). Returns how many lines each
+    log dropped."""
     from rollover.trainer.tracking import forget_steps_after
 
     return {log.name: forget_steps_after(log, step) for log in sorted(folder.glob("*.jsonl"))}
