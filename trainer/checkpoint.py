@@ -5,7 +5,9 @@ is): the float32 master weights themselves, whatever the compute dtype, so a res
 from the exact weights (LoRA: the float32 adapter, beside the merged weights in the compute
 dtype; `Policy.save_pretrained`). And `trainer_state.pt`: the optimizer (AdamW's float32
 moments), scheduler, RNG states, step, policy version, the APRIL buffer and dataset cursor, and
-counters. A crash mid-write leaves only a `.tmp-*` folder, which
+counters. With N trainer ranks the optimizer's state is not in it but in `dcp/`, each rank's
+shards written by torch.distributed.checkpoint (trainer/distributed/sharded_state.py); the
+manifest covers those files like any other. A crash mid-write leaves only a `.tmp-*` folder, which
 is never read; `latest` names the newest complete checkpoint and moves only once it is in place.
 `manifest.json`, written last, holds every file's size and SHA-256, so a checkpoint damaged after
 the fact (a truncated safetensors file, a missing file) is detected and skipped on resume.
@@ -60,13 +62,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, policy, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and prune all but `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, and prune all but `keep`.
+
+    `policy`: a `Policy` or the run's learner (which may also write sharded state)."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP}{final.name}-"))
     try:
         policy.save_pretrained(tmp)
+        save_shards = getattr(policy, "save_sharded_state", None)  # a learner: N ranks' DCP shards
+        if save_shards is not None:
+            save_shards(tmp)
         torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / STATE_FILE)
         failpoint("checkpoint_write", step)  # files written, manifest not yet: a cut checkpoint
         write_manifest(tmp)

@@ -20,6 +20,7 @@ import torch
 from rollover.trainer.batch import Row
 from rollover.trainer.checkpoint import load_trainer_state
 from rollover.trainer.config import Recipe
+from rollover.trainer.distributed.sharded_state import has_sharded_state, load_sharded_state
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.update import ONE_PROCESS, Ranks, train_on_batch
 
@@ -61,10 +62,18 @@ class Learner:
         """The optimizer's and the lr schedule's checkpoint state."""
         return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
 
+    def save_sharded_state(self, folder: Path) -> None:
+        """Nothing for one process: its whole optimizer state is in `optimizer_state()`'s dict
+        (trainer_state.pt). N ranks write their shards here (trainer/distributed/sharded_learner.py)."""
+
     def load_optimizer_state(self, checkpoint: Path) -> None:
-        """Continue from the optimizer state a checkpoint holds (`optimizer_state()`'s, as saved)."""
+        """Continue from the optimizer state a checkpoint holds: one process's (in trainer_state.pt)
+        or N ranks' DCP shards, loaded whole here without a process group."""
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if has_sharded_state(checkpoint):
+            load_sharded_state(checkpoint, self.policy.model, self.optimizer, one_process=True)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
 
     def close(self) -> None:

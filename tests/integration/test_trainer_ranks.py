@@ -40,3 +40,4 @@ def test_two_trainer_ranks_train_and_a_killed_rank_ends_the_run_in_one_line(tmp_
     assert len(steps) >= 2 and all(s["weights/fingerprint_ok"] == 1.0 and s["updates"] >= 1 for s in steps)
     checkpoint, skipped = find_checkpoint(out)
     assert checkpoint is not None and not skipped and checkpoint_problem(checkpoint) is None
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {f.name for f in (checkpoint / "dcp").iterdir()}  # each rank's shards

@@ -62,3 +62,23 @@ def test_a_failed_collective_with_every_rank_alive_is_still_one_line(monkeypatch
     learner, _ = leader(RuntimeError("[gloo] Connection closed by peer\nmore detail"))
     with pytest.raises(TrainerRankLost, match=r"a trainer collective failed \(\[gloo\] Connection closed by peer\)$"):
         learner.update([], version=0, step=0)
+
+
+class Script:
+    """A follower's command channel replaying `commands` (then nothing: a hang would show)."""
+
+    def __init__(self, commands):
+        self.commands = list(commands)
+
+    def receive(self):
+        return self.commands.pop(0)
+
+
+def test_a_follower_ends_quietly_on_the_runs_own_error():
+    from rollover.tasks.errors import RolloverError
+    from rollover.trainer.distributed.mirror import follow
+
+    update = ("update", ([],), {"version": 0, "step": 0})
+    channel = Script([update, update])
+    follow(Learner(RolloverError("checkpoint x: its sharded trainer state does not load")), channel)
+    assert channel.commands == [update]  # returned at the first error, no traceback

@@ -1,9 +1,11 @@
-"""A run resumes exactly across trainer world sizes (2 -> 1 and 1 -> 2), full fine-tune and LoRA.
+"""A run resumes exactly across trainer world sizes (2 -> 1, 1 -> 2, 2 -> 2), full fine-tune and LoRA.
 
-One process trains a step, checkpoints, and trains a second; two spawned FSDP2 ranks (gloo) train
-the same first step and checkpoint it, and separately resume from the one-process checkpoint and
-train the second step. The second step's weights must be the one-process run's both ways: from
-the ranks' checkpoint in one process (2 -> 1), and on the ranks from one process's (1 -> 2).
+One process trains a step, checkpoints, and trains a second; two spawned FSDP2 ranks (gloo),
+driven through the mirror as rl-train drives them, train the same first step and checkpoint it
+(the optimizer's state as each rank's DCP shards), then resume from the one-process checkpoint
+and from their own and train the second step. The second step's weights must be the one-process
+run's every way: from the ranks' checkpoint in one process (2 -> 1), on the ranks from one
+process's (1 -> 2) and from their own (2 -> 2).
 AdamW with a large lr: a moment lost or mis-sharded on the way moves the second update by
 5e-3 to 1e-2 (the control: the same resume with a fresh optimizer). Sums in another order (the
 ranks split each batch; another thread count) differ by ~1e-6 in a gradient, which Adam's
@@ -12,6 +14,8 @@ normalisation turns into up to ~8e-5 on weights whose moments are near zero: hen
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_ranks  # noqa: E402 - tests/unit is on sys.path
 import sharded_resume_ranks as ranks_main  # noqa: E402
 
-from rollover.trainer.checkpoint import save_checkpoint  # noqa: E402
+from rollover.trainer.checkpoint import checkpoint_problem, find_checkpoint, save_checkpoint  # noqa: E402
+from rollover.trainer.distributed.sharded_state import ShardedStateError  # noqa: E402
 from rollover.trainer.learner import Learner  # noqa: E402
 from rollover.trainer.distributed.launch import free_port  # noqa: E402
 from rollover.trainer.policy import Policy  # noqa: E402
@@ -86,8 +91,48 @@ def test_one_process_checkpoint_resumes_on_two_ranks(runs, kind):
 def test_two_rank_checkpoint_resumes_in_one_process(runs, kind):
     folder, rows, single, _ = runs
     start = folder / f"ranks-{kind}" / "checkpoints" / "step-000001"
-    state = torch.load(start / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
-    assert all(not type(v).__name__.startswith("DTensor") for moments in state.values() for v in moments.values())
     assert close(one_process(kind, rows, folder, start=start), single[kind]) < TOLERANCE
     # The control: the same resume without the optimizer's moments lands far off.
     assert close(one_process(kind, rows, folder, fresh_optimizer=True, start=start), single[kind]) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_rank_checkpoint_resumes_on_two_ranks(runs, kind):
+    _, _, single, sharded = runs
+    assert close(sharded[f"{kind}-2to2"], single[kind]) < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_ranks_write_their_own_shards_and_never_gather_the_optimizer_state(runs, kind):
+    folder, _, _, sharded = runs
+    gathers = sharded[f"{kind}-gathers"]
+    assert gathers["moments"] > 0  # rank 0 held sharded moments to watch
+    assert gathers["gathered"] == []  # ... and writing the checkpoint gathered none of them whole
+    start = folder / f"ranks-{kind}" / "checkpoints" / "step-000001"
+    assert "optimizer" not in torch.load(start / "trainer_state.pt", weights_only=False)
+    shards = {p.name for p in (start / "dcp").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-rank0.pt", "rng-rank1.pt"} <= shards
+    listed = json.loads((start / "manifest.json").read_text())["files"]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata"} <= set(listed)
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut"])
+def test_a_damaged_shard_is_one_line_not_a_traceback(runs, tmp_path, damage):
+    folder, _, _, _ = runs
+    output = tmp_path / "run"
+    start = output / "checkpoints" / "step-000001"
+    shutil.copytree(folder / "ranks-full" / "checkpoints" / "step-000001", start)
+    shard = start / "dcp" / "__1_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    expected = "dcp/__1_0.distcp is missing" if damage == "missing" else "dcp/__1_0.distcp has"
+    assert checkpoint_problem(start).startswith(expected)
+    assert find_checkpoint(output) == (None, [(start, checkpoint_problem(start))])  # resume skips it
+    # Named directly (train.resume: PATH), its shards fail to load in one line, naming the file.
+    r = ranks_main.recipe(False)
+    learner = Learner(Policy(r.model, r.train.lora, torch.device("cpu")), r)
+    with pytest.raises(ShardedStateError) as failure:
+        learner.load_optimizer_state(start)
+    assert "\n" not in str(failure.value) and expected in str(failure.value)

@@ -9,8 +9,10 @@
   `Policy.engine_weights` gives them for one process
 
 - `sharded_learner`: `ShardedLearner`, one rank's `trainer/learner.py` `Learner` (the update over
-  `GroupRanks`; engine weights, model export and optimizer state gathered whole to rank 0, so a
-  checkpoint does not depend on the world size)
+  `GroupRanks`; engine weights and the model export gathered whole to rank 0; the optimizer's
+  state written as each rank's DCP shards)
+- `sharded_state`: trainable weights + optimizer state as torch.distributed.checkpoint shards in
+  `<checkpoint>/dcp/`, per-rank RNG beside them; DCP reshards on load (any world size, or one process)
 - `mirror`: rank 0 drives, the others follow: `LeaderLearner` announces each call on a command
   channel and runs it too; `follow` is a follower's loop; a dead rank is one `TrainerRankLost` line
 - `launch`: `start_ranks`, called by rl-train for `train.world_size` > 1: spawns ranks 1..N-1 on

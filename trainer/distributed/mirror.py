@@ -124,6 +124,9 @@ class LeaderLearner:
     def optimizer_state(self) -> dict[str, Any]:
         return self.call("optimizer_state")
 
+    def save_sharded_state(self, folder: Path) -> None:
+        self.call("save_sharded_state", folder)
+
     def load_optimizer_state(self, checkpoint: Path) -> None:
         self.call("load_optimizer_state", checkpoint)
 
@@ -156,7 +159,9 @@ class MirroredPolicy:
 def follow(learner, channel: Channel) -> None:
     """A follower rank's loop: run each announced call until rank 0 says stop.
 
-    A refused update (`NonFiniteLoss`) is refused on every rank alike and is not an error here.
+    A refused update (`NonFiniteLoss`) is refused on every rank alike and is not an error here;
+    a run's own error (`RolloverError`, e.g. a checkpoint's shards that do not load, which DCP
+    reports on every rank) ends this rank quietly: rank 0 reports it in one line.
     """
     while True:
         name, args, kwargs = channel.receive()
@@ -168,6 +173,8 @@ def follow(learner, channel: Channel) -> None:
                 getattr(learner, name)(*args, **kwargs)
         except NonFiniteLoss:
             continue
+        except RolloverError:
+            return
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,11 +1,11 @@
-"""One rank's learner: the policy sharded over the ranks, its state gathered whole to rank 0.
+"""One rank's learner: the policy sharded over the ranks; checkpoints in DCP shards plus a whole export.
 
-The update runs on every rank over its share of the rows (`GroupRanks`). What leaves the ranks
-is whole and in one-process form, so a checkpoint does not depend on the world size it was
-written with: the engine's weights and the model's `save_pretrained` export are gathered from
-the shards; the optimizer's state is gathered into the index-keyed `state_dict()` one process
-writes, and scattered back into shards on load. A run therefore resumes exactly with any
-`train.world_size` (2 -> 1, 1 -> 2).
+The update runs on every rank over its share of the rows (`GroupRanks`). The engine's weights
+and the model's `save_pretrained` export (what transformers and vLLM load) are gathered whole
+from the shards to rank 0, layer by layer. The optimizer's state never is: each rank writes its
+own shards with torch.distributed.checkpoint (`save_sharded_state`), which DCP reshards on load,
+so a run resumes exactly with any `train.world_size` (2 -> 1, 1 -> 2, 2 -> 2). A one-process
+checkpoint (its optimizer state whole in trainer_state.pt) is scattered into shards on load.
 
 Every method is a collective: all ranks call it, in the same order (trainer/distributed/mirror.py
 sees to that); only rank 0 returns or writes what was gathered.
@@ -26,6 +26,8 @@ from rollover.trainer.config import Recipe
 from rollover.trainer.distributed.gather import engine_weight_buckets, full
 from rollover.trainer.distributed.ranks import GroupRanks
 from rollover.trainer.distributed.shard import ShardedPolicy
+from rollover.trainer.distributed.sharded_state import (has_sharded_state, load_sharded_state,
+                                                        save_sharded_state)
 from rollover.trainer.learner import Learner
 from rollover.trainer.policy import Policy
 
@@ -68,17 +70,28 @@ class ShardedLearner(Learner):
             policy.tokenizer.save_pretrained(folder)
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The one-process `optimizer.state_dict()`: every sharded moment gathered whole."""
-        state = self.optimizer.state_dict()
-        state["state"] = {index: {key: full(value, None) if isinstance(value, Tensor) else value
-                                  for key, value in moments.items()}
-                          for index, moments in state["state"].items()}
-        return {"optimizer": state, "lr_schedule": self.lr_schedule.state_dict()}
+        """Only the lr schedule's (the same on every rank): the optimizer's state is written as
+        each rank's shards by `save_sharded_state`, never gathered."""
+        return {"lr_schedule": self.lr_schedule.state_dict()}
+
+    def save_sharded_state(self, folder: Path) -> None:
+        """This rank's shards of the trainable weights and the optimizer's state, and its RNG,
+        into `folder/dcp` (trainer/distributed/sharded_state.py)."""
+        save_sharded_state(folder, self.policy.model, self.optimizer, self.rank)
 
     def load_optimizer_state(self, checkpoint: Path) -> None:
-        """A checkpoint's optimizer state (written with any world size), scattered into shards."""
+        """A checkpoint's optimizer state, written with any world size: N ranks' DCP shards
+        (resharded by DCP), or one process's index-keyed state, scattered into shards here."""
         state = load_trainer_state(checkpoint)
-        saved = state["optimizer"]
+        if has_sharded_state(checkpoint):
+            load_sharded_state(checkpoint, self.policy.model, self.optimizer, self.rank)
+        else:
+            self._load_one_process_state(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+    def _load_one_process_state(self, saved: dict[str, Any]) -> None:
+        """One process's `optimizer.state_dict()` (parameters by index, in the same order here),
+        each whole moment cut into this rank's shard."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for index, moments in saved["state"].items():
             param = params[int(index)]
@@ -88,7 +101,6 @@ class ShardedLearner(Learner):
                 if isinstance(value, Tensor) and value.shape == param.shape:
                     moments[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
         self.optimizer.load_state_dict(saved)
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
 
 
 def _gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
