@@ -19,7 +19,8 @@ from rollover.tasks.registry import build_task
 from rollover.tasks.rewards import RewardRunner
 from rollover.trainer.runtime import failpoints, watchdog
 from rollover.trainer.build import build_trainer, engine_settings
-from rollover.trainer.checkpoint import find_checkpoint, latest_checkpoint, recover_interrupted_save
+from rollover.trainer.checkpoint import (checkpoint_problem, find_checkpoint, latest_checkpoint,
+                                         recover_interrupted_save)
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
 from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer
 from rollover.trainer.runtime.console import LOG_FILE, error_line, log_to
@@ -43,7 +44,11 @@ def resume_point(recipe: Recipe, output_dir: Path) -> Path | None:
     """The checkpoint to continue from: a given path, or the latest in the run folder."""
     resume = recipe.train.resume
     if isinstance(resume, str):
-        return Path(resume).expanduser()
+        given = Path(resume).expanduser()
+        problem = checkpoint_problem(given) if given.is_dir() else "no such folder"
+        if problem:  # the manifest check a resume from the run folder makes, for a named one too
+            raise UsageError(f"train.resume: {given} is not a complete checkpoint ({problem})")
+        return given
     if resume:
         for step in recover_interrupted_save(output_dir):
             console.print(f"checkpoint {step.name}: restored from before an interrupted save")

@@ -173,3 +173,21 @@ def test_a_resume_without_a_checkpoint_starts_its_step_logs_afresh(tmp_path):
     for name in ("metrics.jsonl", "trained_uids.jsonl", "swarm_audit.jsonl"):
         assert (tmp_path / name).read_text() == ""
     assert (tmp_path / "rl-train.log").read_text() == "the earlier attempt's console\n"  # not a step log
+
+
+def test_a_named_checkpoint_that_is_damaged_or_absent_is_refused_in_one_line(tiny_model, tmp_path):
+    """train.resume: PATH gets the manifest check a resume from the run folder makes."""
+    import pytest
+
+    from rollover.tasks.errors import UsageError
+    from rollover.trainer.config import Recipe
+    from rollover.trainer.run import resume_point
+
+    first, second = two_checkpoints(tiny_model, tmp_path)
+    named = lambda path: Recipe.model_validate({"train": {"resume": str(path)}})  # noqa: E731
+    assert resume_point(named(second), tmp_path) == second
+    (second / "tokenizer.json").unlink()
+    with pytest.raises(UsageError, match=r"step-000004 is not a complete checkpoint \(tokenizer.json is missing\)"):
+        resume_point(named(second), tmp_path)
+    with pytest.raises(UsageError, match="no such folder"):
+        resume_point(named(tmp_path / "step-000009"), tmp_path)
