@@ -41,6 +41,10 @@ with them; the scheduler's own share is linear since issue 26, see bench/sim/sch
 so a full sweep is best run in parts (one engine count or mode each) and merged; every part
 records its config.
 Writes bench/results/scaling_sim.json (or --out).
+
+This sweep steps synchronously (rollout, train, load). The pipelined loop (`rollout.max_async`
+1 and 2, the product's `RolloutAhead`), a GPU calibration from published figures and 1,024
+engines are bench/sim/pipeline_sweep.py's (section `pipeline` of the same file).
 """
 
 from __future__ import annotations
