@@ -35,7 +35,7 @@ RL_SWARM = [sys.executable, "-m", "rollover.swarm.cli"]
 RECIPE = "recipes/grpo_math.yaml"
 SETTINGS = ["train.steps=100000", "train.eval_every=100000", "train.save_every=100000", "task.eval_size=16",
             "rollout.groups_per_step=2", "rollout.group_size=8", "tracking.wandb=disabled",
-            f"swarm.round_seconds={ROUND_SECONDS}", "swarm.external_groups=2", "rollout.kv_cache_gib=0.5"]
+            f"swarm.round_seconds={ROUND_SECONDS}", "swarm.external_groups=2"]
 
 
 def peer_ids(log: Path) -> list[str]:

@@ -32,8 +32,7 @@ RL_SWARM = [sys.executable, "-m", "rollover.swarm.cli"]
 SETTINGS = ["train.steps=100000",  # the test stops the swarm with Ctrl-C; no node may finish first
              "train.eval_every=1000", "train.save_every=1000", "task.eval_size=16",
             "rollout.groups_per_step=4", "rollout.group_size=8", "tracking.wandb=disabled",
-            f"swarm.round_seconds={ROUND_SECONDS}", "swarm.external_groups=2",
-            "rollout.kv_cache_gib=0.5"]
+            f"swarm.round_seconds={ROUND_SECONDS}", "swarm.external_groups=2"]
 
 
 def node_id(folder: Path) -> str | None:
