@@ -99,7 +99,8 @@ def engine_started(seen: dict[int, psutil.Process], names: dict[int, str]) -> bo
                for pid, p in seen.items())
 
 
-def _alive(proc: psutil.Process) -> bool:
+def still_running(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a pid seen once may have exited, or be reused)."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -110,7 +111,7 @@ def left_running(seen: dict[int, psutil.Process], names: dict[int, str], since: 
                  timeout: float) -> tuple[list[str], float]:
     """(the run's processes still alive `timeout` s after `since`, seconds until all were gone)."""
     while True:
-        alive = [p for p in seen.values() if _alive(p)]
+        alive = [p for p in seen.values() if still_running(p)]
         waited = time.monotonic() - since
         if not alive or waited > timeout:
             return [f"{names.get(p.pid, '?')} (pid {p.pid})" for p in alive], round(waited, 2)

@@ -39,7 +39,10 @@ STOPPED = re.compile(r"^rl-train: stopped by (SIG\w+) at step (\d+); checkpoint 
 class Run:
     """A real rl-train in its own process group, with its descendants recorded while it runs."""
 
+    started: list["Run"] = []  # killed when their test ends, so a failed test leaves no run behind
+
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        Run.started.append(self)
         self.proc = subprocess.Popen([sys.executable, "-m", "rollover.trainer.cli", *args], cwd=ROOT,
                                      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -56,7 +59,10 @@ class Run:
         chaos.record(self.proc, self.seen, self.names)
 
     def engine_pids(self) -> list[int]:
-        return [pid for pid, name in self.names.items() if name == "VLLM::EngineCore"]
+        """The run's live engine processes. A pid recorded with the engine's name may be gone: a
+        child the engine forks (for a subprocess it runs) carries its name until it execs."""
+        return [pid for pid, name in self.names.items()
+                if name == "VLLM::EngineCore" and chaos.still_running(self.seen[pid])]
 
     def finish(self, timeout: float = 120) -> tuple[int, str, list[str]]:
         """(exit status, output, processes of the run still alive 20 s after it ended)."""
@@ -64,6 +70,16 @@ class Run:
         self.exited_at = time.monotonic()
         left, _ = chaos.left_running(self.seen, self.names, time.monotonic(), 20)
         return self.proc.returncode, self.proc.communicate()[0], left
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    yield
+    for run in Run.started:
+        if run.proc.poll() is None:  # the test failed before stopping it: it would compete with the next
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+    Run.started.clear()
 
 
 def recipe_args(out: Path, *extra: str) -> list[str]:
