@@ -1,7 +1,7 @@
 """GPU check without vLLM: log-prob kernels, a mixed-precision update step, the ipc sender side.
 
 For a machine lent with torch, Triton, transformers and peft only (no vLLM, no registry); a few
-minutes on one GPU. Three parts, each recorded in the JSON even when it fails:
+minutes on one GPU. Four parts, each recorded in the JSON even when it fails:
 
 * kernels: the chunked log-prob/entropy path with the Triton row kernels against the torch row
   functions and the naive full log-softmax (max abs difference of log-probs, entropies and
@@ -16,6 +16,10 @@ minutes on one GPU. Three parts, each recorded in the JSON even when it fails:
   into buckets (rollout/weights/ipc_buckets.py's planner when vLLM imports, else by size), each bucket
   cast to bfloat16 on the device and given one CUDA-IPC handle per tensor
   (`torch.multiprocessing.reductions.reduce_tensor`), then freed; time and peak extra memory.
+* fsdp: the data-parallel trainer's sharded update (`train.world_size`, trainer/distributed/
+  shard.py) on every GPU of the machine over NCCL (one rank per GPU; one GPU checks the NCCL
+  and mixed-precision path unsharded), on the first shape: time per step, rank 0's peak memory
+  and parameter share, float32 masters and AdamW state, the time to gather the whole weights.
 
     python bench/gpu/gpu_check.py [--out FILE] [--device cuda|cpu] [--small] [--steps N]
     python -m bench.gpu.gpu_check ...          # the same, from the repository root
@@ -30,17 +34,21 @@ script, where neither `rollover` (not installed) nor `bench` is importable.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import platform
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import types
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "bench" / "results" / "gpu_check.json"
@@ -169,6 +177,17 @@ def build_model(shape: dict, device: torch.device):
     return model
 
 
+def random_rows(shape: dict, batch: int, seq: int, device: torch.device, seed: int) -> tuple:
+    """(token ids, attention mask, response mask, advantages): random rows whose last 3/4 is the
+    response, advantages alternating +1/-1."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=g, device=device)
+    response = torch.zeros(batch, seq - 1, dtype=torch.bool, device=device)
+    response[:, seq // 4:] = True
+    advantages = torch.tensor([(-1.0) ** i for i in range(batch)], device=device)
+    return ids, torch.ones_like(ids), response, advantages
+
+
 def update_part(name: str, shape: dict, device: torch.device, small: bool, steps: int,
                 checkpointing: bool) -> tuple[dict, object]:
     """Time and peak memory of `steps` updates (after one warm-up) on one model shape."""
@@ -184,12 +203,7 @@ def update_part(name: str, shape: dict, device: torch.device, small: bool, steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, lr=LR, weight_decay=0.0)
     batch, seq = (2, 16) if small else (8, 1024)
-    g = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=g, device=device)
-    mask = torch.ones_like(ids)
-    response = torch.zeros(batch, seq - 1, dtype=torch.bool, device=device)
-    response[:, seq // 4:] = True
-    advantages = torch.tensor([(-1.0) ** i for i in range(batch)], device=device)
+    ids, mask, response, advantages = random_rows(shape, batch, seq, device, seed=1)
 
     def step() -> float:
         with autocast_to(compute, device):
@@ -233,6 +247,98 @@ def update_part(name: str, shape: dict, device: torch.device, small: bool, steps
             n: float((p.detach() - start[n]).abs().mean()) / (LR * steps) for n, p in model.named_parameters()}
     del optimizer
     return result, model
+
+
+# ---- (d) the sharded update: FSDP2 over every GPU (2 gloo ranks on a CPU) -------------------
+
+
+def fsdp_part(name: str, shape: dict, device: torch.device, small: bool, steps: int) -> dict:
+    """The data-parallel trainer's update (trainer/distributed/shard.py: one FSDP2 unit per decoder
+    layer, float32 masters all-gathered in bfloat16, gradients reduced in float32 and summed) on
+    every GPU of the machine with NCCL, or on 2 gloo ranks on a CPU: time per step, peak memory and
+    the share of the parameters one rank holds, the master and AdamW dtypes, and the time to gather
+    the whole weights (what the push to the engines starts with). Rank 0's figures."""
+    world_size = torch.cuda.device_count() if device.type == "cuda" else 2
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rank0.json"
+        mp.spawn(fsdp_rank, args=(world_size, port, shape, device.type, small, steps, str(out)), nprocs=world_size)
+        result = json.loads(out.read_text())
+    return {"shape": name, "config": shape, **result}
+
+
+def fsdp_rank(rank: int, world_size: int, port: int, shape: dict, device_type: str, small: bool, steps: int,
+              out: str) -> None:
+    """One rank of `fsdp_part` (spawned): each rank updates on its own rows of the batch."""
+    import_rollover()
+    from rollover.algos.losses import policy_loss
+    from rollover.trainer.distributed.shard import data_parallel_mesh, mixed_precision, shard_model
+    from rollover.trainer.optim import build_optimizer
+
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300))
+    try:
+        model = build_model(shape, device)  # the same seed on every rank: the same weights
+        full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.train()
+        root = shard_model(model, data_parallel_mesh(device), mixed_precision(torch.bfloat16))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, lr=LR, weight_decay=0.0)
+        batch, seq = (2, 16) if small else (8, 1024)
+        ids, mask, response, advantages = random_rows(shape, batch, seq, device, seed=1 + rank)  # each rank its own
+
+        def step() -> float:
+            logprobs, _ = root(ids, mask, 1.0)
+            old = logprobs.detach()
+            loss, _ = policy_loss(logprobs, old, old, advantages, response, loss="grpo", offpolicy="none")
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+        step()  # warm-up
+        first = next(p for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
+        first_before = first.full_tensor().detach().clone()
+        baseline = reset_peak(device)
+        synchronize(device)
+        began = time.perf_counter()
+        norms = [step() for _ in range(steps)]
+        synchronize(device)
+        seconds = (time.perf_counter() - began) / steps
+        peak = peak_bytes(device)
+        moved = (first.full_tensor().detach() - first_before).abs()
+        synchronize(device)
+        began = time.perf_counter()
+        gathered = 0
+        for p in model.parameters():  # one parameter at a time, cast as the engine is served
+            gathered += p.full_tensor().to(torch.bfloat16).numel()
+        synchronize(device)
+        gather_seconds = time.perf_counter() - began
+        local_bytes = sum(p.to_local().numel() * p.element_size() for p in params)
+        if rank == 0:
+            Path(out).write_text(json.dumps({
+                "world_size": world_size, "backend": dist.get_backend(), "batch_per_rank": [batch, seq],
+                "compute_dtype": "bfloat16",
+                "master_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+                "optimizer_state_dtypes": sorted({str(t.dtype).removeprefix("torch.") for st in optimizer.state.values()
+                                                  for t in st.values() if t.dim() > 0}),
+                "steps": steps, "seconds_per_step": seconds, "grad_norms": norms,
+                "peak_memory_bytes": peak, "memory_before_steps_bytes": baseline,
+                "parameter_bytes_full": full_bytes, "parameter_bytes_this_rank": local_bytes,
+                "first_matrix_mean_abs_move_over_lr_steps": float(moved.mean()) / (LR * steps),
+                "gather_seconds": gather_seconds, "gathered_parameters": gathered,
+            }))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- (c) the ipc sender side ------------------------------------------------------------------
@@ -350,11 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    name, shape = next(iter((SMALL_SHAPES if args.small else SHAPES).items()))
+    results["fsdp"] = {}
+    fsdp = guarded(results["fsdp"], name, fsdp_part, name, shape, device, args.small, args.steps)
+    if fsdp is not None:
+        results["fsdp"][name] = fsdp
     results["wall_seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     failed = [k for k in ("kernels",) if "error" in results.get(k, {})] + \
-        [f"{part}/{k}" for part in ("update", "ipc") for k, v in results[part].items() if "error" in v]
+        [f"{part}/{k}" for part in ("update", "ipc", "fsdp") for k, v in results[part].items() if "error" in v]
     print(f"gpu_check: wrote {args.out}" + (f"; FAILED parts: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

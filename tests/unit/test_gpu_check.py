@@ -73,6 +73,21 @@ def test_cpu_small_mode_writes_sane_json(tmp_path):
         assert ipc["buckets"] == len(ipc["bucket_staged_bytes"]) > 1
         assert all(0 < size <= limit for size in ipc["bucket_staged_bytes"])
 
+    # The sharded update on 2 gloo ranks: float32 masters split between the ranks (each layer's
+    # tensors along their first dimension), bfloat16 compute, and weights that move like one process's.
+    (fsdp,) = result["fsdp"].values()
+    shape = fsdp["config"]
+    params, _ = qwen2_parameters(**{k: shape[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")})
+    assert fsdp["world_size"] == 2 and fsdp["backend"] == "gloo" and fsdp["compute_dtype"] == "bfloat16"
+    assert fsdp["master_dtypes"] == fsdp["optimizer_state_dtypes"] == ["float32"]
+    assert fsdp["parameter_bytes_full"] == 4 * params == 4 * fsdp["gathered_parameters"]
+    assert 0.45 < fsdp["parameter_bytes_this_rank"] / fsdp["parameter_bytes_full"] < 0.55
+    assert len(fsdp["grad_norms"]) == 2 and all(0 < g < 1e6 for g in fsdp["grad_norms"])
+    assert 0.9 < fsdp["first_matrix_mean_abs_move_over_lr_steps"] <= 1.01
+    assert fsdp["seconds_per_step"] > 0 and fsdp["gather_seconds"] > 0
+
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "0",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from rollover.trainer.policy import Policy
 from rollover.trainer.precision import token_logprobs
+
+if TYPE_CHECKING:  # a type only: bench/gpu/gpu_check.py shards a model on machines without the recipe's pydantic
+    from rollover.trainer.policy import Policy
 
 
 def mixed_precision(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
