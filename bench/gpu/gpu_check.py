@@ -188,6 +188,17 @@ def random_rows(shape: dict, batch: int, seq: int, device: torch.device, seed: i
     return ids, torch.ones_like(ids), response, advantages
 
 
+def timed_steps(step, steps: int, device: torch.device) -> tuple[int | None, list[float], float, int | None]:
+    """(memory allocated before, each step's gradient norm, seconds per step, peak memory) of
+    `steps` calls of `step` after the warm-up."""
+    baseline = reset_peak(device)
+    synchronize(device)
+    began = time.perf_counter()
+    norms = [step() for _ in range(steps)]
+    synchronize(device)
+    return baseline, norms, (time.perf_counter() - began) / steps, peak_bytes(device)
+
+
 def update_part(name: str, shape: dict, device: torch.device, small: bool, steps: int,
                 checkpointing: bool) -> tuple[dict, object]:
     """Time and peak memory of `steps` updates (after one warm-up) on one model shape."""
@@ -220,13 +231,7 @@ def update_part(name: str, shape: dict, device: torch.device, small: bool, steps
     start = {n: p.detach().clone() for n, p in model.named_parameters()} if small else None
     first = next(p for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
     first_before = first.detach().clone()
-    baseline = reset_peak(device)
-    synchronize(device)
-    began = time.perf_counter()
-    norms = [step() for _ in range(steps)]
-    synchronize(device)
-    seconds = (time.perf_counter() - began) / steps
-    peak = peak_bytes(device)
+    baseline, norms, seconds, peak = timed_steps(step, steps, device)
     count = sum(p.numel() for p in params)
     moved = (first.detach() - first_before).abs()
     result = {
@@ -307,13 +312,7 @@ def fsdp_rank(rank: int, world_size: int, port: int, shape: dict, device_type: s
         step()  # warm-up
         first = next(p for n, p in model.named_parameters() if "layers." in n and p.dim() == 2)
         first_before = first.full_tensor().detach().clone()
-        baseline = reset_peak(device)
-        synchronize(device)
-        began = time.perf_counter()
-        norms = [step() for _ in range(steps)]
-        synchronize(device)
-        seconds = (time.perf_counter() - began) / steps
-        peak = peak_bytes(device)
+        baseline, norms, seconds, peak = timed_steps(step, steps, device)
         moved = (first.full_tensor().detach() - first_before).abs()
         synchronize(device)
         began = time.perf_counter()
