@@ -46,12 +46,15 @@ from rollover.rollout.engine_control import (  # noqa: F401 - re-exported
     WeightLoadError,
     token_versions,
 )
+from rollover.rollout.vllm_plugin import BUSY_LOOP_ENV
 from rollover.rollout.weights.weight_check import EngineReading
 from rollover.rollout.weights.weight_sync import NamedTensors, SharedMemoryTransport, WeightTransport
 from rollover.tasks.errors import RolloverError
 
 log = logging.getLogger(__name__)
 
+# Seconds a CPU engine's processes may busy-wait for their next message (vLLM spins for 1 s).
+CPU_BUSY_LOOP_S = 0.05
 # Seconds a stopping CPU engine gets before it is killed (it waits ~3 s on its worker otherwise).
 CPU_SHUTDOWN_GRACE_S = 1.0
 # vLLM finish reason -> ours. `repetition` (vLLM stopped a repetitive pattern) is a finished
@@ -124,6 +127,9 @@ class RolloutEngine(SingleEngine):
                 cpu_cache["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
                 # The CPU engine holds nothing a kill would leak; vLLM's default grace is 5 s.
                 self._shutdown_grace_s = CPU_SHUTDOWN_GRACE_S
+                # Its processes sleep when idle instead of spinning on the cores the trainer
+                # needs (rollout/vllm_plugin.py); inherited by the processes vLLM starts.
+                os.environ.setdefault(BUSY_LOOP_ENV, str(CPU_BUSY_LOOP_S))
                 # vLLM's CPU platform would replace the size with this legacy whole-GiB variable.
                 legacy = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
                 if legacy:

@@ -35,7 +35,10 @@ def node_overrides(args: argparse.Namespace) -> list[list[str]]:
         if not index.isdigit() or int(index) >= args.nodes or "=" not in assignment:
             raise ValueError(f"--node {item!r}: expected I:key=value with I in 0..{args.nodes - 1}")
         extra[int(index)].append(assignment)
-    return [[f"train.seed={i}", f"rollout.seed={i}", *args.overrides, *extra[i]] for i in range(args.nodes)]
+    # The nodes share this machine's cores: each trainer gets its share (a user's setting wins).
+    threads = max(1, len(os.sched_getaffinity(0)) // args.nodes)
+    return [[f"train.seed={i}", f"rollout.seed={i}", f"train.cpu_threads={threads}", *args.overrides, *extra[i]]
+            for i in range(args.nodes)]
 
 
 def run_local(args: argparse.Namespace) -> int:

@@ -93,7 +93,9 @@ class TrainConfig(Section):
     output_dir: str | None = None  # default: runs/<recipe>-<timestamp>
     resume: bool | str = False  # true: latest checkpoint in output_dir; or a checkpoint path
     seed: int = 0
-    cpu_threads: int | None = Field(None, ge=1)  # trainer threads on a CPU-only host; default 1
+    # Torch threads per trainer rank on a CPU-only host; unset: every core the trainer has when
+    # rollout and update take turns (max_async 0), one when they overlap (trainer/runtime/cpu_split.py).
+    cpu_threads: int | None = Field(None, ge=1)
     max_bad_steps: int = Field(3, ge=0)  # NaN/inf losses tolerated (skipped) before stopping
     # Data-parallel trainer ranks on this machine (FSDP2; trainer/distributed/): 1 is one process.
     world_size: int = Field(1, ge=1)

@@ -22,7 +22,7 @@ from rollover.trainer.build import build_trainer, engine_settings
 from rollover.trainer.checkpoint import (checkpoint_problem, find_checkpoint, latest_checkpoint,
                                          recover_interrupted_save)
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
-from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer
+from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer, recipe_threads
 from rollover.trainer.runtime.console import LOG_FILE, error_line, log_to
 from rollover.trainer.loop import Trainer
 from rollover.trainer.policy import ModelLoadError, Policy
@@ -102,9 +102,7 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
     seed_everything(recipe.train.seed)
     learner = None  # with train.world_size > 1: rank 0's handle on every trainer rank
     if not torch.cuda.is_available():
-        # vLLM's CPU build binds its worker to all cores but one; two thread pools on one core
-        # slow each other down (measured: 2 threads 0.70 s/update, 1 thread 0.28 s on 2 cores).
-        torch.set_num_threads(recipe.train.cpu_threads or 1)
+        torch.set_num_threads(recipe_threads(recipe))
     try:
         checkpoint = resume_point(recipe, output_dir)
         if checkpoint is not None:

@@ -8,6 +8,7 @@ model's softmax).
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -234,3 +235,20 @@ def test_wait_idle_never_cuts_another_callers_request_short(engine, run, tokeniz
 
     out = run(evaluation_beside_the_scheduler())
     assert out.finish_reason == "length" and len(out.token_ids) == 60
+
+
+def _reader_wait_is_capped(worker) -> bool:
+    """Runs in a vLLM worker: is rollover's plugin patching this process's queue readers?"""
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    return hasattr(SpinCondition.wait, "__wrapped_by_rollover__")
+
+
+def test_cpu_engine_processes_run_the_idle_plugin(engine, run):
+    """vLLM loads rollover's `vllm.general_plugins` entry point in its worker, and the CPU engine
+    switched it on there: without it the worker spins a core through every update, and an idle
+    worker can miss its wake-up for 5 s (rollout/vllm_plugin.py)."""
+    from rollover.rollout.vllm_plugin import BUSY_LOOP_ENV
+
+    assert float(os.environ[BUSY_LOOP_ENV]) < 1.0  # vLLM's own window is 1 s
+    assert run(engine.llm.collective_rpc(_reader_wait_is_capped)) == [True]

@@ -29,6 +29,7 @@ from rollover.trainer.config import Recipe
 from rollover.trainer.distributed.mirror import COMMAND_TIMEOUT, Channel, Followers, LeaderLearner, follow
 from rollover.trainer.distributed.sharded_learner import ShardedLearner
 from rollover.trainer.policy import Policy
+from rollover.trainer.runtime.cpu_split import recipe_threads
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # one FSDP collective (an update waits on it)
 START_TIMEOUT_S = 600.0  # followers to import, load the model and join
@@ -87,7 +88,7 @@ def follower_main(rank: int, world_size: int, port: int, recipe_json: dict, lead
     recipe = Recipe.model_validate(recipe_json)
     torch.manual_seed(recipe.train.seed)
     if not torch.cuda.is_available():
-        torch.set_num_threads(recipe.train.cpu_threads or 1)
+        torch.set_num_threads(recipe_threads(recipe))
     channel = _join(rank, world_size, port)
     learner = ShardedLearner(Policy(recipe.model, recipe.train.lora, rank_device(rank)), recipe)
     try:
