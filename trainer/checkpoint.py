@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, policy, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(output_dir: Path, step: int, policy, trainer_state: dict[str, Any], keep: int,
+                    write_shards: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, and prune all but `keep`.
 
-    `policy`: a `Policy` or the run's learner (which may also write sharded state)."""
+    `policy`: what exports the weights (`save_pretrained`): a `Policy` or the run's learner.
+    `write_shards`: writes N trainer ranks' DCP shards into the folder (the learner's
+    `save_sharded_state`; nothing for one process)."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP}{final.name}-"))
     try:
         policy.save_pretrained(tmp)
-        save_shards = getattr(policy, "save_sharded_state", None)  # a learner: N ranks' DCP shards
-        if save_shards is not None:
-            save_shards(tmp)
+        if write_shards is not None:
+            write_shards(tmp)
         torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / STATE_FILE)
         failpoint("checkpoint_write", step)  # files written, manifest not yet: a cut checkpoint
         write_manifest(tmp)

@@ -20,7 +20,6 @@ import torch
 from rollover.trainer.batch import Row
 from rollover.trainer.checkpoint import load_trainer_state
 from rollover.trainer.config import Recipe
-from rollover.trainer.distributed.sharded_state import has_sharded_state, load_sharded_state
 from rollover.trainer.optim import build_lr_schedule, build_optimizer
 from rollover.trainer.update import ONE_PROCESS, Ranks, train_on_batch
 
@@ -69,6 +68,9 @@ class Learner:
     def load_optimizer_state(self, checkpoint: Path) -> None:
         """Continue from the optimizer state a checkpoint holds: one process's (in trainer_state.pt)
         or N ranks' DCP shards, loaded whole here without a process group."""
+        # Imported here: torch.distributed.checkpoint costs every run ~1 s of start-up otherwise.
+        from rollover.trainer.distributed.sharded_state import has_sharded_state, load_sharded_state
+
         state = load_trainer_state(checkpoint)
         if has_sharded_state(checkpoint):
             load_sharded_state(checkpoint, self.policy.model, self.optimizer, one_process=True)

@@ -125,7 +125,7 @@ class Trainer:
         """Checkpoint between steps: batches rolled out ahead go back to the buffer first."""
         await self.ahead.settle()
         return save_checkpoint(self.output_dir, self.step, self.learner, self.state(),
-                               self.recipe.train.keep_checkpoints)
+                               self.recipe.train.keep_checkpoints, self.learner.save_sharded_state)
 
     # ---- the loop --------------------------------------------------------------------------------
 

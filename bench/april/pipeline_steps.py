@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,18 +32,22 @@ SETTINGS = {
 }
 
 
-def one_run(recipe: Path, steps: int, overrides: list[str], extra: list[str], work: Path) -> dict:
-    """Train `steps` steps; per-step seconds and pipeline figures from metrics.jsonl."""
+PIPELINE_KEYS = ("pipeline/engine_busy", "pipeline/trainer_busy", "pipeline/trainer_wait_s",
+                 "pipeline/interrupts", "pipeline/max_token_age")
+
+
+def one_run(recipe: Path, steps: int, overrides: list[str], extra: list[str], work: Path,
+            keys: tuple[str, ...] = PIPELINE_KEYS, env: dict[str, str] | None = None) -> dict:
+    """Train `steps` steps; per-step seconds and the per-step series of `keys` from metrics.jsonl."""
     out = work / f"run-{time.monotonic_ns()}"
     command = [sys.executable, "-m", "rollover.trainer.cli", str(recipe), f"train.output_dir={out}",
                f"train.steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}",
                "task.eval_size=16", "tracking.wandb=disabled", *extra, *overrides]
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, **(env or {})})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"step_seconds": [m["time/step"] for m in rows if "time/step" in m],
-            "pipeline": {k: [m[k] for m in rows if k in m] for k in
-                         ("pipeline/engine_busy", "pipeline/trainer_busy", "pipeline/trainer_wait_s",
-                          "pipeline/interrupts", "pipeline/max_token_age")}}
+            "pipeline": {k: [m[k] for m in rows if k in m] for k in keys}}
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:

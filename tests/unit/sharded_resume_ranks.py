@@ -100,7 +100,8 @@ def rank_main(rank: int, world_size: int, port: int, folder: str, rows_path: str
                 leader.update(rows[0], version=0, step=0)
                 moments, recording = moment_gathers(learner.optimizer)
                 with recording as gathered:
-                    save_checkpoint(out / f"ranks-{kind}", 1, leader, leader.optimizer_state(), keep=1)
+                    save_checkpoint(out / f"ranks-{kind}", 1, leader, leader.optimizer_state(), keep=1,
+                                    write_shards=leader.save_sharded_state)
                 return {"moments": moments, "gathered": gathered}
 
             results[f"{kind}-gathers"] = drive(learner, first)

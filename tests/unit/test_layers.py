@@ -74,3 +74,16 @@ def test_the_rule_reads_every_kind_of_import():
     assert got == [(1, "trainer.loop"), (2, "swarm"), (3, "trainer"), (5, "rollout.types"), (6, "rollout.engine")]
     assert [allowed("swarm", target) for _, target in got] == [False, True, False, True, False]
     assert not allowed("rollout", "trainer.config") and allowed("trainer", "swarm.node")
+
+
+def test_a_one_process_run_does_not_import_distributed_checkpoint():
+    """torch.distributed.checkpoint costs ~1 s of every run's start-up; only N trainer ranks and
+    a resume from their shards need it, and they import it where they use it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rollover.trainer.run, rollover.trainer.cli\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.strip() == "[]"

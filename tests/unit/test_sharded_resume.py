@@ -50,7 +50,8 @@ def one_process(kind: str, rows, folder: Path, fresh_optimizer: bool = False, st
     learner = Learner(policy, r)
     if start is None:
         learner.update(rows[0], version=0, step=0)
-        save_checkpoint(folder / f"single-{kind}", 1, learner, learner.optimizer_state(), keep=1)
+        save_checkpoint(folder / f"single-{kind}", 1, learner, learner.optimizer_state(), keep=1,
+                        write_shards=learner.save_sharded_state)
     elif not fresh_optimizer:
         learner.load_optimizer_state(start)
     learner.update(rows[1], version=1, step=1)

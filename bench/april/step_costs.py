@@ -1,0 +1,102 @@
+"""Where a small step's time goes, with and without the CPU engine's fixes.
+
+Runs `rl-train` itself on the toy workload of `bench/e2e/e2e_vs_trl.py` (8 prompts x 8
+completions, 48-token budget), a weight load after every step, and reads each run's
+metrics.jsonl: per step the rollout (in the pipelined mode: the trainer's wait for it), the
+update, the weight load and its check, what is left (scheduling, scoring, logging), and the
+tokens generated and trained. Settings:
+
+- `sync_*`: synchronous (no over-provisioning, no partial rollouts: rollout, update, weight load).
+  `vllm_spin_1_thread` is the state before the fixes: vLLM's own shared-memory wait (its
+  processes spin 1 s after each message; `VLLM_PLUGINS=none` keeps rollover's plugin out) and
+  one update thread; `no_spin_1_thread` adds rollover's vLLM plugin (rollout/vllm_plugin.py);
+  `no_spin` also gives the update every core (the default: the engine sleeps meanwhile).
+- `pipelined_*`: the recipe's APRIL with `rollout.max_async=1` (one update thread either way),
+  with vLLM's spin and with the plugin.
+
+Repetitions are interleaved so machine noise falls on every setting alike.
+
+    python -m bench.april.step_costs                  # ~10 min here
+    python -m bench.april.step_costs --reps 1 --steps 8 --out /tmp/step_costs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.april.pipeline_steps import one_run
+from bench.common import RESULTS, ROOT, machine, save_json
+
+TOY = ["rollout.groups_per_step=8", "rollout.group_size=8", "rollout.max_tokens=48"]
+SYNC = ["rollout.over_provision=1", "rollout.partial=false"]
+PIPELINED = ["rollout.max_async=1"]  # the recipe's APRIL, rollout of step k+1 beside update k
+NO_PLUGIN = {"VLLM_PLUGINS": "none"}  # vLLM loads no general plugin: its own 1 s spin
+SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "sync_vllm_spin_1_thread": (NO_PLUGIN, [*SYNC, "train.cpu_threads=1"]),
+    "sync_no_spin_1_thread": ({}, [*SYNC, "train.cpu_threads=1"]),
+    "sync_no_spin": ({}, SYNC),
+    "pipelined_vllm_spin": (NO_PLUGIN, PIPELINED),
+    "pipelined_no_spin": ({}, PIPELINED),
+}
+BASELINES = {"sync": "sync_vllm_spin_1_thread", "pipelined": "pipelined_vllm_spin"}
+PHASES = {"rollout": "time/rollout", "update": "time/train", "weight_load": "time/weight_sync",
+          "weight_check": "time/weight_check"}
+TOKENS = {"generated_tokens": "rollout/generated_tokens", "trained_tokens": "rollout/useful_tokens"}
+
+
+def summarize(runs: list[dict], warmup: int) -> dict:
+    """Per figure: the median over runs of each run's median after `warmup` steps, and the runs'."""
+    def figure(series: list[list[float]]) -> dict:
+        per_run = [statistics.median(s[warmup:]) for s in series]
+        return {"median": round(statistics.median(per_run), 4), "runs": [round(x, 4) for x in per_run]}
+
+    figures = {"step": figure([r["step_seconds"] for r in runs])}
+    for name, key in {**PHASES, **TOKENS}.items():
+        figures[name] = figure([r["pipeline"][key] for r in runs])
+    other = [[step - sum(r["pipeline"][key][i] for key in PHASES.values())
+              for i, step in enumerate(r["step_seconds"])] for r in runs]
+    figures["other"] = figure(other)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", type=Path, default=ROOT / "recipes/grpo_math.yaml")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS / "step_costs.json")
+    args = p.parse_args(argv)
+    started, info = time.time(), machine()
+    keys = (*PHASES.values(), *TOKENS.values())
+    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    with tempfile.TemporaryDirectory(prefix="step-costs-") as tmp:
+        for rep in range(args.reps):
+            for name, (env, overrides) in SETTINGS.items():
+                run = one_run(args.recipe, args.steps, overrides, TOY, Path(tmp), keys, env)
+                runs[name].append(run)
+                print(f"rep {rep} {name}: {statistics.median(run['step_seconds'][args.warmup:]):.3f} s/step",
+                      flush=True)
+    settings = {name: summarize(runs[name], args.warmup) for name in SETTINGS}
+    for name, figures in settings.items():
+        before = settings.get(BASELINES[name.split("_")[0]])
+        figures["speedup_over_vllm_spin"] = \
+            round(before["step"]["median"] / figures["step"]["median"], 3) if before else None
+    result = {"benchmark": "a synchronous toy step's phases, before and after the CPU engine's fixes",
+              "config": {"recipe": str(args.recipe), "steps": args.steps, "warmup": args.warmup,
+                         "reps": args.reps, "shared_overrides": TOY,
+                         "settings": {n: {"env": e, "overrides": o} for n, (e, o) in SETTINGS.items()}},
+              "settings": settings, "machine": info, "bench_wall_seconds": round(time.time() - started, 1)}
+    save_json(result, args.out)
+    for name, f in settings.items():
+        print(f"{name:20s} step {f['step']['median']:.3f}  " +
+              "  ".join(f"{k} {f[k]['median']:.3f}" for k in (*PHASES, "other")) +
+              f"  x{f['speedup_over_vllm_spin']}")
+
+
+if __name__ == "__main__":
+    main()
