@@ -17,6 +17,8 @@ tokens generated and trained. Settings:
 Repetitions are interleaved so machine noise falls on every setting alike.
 
     python -m bench.april.step_costs                  # ~10 min here
+    python -m bench.april.step_costs --workload chat --steps 20 --out bench/results/step_costs_chat.json \
+        --settings sync_vllm_spin_1_thread,sync_no_spin_1_thread,sync_no_spin
     python -m bench.april.step_costs --reps 1 --steps 8 --out /tmp/step_costs.json
 """
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from bench.april.pipeline_steps import one_run
 from bench.common import RESULTS, ROOT, machine, save_json
 
+WORKLOADS = {"toy": "recipes/grpo_math.yaml", "chat": "recipes/grpo_chat.yaml"}
 TOY = ["rollout.groups_per_step=8", "rollout.group_size=8", "rollout.max_tokens=48"]
 SYNC = ["rollout.over_provision=1", "rollout.partial=false"]
 PIPELINED = ["rollout.max_async=1"]  # the recipe's APRIL, rollout of step k+1 beside update k
@@ -43,8 +46,9 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "pipelined_no_spin": ({}, PIPELINED),
 }
 BASELINES = {"sync": "sync_vllm_spin_1_thread", "pipelined": "pipelined_vllm_spin"}
-PHASES = {"rollout": "time/rollout", "update": "time/train", "weight_load": "time/weight_sync",
-          "weight_check": "time/weight_check"}
+# Phases that add up to the step; the rest is `other`. The weight check runs inside the load.
+PHASES = {"rollout": "time/rollout", "update": "time/train", "weight_load": "time/weight_sync"}
+PARTS = {"weight_check": "time/weight_check"}
 TOKENS = {"generated_tokens": "rollout/generated_tokens", "trained_tokens": "rollout/useful_tokens"}
 
 
@@ -55,7 +59,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
         return {"median": round(statistics.median(per_run), 4), "runs": [round(x, 4) for x in per_run]}
 
     figures = {"step": figure([r["step_seconds"] for r in runs])}
-    for name, key in {**PHASES, **TOKENS}.items():
+    for name, key in {**PHASES, **PARTS, **TOKENS}.items():
         figures[name] = figure([r["pipeline"][key] for r in runs])
     other = [[step - sum(r["pipeline"][key][i] for key in PHASES.values())
               for i, step in enumerate(r["step_seconds"])] for r in runs]
@@ -65,36 +69,45 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", type=Path, default=ROOT / "recipes/grpo_math.yaml")
+    p.add_argument("--workload", choices=WORKLOADS, default="toy",
+                   help="toy: grpo_math.yaml at the e2e toy shape; chat: grpo_chat.yaml as written")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of SETTINGS")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "step_costs.json")
     args = p.parse_args(argv)
+    recipe = ROOT / WORKLOADS[args.workload]
     started, info = time.time(), machine()
-    keys = (*PHASES.values(), *TOKENS.values())
-    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    keys = (*PHASES.values(), *PARTS.values(), *TOKENS.values())
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"unknown setting {', '.join(unknown)} (known: {', '.join(SETTINGS)})")
+    shape = TOY if args.workload == "toy" else []
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="step-costs-") as tmp:
         for rep in range(args.reps):
-            for name, (env, overrides) in SETTINGS.items():
-                run = one_run(args.recipe, args.steps, overrides, TOY, Path(tmp), keys, env)
+            for name in names:
+                env, overrides = SETTINGS[name]
+                run = one_run(recipe, args.steps, overrides, shape, Path(tmp), keys, env)
                 runs[name].append(run)
                 print(f"rep {rep} {name}: {statistics.median(run['step_seconds'][args.warmup:]):.3f} s/step",
                       flush=True)
-    settings = {name: summarize(runs[name], args.warmup) for name in SETTINGS}
+    settings = {name: summarize(runs[name], args.warmup) for name in names}
     for name, figures in settings.items():
         before = settings.get(BASELINES[name.split("_")[0]])
         figures["speedup_over_vllm_spin"] = \
             round(before["step"]["median"] / figures["step"]["median"], 3) if before else None
     result = {"benchmark": "a synchronous toy step's phases, before and after the CPU engine's fixes",
-              "config": {"recipe": str(args.recipe), "steps": args.steps, "warmup": args.warmup,
-                         "reps": args.reps, "shared_overrides": TOY,
-                         "settings": {n: {"env": e, "overrides": o} for n, (e, o) in SETTINGS.items()}},
-              "settings": settings, "machine": info, "bench_wall_seconds": round(time.time() - started, 1)}
+              "config": {"workload": args.workload, "recipe": str(recipe.relative_to(ROOT)), "steps": args.steps,
+                         "warmup": args.warmup, "reps": args.reps, "shared_overrides": shape,
+                         "settings": {n: {"env": SETTINGS[n][0], "overrides": SETTINGS[n][1]} for n in names}},
+              "settings": settings, "runs": runs, "machine": info, "bench_wall_seconds": round(time.time() - started, 1)}
     save_json(result, args.out)
     for name, f in settings.items():
         print(f"{name:20s} step {f['step']['median']:.3f}  " +
-              "  ".join(f"{k} {f[k]['median']:.3f}" for k in (*PHASES, "other")) +
+              "  ".join(f"{k} {f[k]['median']:.3f}" for k in (*PHASES, *PARTS, "other")) +
               f"  x{f['speedup_over_vllm_spin']}")
 
 
