@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 # socket; unset: vLLM's own behaviour (1 s). The engine's children inherit it from the environment.
 BUSY_LOOP_ENV = "ROLLOVER_VLLM_BUSY_LOOP_S"
 # Milliseconds an idle reader sleeps on its notification socket before it looks at the queue
-# again. The socket loses wake-ups (measured: after a 1.3 s idle gap, 10 of 15 batches of the
-# stock CPU engine stalled 5-40 s, in multiples of vLLM's 5 s recheck), so the sleep is short.
+# again. The socket loses wake-ups (measured: after a 1.3 s idle gap, 9 of 15 batches of the
+# stock CPU engine stalled 5.5-40.5 s, in multiples of vLLM's 5 s recheck), so the sleep is short.
 IDLE_POLL_MS = 1
 
 
