@@ -199,10 +199,23 @@ def timed_steps(step, steps: int, device: torch.device) -> tuple[int | None, lis
     return baseline, norms, (time.perf_counter() - began) / steps, peak_bytes(device)
 
 
+def grpo_update(logprobs_fn, params: list, optimizer, advantages, response) -> torch.Tensor:
+    """One on-policy GRPO update of `params` from `logprobs_fn()`; the clipped gradient's norm."""
+    from rollover.algos.losses import policy_loss
+
+    logprobs = logprobs_fn()
+    old = logprobs.detach()
+    loss, _ = policy_loss(logprobs, old, old, advantages, response, loss="grpo", offpolicy="none")
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def update_part(name: str, shape: dict, device: torch.device, small: bool, steps: int,
                 checkpointing: bool) -> tuple[dict, object]:
     """Time and peak memory of `steps` updates (after one warm-up) on one model shape."""
-    from rollover.algos.losses import policy_loss
     from rollover.trainer.optim import build_optimizer
     from rollover.trainer.precision import autocast_to, token_logprobs
 
@@ -216,16 +229,12 @@ def update_part(name: str, shape: dict, device: torch.device, small: bool, steps
     batch, seq = (2, 16) if small else (8, 1024)
     ids, mask, response, advantages = random_rows(shape, batch, seq, device, seed=1)
 
-    def step() -> float:
+    def logprobs() -> torch.Tensor:
         with autocast_to(compute, device):
-            logprobs, _ = token_logprobs(model, ids, mask, 1.0)
-        old = logprobs.detach()
-        loss, _ = policy_loss(logprobs, old, old, advantages, response, loss="grpo", offpolicy="none")
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+            return token_logprobs(model, ids, mask, 1.0)[0]
+
+    def step() -> float:
+        return float(grpo_update(logprobs, params, optimizer, advantages, response))
 
     step()  # warm-up: kernels compile, AdamW allocates its state
     start = {n: p.detach().clone() for n, p in model.named_parameters()} if small else None
@@ -278,7 +287,6 @@ def fsdp_rank(rank: int, world_size: int, port: int, shape: dict, device_type: s
               out: str) -> None:
     """One rank of `fsdp_part` (spawned): each rank updates on its own rows of the batch."""
     import_rollover()
-    from rollover.algos.losses import policy_loss
     from rollover.trainer.distributed.shard import data_parallel_mesh, mixed_precision, shard_model
     from rollover.trainer.optim import build_optimizer
 
@@ -300,13 +308,7 @@ def fsdp_rank(rank: int, world_size: int, port: int, shape: dict, device_type: s
         ids, mask, response, advantages = random_rows(shape, batch, seq, device, seed=1 + rank)  # each rank its own
 
         def step() -> float:
-            logprobs, _ = root(ids, mask, 1.0)
-            old = logprobs.detach()
-            loss, _ = policy_loss(logprobs, old, old, advantages, response, loss="grpo", offpolicy="none")
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm = grpo_update(lambda: root(ids, mask, 1.0)[0], params, optimizer, advantages, response)
             return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
         step()  # warm-up
