@@ -12,13 +12,20 @@ running at once, the configurations one after another:
                              are filtered: APRIL draws 2x the groups and dynamic sampling drops
                              the zero-advantage ones. SAPO's gain at I/J mixes sharing with this
                              filtering; this ablation gives filtering alone.
+  mixed-I/J                  a heterogeneous swarm: the first half of the nodes run tiny-math
+                             sampling cold (temperature 0.5: few groups with differing rewards,
+                             so they learn little from their own), the second half run
+                             tiny-math-wide (another width and vocabulary: text crosses, token ids
+                             do not) at the recipe's temperature. mixed-8/0 is each of them alone.
 
 Metric (the paper's, made honest): cumulative reward of the completions each node generated
 itself, over every scored sample, the filtered ones included (`rollout/reward_before_filter`,
 summed over steps) — not the training batch's reward, which favours the external groups that
-survived the filter. Beside it: held-out greedy accuracy at the start and the end, per node.
+survived the filter. Beside it: held-out greedy accuracy per node over steps, and against the
+tokens the node generated itself (`rollout/generated_tokens`: every token its engine streamed,
+aborted, dropped and filtered ones included), since what a peer saves a node is generation.
 
-    python -m bench.swarm.sapo_swarm [--nodes 4] [--steps 40] [--configs 8/0,6/2,4/4,2/6,filter]
+    python -m bench.swarm.sapo_swarm [--nodes 4] [--steps 40] [--reps 2] [--configs 8/0,4/4,filter,mixed-8/0,mixed-4/4]
     python -m bench.swarm.sapo_swarm --plot-only   # redraw the PNG from the JSON
 """
 
@@ -37,18 +44,24 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT, machine, save_json, spread
+from bench.swarm.sapo_report import plot, print_table
 
 RECIPE = "recipes/grpo_math.yaml"
 FILTER = "filter"
+MIXED = "mixed-"  # prefix of a heterogeneous I/J configuration
+COLD_TEMPERATURE = 0.5  # the mixed swarm's first half samples this cold
+OTHER_MODEL = "builtin:tiny-math-wide"  # and its second half runs this model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--configs", default="8/0,6/2,4/4,2/6,filter", help="comma-separated I/J pairs and 'filter'")
-    p.add_argument("--reps", type=int, default=1, help="swarms per configuration (seeds differ per rep)")
+    p.add_argument("--configs", default="8/0,4/4,filter,mixed-8/0,mixed-4/4",
+                   help="comma-separated I/J pairs, mixed-I/J (a heterogeneous swarm) and 'filter'")
+    p.add_argument("--reps", type=int, default=2, help="swarms per configuration (seeds differ per rep)")
     p.add_argument("--eval-size", type=int, default=256)
+    p.add_argument("--evals", type=int, default=4, help="held-out evaluations after the start (every steps/evals)")
     p.add_argument("--round-seconds", type=float, default=8.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every node")
     p.add_argument("--run-timeout", type=float, default=2400.0, help="seconds before a swarm is stopped")
@@ -58,9 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for config in args.configs:
         if config != FILTER:
-            local, _, external = config.partition("/")
+            local, _, external = config.removeprefix(MIXED).partition("/")
             if not (local.isdigit() and external.isdigit() and int(local) > 0):
-                p.error(f"--configs: {config!r} is neither I/J (I >= 1) nor '{FILTER}'")
+                p.error(f"--configs: {config!r} is neither I/J, {MIXED}I/J (I >= 1) nor '{FILTER}'")
+    if any(c.startswith(MIXED) for c in args.configs) and args.nodes < 2:
+        p.error("--configs: a mixed swarm needs --nodes 2 or more")
     return args
 
 
@@ -68,8 +83,24 @@ def config_overrides(config: str) -> list[str]:
     """What makes a configuration: I local groups, J external, and whether local groups are filtered."""
     if config == FILTER:
         return ["rollout.groups_per_step=8", "swarm.external_groups=0", "algo.dynamic_sampling=true"]
-    local, external = config.split("/")
+    local, external = config.removeprefix(MIXED).split("/")
     return [f"rollout.groups_per_step={local}", f"swarm.external_groups={external}", "algo.dynamic_sampling=false"]
+
+
+def node_overrides(config: str, nodes: int) -> list[str]:
+    """Per-node settings (`--node i:key=value`): a mixed swarm's cold half and other-model half."""
+    if not config.startswith(MIXED):
+        return []
+    cold = nodes // 2
+    return [f"{i}:rollout.temperature={COLD_TEMPERATURE}" for i in range(cold)] + \
+           [f"{i}:model.path={OTHER_MODEL}" for i in range(cold, nodes)]
+
+
+def node_role(config: str, index: int, nodes: int) -> str:
+    """What a node is in its swarm, for tables: every node is alike unless the swarm is mixed."""
+    if not config.startswith(MIXED):
+        return "tiny-math"
+    return f"tiny-math T={COLD_TEMPERATURE}" if index < nodes // 2 else "tiny-math-wide"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -84,7 +115,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def node_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One node's run: per-step local reward and its cumulative sum, accuracy at start and end."""
+    """One node's run: per-step local reward and its cumulative sum; held-out accuracy at each
+    evaluation, with the tokens the node had generated itself by then; accuracy gained per
+    million own tokens."""
     steps = [r for r in rows if "rollout/reward_before_filter" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     local = [r["rollout/reward_before_filter"] for r in steps]
@@ -92,6 +125,13 @@ def node_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for value in local:
         total += value
         cumulative.append(round(total, 4))
+    tokens_by_step, tokens = {0: 0}, 0
+    for r in steps:
+        tokens += int(r.get("rollout/generated_tokens", 0))
+        tokens_by_step[r["step"]] = tokens
+    accuracy_curve = [{"step": r["step"], "own_tokens": tokens_by_step.get(r["step"]),
+                       "accuracy": r["eval/accuracy"]} for r in evals]
+    gained = evals[-1]["eval/accuracy"] - evals[0]["eval/accuracy"] if len(evals) > 1 else None
     mean = lambda key: statistics.fmean([r.get(key, 0.0) for r in steps]) if steps else None  # noqa: E731
     return {
         "steps": len(steps),
@@ -100,10 +140,16 @@ def node_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "local_reward_per_step": [round(v, 4) for v in local],
         "initial_accuracy": evals[0]["eval/accuracy"] if evals else None,
         "final_accuracy": evals[-1]["eval/accuracy"] if len(evals) > 1 else None,
+        "accuracy_curve": accuracy_curve,
+        "own_tokens": tokens,
+        "accuracy_gain_per_m_own_tokens": round(gained / tokens * 1e6, 4) if gained is not None and tokens else None,
         "external_share": mean("swarm/external_share"),
         "external_groups_used": sum(r.get("swarm/external_groups", 0.0) for r in steps),
         "rejected": steps[-1].get("swarm/rejected", 0.0) if steps else 0.0,
+        "rejected_by_reason": {k.removeprefix("swarm/rejected/"): v for k, v in (steps[-1] if steps else {}).items()
+                               if k.startswith("swarm/rejected/")},
         "train_seconds": sum(r.get("time/step", 0.0) for r in steps),
+        "wall_seconds": round(sum(r.get("time/step", 0.0) + r.get("time/eval", 0.0) for r in rows), 1),
         "max_swarm_wait_s": max((r.get("time/swarm", 0.0) for r in steps), default=None),
     }
 
@@ -114,8 +160,8 @@ def run_swarm(config: str, rep: int, args: argparse.Namespace, folder: Path) -> 
             [f"{i}:rollout.seed={rep * args.nodes + i}" for i in range(args.nodes)]
     tag = config.replace("/", "-")
     command = [sys.executable, "-m", "rollover.swarm.cli", "local", RECIPE, "--nodes", str(args.nodes),
-               "--out", str(folder), *[x for s in seeds for x in ("--node", s)],
-               f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 2)}",
+               "--out", str(folder), *[x for s in seeds + node_overrides(config, args.nodes) for x in ("--node", s)],
+               f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // args.evals)}",
                f"train.save_every={10 * args.steps}", f"task.eval_size={args.eval_size}",
                "tracking.wandb=disabled", "rollout.kv_cache_gib=0.5",
                f"swarm.round_seconds={args.round_seconds}", f"swarm.name=sapo-bench-{tag}-{rep}",
@@ -130,7 +176,8 @@ def run_swarm(config: str, rep: int, args: argparse.Namespace, folder: Path) -> 
         process.send_signal(signal.SIGINT)  # every node saves and stops
         returncode = process.wait()
     wall = time.monotonic() - started
-    nodes = [node_figures(read_metrics(folder / f"node-{i}" / "metrics.jsonl")) for i in range(args.nodes)]
+    nodes = [{"role": node_role(config, i, args.nodes), **node_figures(read_metrics(folder / f"node-{i}" / "metrics.jsonl"))}
+             for i in range(args.nodes)]
     ok = returncode == 0 and all(n["steps"] == args.steps for n in nodes)
     error = None if ok else (folder.parent / f"{folder.name}.log").read_text()[-2000:]
     return {"config": config, "rep": rep, "ok": ok, "returncode": returncode, "wall_seconds": round(wall, 1),
@@ -156,7 +203,15 @@ def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
             "external_share": spread([n["external_share"] for n in per_node if n["external_share"] is not None]),
             "seconds_per_step": spread([n["train_seconds"] / n["steps"] for n in per_node if n["steps"]]),
             "max_swarm_wait_s": max((n["max_swarm_wait_s"] or 0.0 for n in per_node), default=None),
+            "by_role": {role: role_figures([n for n in per_node if n.get("role") == role])
+                        for role in dict.fromkeys(n.get("role", "tiny-math") for n in per_node)},
         }
+    for config, entry in summary.items():  # learning per own token against the same nodes alone
+        alone = summary.get(f"{MIXED}8/0" if config.startswith(MIXED) else "8/0", {}).get("by_role", {})
+        for role, figures in entry["by_role"].items():
+            base = (alone.get(role, {}).get("accuracy_gain_per_m_own_tokens") or {}).get("median")
+            value = figures["accuracy_gain_per_m_own_tokens"]["median"]
+            figures["gain_per_token_vs_alone"] = round(value / base, 3) if base and base > 0 and value is not None else None
     for reference in ("8/0", FILTER):
         base = (summary.get(reference, {}).get("cumulative_local_reward_sum") or {}).get("median")
         for config, entry in summary.items():
@@ -166,63 +221,20 @@ def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
     return summary
 
 
-def plot(result: dict[str, Any], out: Path) -> None:
-    """Cumulative local reward per step (mean over nodes, each swarm) and final accuracy per config."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    palette = plt.get_cmap("tab10").colors
-    for i, config in enumerate(result["config"]["configs"]):
-        colour = palette[i % len(palette)]
-        for run in (r for r in result["runs"] if r["config"] == config and r["ok"]):
-            for node in run["nodes"]:
-                left.plot(range(1, len(node["cumulative_curve"]) + 1), node["cumulative_curve"],
-                          color=colour, linewidth=0.7, alpha=0.35)
-            curves = [n["cumulative_curve"] for n in run["nodes"]]
-            length = min(len(c) for c in curves)
-            mean = [statistics.fmean(c[s] for c in curves) for s in range(length)]
-            left.plot(range(1, length + 1), mean, color=colour, linewidth=2.2,
-                      label=config if run["rep"] == 0 else None)
-        finals = [n["final_accuracy"] for r in result["runs"] if r["config"] == config and r["ok"]
-                  for n in r["nodes"] if n["final_accuracy"] is not None]
-        right.scatter([i] * len(finals), finals, color=colour, alpha=0.6)
-        if finals:
-            right.plot([i - 0.25, i + 0.25], [statistics.median(finals)] * 2, color=colour, linewidth=2.5)
-    starts = [n["initial_accuracy"] for r in result["runs"] if r["ok"] for n in r["nodes"]
-              if n["initial_accuracy"] is not None]
-    if starts:
-        right.axhline(statistics.median(starts), linestyle="--", color="grey", label="start (median)")
-    nodes, steps = result["config"]["nodes"], result["config"]["steps"]
-    left.set_title(f"cumulative reward of each node's own completions ({nodes} nodes; bold: node mean)", fontsize=9)
-    left.set_xlabel("step")
-    left.set_ylabel("sum over steps of mean local reward")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    right.set_xticks(range(len(result["config"]["configs"])), result["config"]["configs"])
-    right.set_title(f"held-out greedy accuracy after {steps} steps, per node (bar: median)", fontsize=9)
-    right.set_ylabel("accuracy")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.suptitle(f"SAPO swarm on one machine - {result['machine']['cpu']}, {result['machine']['cores']} cores",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
-def print_table(result: dict[str, Any]) -> None:
-    fmt = lambda s, d=2: "-" if not s or s["median"] is None else f"{s['median']:.{d}f} ({s['min']:.{d}f}-{s['max']:.{d}f})"  # noqa: E731
-    print(f"\n{'config':8s} {'cum. local reward, swarm sum':>30s} {'per node':>24s} {'vs 8/0':>8s} "
-          f"{'vs filter':>9s} {'final acc per node':>22s} {'s/step':>18s}")
-    for config, s in result["summary"].items():
-        gain = lambda key: "-" if s[key] is None else f"{s[key]:+.1%}"  # noqa: E731
-        print(f"{config:8s} {fmt(s['cumulative_local_reward_sum']):>30s} "
-              f"{fmt(s['cumulative_local_reward_per_node']):>24s} {gain('gain_vs_8_0'):>8s} "
-              f"{gain('gain_vs_filter'):>9s} {fmt(s['final_accuracy_per_node'], 3):>22s} "
-              f"{fmt(s['seconds_per_step']):>18s}")
+def role_figures(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One kind of node across the swarms of a configuration: what it generated, what it learned."""
+    gained = [n["final_accuracy"] - n["initial_accuracy"] for n in nodes
+              if n["final_accuracy"] is not None and n["initial_accuracy"] is not None]
+    return {
+        "nodes": len(nodes),
+        "own_tokens": spread([n["own_tokens"] for n in nodes if "own_tokens" in n]),
+        "accuracy_gained": spread(gained),
+        "accuracy_gain_per_m_own_tokens": spread([n["accuracy_gain_per_m_own_tokens"] for n in nodes
+                                                  if n.get("accuracy_gain_per_m_own_tokens") is not None]),
+        "final_accuracy": spread([n["final_accuracy"] for n in nodes if n["final_accuracy"] is not None]),
+        "external_share": spread([n["external_share"] for n in nodes if n["external_share"] is not None]),
+        "wall_seconds": spread([n["wall_seconds"] for n in nodes if "wall_seconds" in n]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
