@@ -404,10 +404,12 @@ class Inbox:
     # ---- checkpoint ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What must survive a restart: what was already handled (so nothing is trained twice)."""
+        """What must survive a restart: what was already handled (so nothing is trained twice),
+        and the likelihood reference (a resumed node judges peers at once, not after two steps
+        in which any text would pass)."""
         return {"rejected": dict(self.rejected), "received": self.received,
                 "handled": [[s, r, i, r] for r, keys in self._handled.items() for s, i in keys],
-                "copies": self._copies.state_dict()}
+                "copies": self._copies.state_dict(), "likelihood_reference": list(self.likelihood.reference)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rejected = Counter(state["rejected"])
@@ -417,3 +419,5 @@ class Inbox:
             self._handled.setdefault(round_index, set()).add((sender, index))
         if "copies" in state:  # checkpoints before per-completion digests kept group digests only
             self._copies.load_state_dict(state["copies"])
+        self.likelihood.reference.clear()
+        self.likelihood.note(float(v) for v in state.get("likelihood_reference", []))  # older: none kept

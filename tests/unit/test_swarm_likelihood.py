@@ -66,6 +66,15 @@ def test_no_verdict_before_the_reference_has_enough_own_samples():
     assert box.is_unlikely([-50.0] * 4, [1.0, 0.0, 0.0, 0.0])
 
 
+def test_a_resumed_node_judges_with_the_reference_it_had():
+    # Before: the reference was not checkpointed, so for two steps after a restart any text passed.
+    restored = inbox([])
+    restored.load_state_dict(inbox(OWN).state_dict())
+    assert sorted(restored.reference) == sorted(OWN)
+    assert restored.is_unlikely([-3.0] * 16, [1.0, 0.0] * 8)
+    assert not restored.is_unlikely([-0.2] * 16, [1.0, 0.0] * 8)
+
+
 def test_the_reference_is_our_samples_scored_by_the_judge_not_the_sampler(tmp_path):
     """A node whose sampler reports log-probs on another scale (top-k renormalised, other
     numerics) than the judge's: the reference must come from the judge, or every peer, scored
