@@ -19,6 +19,10 @@ class SwarmConfig(Section):
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = Field(default_factory=list)
     identity_path: str | None = None  # folder for the node's keys; None: the run folder
+    # Where this node's training problems start in the task's stream. None: a point derived from
+    # the node's identity, so every peer works on other problems than its neighbours (on the same
+    # ones a peer's group adds no new problem, and the copy check refuses its identical answers).
+    problem_offset: int | None = Field(None, ge=0, lt=2**61)
     local_groups: int | None = Field(None, ge=1)  # I; None: rollout.groups_per_step (must match)
     external_groups: int = Field(4, ge=0)  # J: peers' groups trained on per step, when there are any
     # rounds are epochs of the wall clock; whole seconds, so a bootstrap node's DHT guard that was

@@ -10,6 +10,7 @@ seconds, publishing happens in a task of its own, and a step takes whatever pass
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -29,6 +30,12 @@ from rollover.swarm.config import SwarmConfig
 log = logging.getLogger(__name__)
 AUDIT_LOG = "swarm_audit.jsonl"
 TOP_SENDERS = 16  # senders named in metrics and the status: their size must not grow with the swarm
+
+
+def problem_offset_for(sender_id: str) -> int:
+    """A stream position from a sender id (16 hex digits of a hash): peers' offsets lie ~2^61 / N
+    apart on average, so their problem streams (each a few thousand draws a day) never meet."""
+    return int(sender_id, 16) % 2**61
 
 
 class SwarmNode:
@@ -62,17 +69,30 @@ class SwarmNode:
 
     async def start(self) -> None:
         """Join the DHT (the identity persists in `identity_path` or the run folder)."""
-        from rollover.swarm.identity import load_or_create_identity
         from rollover.swarm.transport import SwarmTransport
 
-        identity = load_or_create_identity(Path(self.cfg.identity_path or self.run_folder).expanduser())
         self.transport = SwarmTransport(
-            self.cfg.name, identity, initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
+            self.cfg.name, self.identity, initial_peers=self.cfg.initial_peers, host_maddrs=self.cfg.host_maddrs,
             announce_maddrs=self.cfg.announce_maddrs or None, max_record_bytes=self.cfg.max_record_bytes,
             round_seconds=self.cfg.round_seconds)
         await asyncio.to_thread(self.transport.start)
         self.sender = self.transport.sender
         self._collector = asyncio.create_task(self._collect_forever())
+
+    @functools.cached_property
+    def identity(self):
+        """This node's keys (swarm/identity.py), kept in `identity_path` or the run folder."""
+        from rollover.swarm.identity import load_or_create_identity
+
+        return load_or_create_identity(Path(self.cfg.identity_path or self.run_folder).expanduser())
+
+    @property
+    def problem_offset(self) -> int:
+        """Where this node's training problems start in the task's stream (`swarm.problem_offset`;
+        by default a function of its identity, so it is the same after a restart)."""
+        if self.cfg.problem_offset is not None:
+            return self.cfg.problem_offset
+        return problem_offset_for(self.identity.sender_id)
 
     async def close(self) -> None:
         for task in (self._collector, self._publishing, self._read):

@@ -53,7 +53,7 @@ def build_trainer(recipe: Recipe, task: Task, rewards: RewardRunner, policy: Pol
     rollout = recipe.rollout
     learner = learner or Learner(policy, recipe)
     scorer = GroupScorer(rewards, recipe.algo, rollout.max_tokens)
-    prompts = PromptStream(task, policy.tokenizer, recipe)
+    prompts = PromptStream(task, policy.tokenizer, recipe, first_index=swarm.problem_offset if swarm else 0)
     scheduler = AprilScheduler(engine, rollout, prompts, scorer, informative if recipe.algo.dynamic_sampling else None,
                                max_rejections_per_step=rollout.max_rejections_per_step)
     parts = RolloutParts(prompts=prompts, scheduler=scheduler,

@@ -52,15 +52,17 @@ class TrainingStopped(RolloverError, RuntimeError):
 
 
 class PromptStream:
-    """Fresh prompts for the scheduler: uid = draw index, so the cursor is one integer."""
+    """Fresh prompts for the scheduler: uid = draw index, so the cursor is one integer. Draw `uid`
+    is the task's problem `first_index + uid` (a swarm node's own part of the stream)."""
 
-    def __init__(self, task: Task, tokenizer, recipe: Recipe, cursor: int = 0):
+    def __init__(self, task: Task, tokenizer, recipe: Recipe, cursor: int = 0, first_index: int = 0):
         self.task, self.tokenizer, self.recipe, self.cursor = task, tokenizer, recipe, cursor
+        self.first_index = first_index
 
     def __call__(self) -> tuple[int, dict[str, Any], list[int]]:
         uid = self.cursor
         self.cursor += 1
-        record = self.task.record(uid)
+        record = self.task.record(self.first_index + uid)
         return uid, record, prompt_ids(record, self.tokenizer, self.recipe.task.prompt_format,
                                        self.recipe.task.system_prompt)
 

@@ -99,3 +99,7 @@ def print_table(result: dict[str, Any]) -> None:
             ratio = "-" if r.get("gain_per_token_vs_alone") is None else f"{r['gain_per_token_vs_alone']:.2f}x"
             print(f"{config:10s} {role:22s} {fmt(thousands, 0):>22s} {fmt(r['accuracy_gained'], 3):>24s} "
                   f"{fmt(r['accuracy_gain_per_m_own_tokens'], 3):>26s} {ratio:>8s} {fmt(r['external_share']):>18s}")
+    print("\nrefused, share of the groups received (all peers honest):")
+    for config, s in result["summary"].items():
+        shares = ", ".join(f"{reason} {share:.1%}" for reason, share in sorted(s.get("refused_share_of_received", {}).items()))
+        print(f"{config:10s} {s.get('received', 0):.0f} received; {shares or '-'}")

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,7 @@ def node_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_gain_per_m_own_tokens": round(gained / tokens * 1e6, 4) if gained is not None and tokens else None,
         "external_share": mean("swarm/external_share"),
         "external_groups_used": sum(r.get("swarm/external_groups", 0.0) for r in steps),
+        "received": steps[-1].get("swarm/received", 0.0) if steps else 0.0,
         "rejected": steps[-1].get("swarm/rejected", 0.0) if steps else 0.0,
         "rejected_by_reason": {k.removeprefix("swarm/rejected/"): v for k, v in (steps[-1] if steps else {}).items()
                                if k.startswith("swarm/rejected/")},
@@ -191,7 +193,13 @@ def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
         done = [r for r in runs if r["config"] == config and r["ok"]]
         per_node = [n for r in done for n in r["nodes"]]
         finals = [n["final_accuracy"] for n in per_node if n["final_accuracy"] is not None]
+        received, refused = sum(n.get("received", 0.0) for n in per_node), Counter()
+        for n in per_node:
+            refused.update(n.get("rejected_by_reason", {}))
         summary[config] = {
+            "received": received,
+            "refused_share_of_received": {reason: round(count / received, 4) for reason, count in refused.items()}
+            if received else {},
             "swarms": len(done),
             "cumulative_local_reward_sum": spread([sum(n["cumulative_local_reward"] for n in r["nodes"])
                                                    for r in done]),

@@ -146,6 +146,12 @@ def test_local_swarm_of_two_models_trains_on_each_other_and_refuses_a_hostile_pe
                 local.wait(timeout=240)
             except subprocess.TimeoutExpired:
                 local.kill()
+    # Each node draws its own problems: a peer's groups come from the peer's part of the task's
+    # stream (it starts at the peer's sender id mod 2^61), not from the problems the node drew.
+    for folder, peer in ((nodes[0], ids[1]), (nodes[1], ids[0])):
+        start = int(peer, 16) % 2**61
+        indices = [g["spec"]["index"] for line in audit(folder) for g in line["external"] if g["sender"] == peer]
+        assert indices and all(start <= i < start + 10**5 for i in indices), (peer, indices)
     for folder in nodes:
         assert sorted((folder / "checkpoints").glob("step-*")), f"{folder}: no checkpoint on Ctrl-C"
         # The hostile peer republishes honest records in their own round: read in the same poll as
