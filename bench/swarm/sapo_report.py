@@ -102,4 +102,6 @@ def print_table(result: dict[str, Any]) -> None:
     print("\nrefused, share of the groups received (all peers honest):")
     for config, s in result["summary"].items():
         shares = ", ".join(f"{reason} {share:.1%}" for reason, share in sorted(s.get("refused_share_of_received", {}).items()))
-        print(f"{config:10s} {s.get('received', 0):.0f} received; {shares or '-'}")
+        rescored = s.get("completions_rescored_wrong_per_received_group")
+        print(f"{config:10s} {s.get('received', 0):.0f} received; {shares or '-'}"
+              + ("" if rescored is None else f"; {rescored:.2f} completions re-scored wrong per group"))

@@ -49,6 +49,7 @@ from bench.swarm.sapo_report import plot, print_table
 
 RECIPE = "recipes/grpo_math.yaml"
 FILTER = "filter"
+RESCORED = "wrong_steps"  # a rejection reason that counts completions, not groups
 MIXED = "mixed-"  # prefix of a heterogeneous I/J configuration
 COLD_TEMPERATURE = 0.5  # the mixed swarm's first half samples this cold
 OTHER_MODEL = "builtin:tiny-math-wide"  # and its second half runs this model
@@ -196,10 +197,13 @@ def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
         received, refused = sum(n.get("received", 0.0) for n in per_node), Counter()
         for n in per_node:
             refused.update(n.get("rejected_by_reason", {}))
+        # wrong_steps counts completions re-scored wrong (their group is still trained), not groups
+        rescored = refused.pop(RESCORED, 0.0)
         summary[config] = {
             "received": received,
             "refused_share_of_received": {reason: round(count / received, 4) for reason, count in refused.items()}
             if received else {},
+            "completions_rescored_wrong_per_received_group": round(rescored / received, 4) if received else None,
             "swarms": len(done),
             "cumulative_local_reward_sum": spread([sum(n["cumulative_local_reward"] for n in r["nodes"])
                                                    for r in done]),
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     png = args.out.with_suffix(".png")
     if args.plot_only:
         result = json.loads(args.out.read_text())
+        result["summary"] = summarize(result["runs"], result["config"]["configs"])  # from the runs, as now counted
         print_table(result)
         plot(result, png)
         return

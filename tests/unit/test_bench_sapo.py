@@ -12,7 +12,8 @@ def node_rows(tokens_per_step: list[int], evals: dict[int, float]) -> list[dict]
     rows = [{"step": 0, "eval/accuracy": evals[0]}]
     for step, tokens in enumerate(tokens_per_step, start=1):
         rows.append({"step": step, "rollout/reward_before_filter": 0.5, "rollout/generated_tokens": tokens,
-                     "time/step": 1.0, "swarm/received": 8.0, "swarm/rejected": 2.0, "swarm/rejected/unlikely": 2.0})
+                     "time/step": 1.0, "swarm/received": 8.0, "swarm/rejected": 5.0, "swarm/rejected/unlikely": 2.0,
+                     "swarm/rejected/wrong_steps": 3.0})
         if step in evals:
             rows.append({"step": step, "eval/accuracy": evals[step], "time/eval": 0.5})
     return rows
@@ -26,7 +27,7 @@ def test_a_node_counts_its_own_tokens_up_to_each_evaluation():
                                          {"step": 4, "own_tokens": 5000, "accuracy": 0.6}]
     assert figures["accuracy_gain_per_m_own_tokens"] == pytest.approx(0.1 / 5000 * 1e6, abs=1e-3)  # 20 points per M
     assert figures["wall_seconds"] == pytest.approx(4 * 1.0 + 2 * 0.5)
-    assert figures["rejected_by_reason"] == {"unlikely": 2.0}
+    assert figures["rejected_by_reason"] == {"unlikely": 2.0, "wrong_steps": 3.0}
 
 
 def test_sharing_is_compared_per_own_token_with_the_same_kind_of_node_alone():
@@ -39,6 +40,7 @@ def test_sharing_is_compared_per_own_token_with_the_same_kind_of_node_alone():
     assert summary["4/4"]["by_role"]["tiny-math"]["gain_per_token_vs_alone"] == 2.0
     assert summary["4/4"]["by_role"]["tiny-math"]["own_tokens"]["median"] == 2000
     assert summary["4/4"]["received"] == 16 and summary["4/4"]["refused_share_of_received"] == {"unlikely": 0.25}
+    assert summary["4/4"]["completions_rescored_wrong_per_received_group"] == 6 / 16  # counted apart
 
 
 def test_a_mixed_swarm_has_a_cold_half_and_another_model_half():
