@@ -65,7 +65,10 @@ def hostile_records(round_index: int, honest: list) -> list[bytes]:
         # Correct-looking but written by no arithmetic model: far below the node's own likelihood.
         encode_group(round_index, {**spec, "index": 5}, [f"zq}}~|`^ {right}", f"~`|{{^zq {wrong}"]),
     ]
-    records += [item.raw for item in honest[:2]]  # another peer's records, re-signed as ours
+    for item in honest[:2]:  # another peer's records, re-signed as ours: its very bytes (which the
+        records.append(item.raw)  # read cache hands out once), and its text in another order
+        original = json.loads(item.raw)
+        records.append(encode_group(round_index, original["spec"], original["completions"][::-1]))
     return records
 
 
