@@ -13,8 +13,7 @@ running at once, the configurations one after another:
                              the zero-advantage ones. SAPO's gain at I/J mixes sharing with this
                              filtering; this ablation gives filtering alone.
   mixed-I/J                  a heterogeneous swarm: the first half of the nodes run tiny-math
-                             sampling cold (temperature 0.5: few groups with differing rewards,
-                             so they learn little from their own), the second half run
+                             sampling cold (temperature 0.5), the second half run
                              tiny-math-wide (another width and vocabulary: text crosses, token ids
                              do not) at the recipe's temperature. mixed-8/0 is each of them alone.
 
@@ -89,20 +88,25 @@ def config_overrides(config: str) -> list[str]:
     return [f"rollout.groups_per_step={local}", f"swarm.external_groups={external}", "algo.dynamic_sampling=false"]
 
 
-def node_overrides(config: str, nodes: int) -> list[str]:
-    """Per-node settings (`--node i:key=value`): a mixed swarm's cold half and other-model half."""
-    if not config.startswith(MIXED):
-        return []
-    cold = nodes // 2
-    return [f"{i}:rollout.temperature={COLD_TEMPERATURE}" for i in range(cold)] + \
-           [f"{i}:model.path={OTHER_MODEL}" for i in range(cold, nodes)]
+ROLE_SETTINGS = {  # what makes each kind of node (`--node i:key=value`), by the name tables use
+    "tiny-math": None,
+    f"tiny-math T={COLD_TEMPERATURE}": f"rollout.temperature={COLD_TEMPERATURE}",
+    "tiny-math-wide": f"model.path={OTHER_MODEL}",
+}
 
 
 def node_role(config: str, index: int, nodes: int) -> str:
-    """What a node is in its swarm, for tables: every node is alike unless the swarm is mixed."""
+    """What a node is in its swarm: every node is alike unless the swarm is mixed, where the first
+    half samples cold and the second half runs the other model."""
     if not config.startswith(MIXED):
         return "tiny-math"
     return f"tiny-math T={COLD_TEMPERATURE}" if index < nodes // 2 else "tiny-math-wide"
+
+
+def node_overrides(config: str, nodes: int) -> list[str]:
+    """Per-node settings (`--node i:key=value`) that give each node its role."""
+    roles = [ROLE_SETTINGS[node_role(config, i, nodes)] for i in range(nodes)]
+    return [f"{i}:{setting}" for i, setting in enumerate(roles) if setting is not None]
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -215,7 +219,7 @@ def summarize(runs: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
             "external_share": spread([n["external_share"] for n in per_node if n["external_share"] is not None]),
             "seconds_per_step": spread([n["train_seconds"] / n["steps"] for n in per_node if n["steps"]]),
             "max_swarm_wait_s": max((n["max_swarm_wait_s"] or 0.0 for n in per_node), default=None),
-            "by_role": {role: role_figures([n for n in per_node if n.get("role") == role])
+            "by_role": {role: role_figures([n for n in per_node if n.get("role", "tiny-math") == role])
                         for role in dict.fromkeys(n.get("role", "tiny-math") for n in per_node)},
         }
     for config, entry in summary.items():  # learning per own token against the same nodes alone
