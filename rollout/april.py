@@ -20,9 +20,10 @@ while a replacement starts is no failure: the groups wait for it (`EnginePool.ac
 step stops (AllEnginesLost, no attempt counted) only if none comes back in time.
 
 Running ahead (`rollout.max_async`; docs/ARCHITECTURE.md, "Pipelined steps"): a step may run
-while the trainer updates. `interrupt(action)` then aborts the step's in-flight requests (their
-groups are buffered with every token streamed so far), runs `action` (a weight load) on the idle
-engine, and the step goes on, resuming those groups from their token ids under the new version.
+while the trainer updates. `interrupt(action)` then pauses the step's groups in place (their
+requests aborted, every token streamed so far kept, their samples held at the runner's gate), runs
+`action` (a weight load) on the idle engine, and the samples resubmit from their token ids under
+the new version.
 A step is told the version its batch will be trained at (`train_version`), so groups whose
 oldest token would then be too stale are dropped before it starts. `give_back` returns finished
 batches the trainer has not used to the buffer (for a checkpoint between steps).
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections import Counter, deque
@@ -71,6 +73,8 @@ from rollover.tasks.errors import RolloverError
 # Tokens per streamed chunk: fewer wake-ups of the scheduler per decode step (frontend CPU);
 # an abort still delivers every token the engine produced, so nothing is lost.
 STREAM_INTERVAL = 8
+
+log = logging.getLogger(__name__)
 
 GroupFilter = Callable[[Group], bool]  # True: keep the group for training
 
@@ -245,7 +249,7 @@ class AprilScheduler(GroupFiling, GroupPlanning):
         """Run `action` (a weight load) with none of this scheduler's requests in flight.
 
         Between steps it runs at once. During a step, the step's requests are aborted (their
-        groups buffered with their tokens), `action` runs, and the step resumes them; the
+        groups held in place with their tokens), `action` runs, and the groups resume; the
         caller gets `action`'s result or exception either way.
         """
         if self._live is None:
@@ -269,12 +273,31 @@ class AprilScheduler(GroupFiling, GroupPlanning):
                     raise
 
     async def _pause_for_interrupts(self, st: StepState) -> None:
-        """Abort the step's requests, buffer their groups, run the interrupt actions."""
+        """Pause the step's groups in place, run the interrupt actions, resume them.
+
+        The runner's gate holds every sample while its request is aborted; once no stream is
+        open the actions run on the idle engine, and the samples resubmit from their token ids
+        under the new version. No group is filed or relaunched, so an interrupt costs the
+        scheduler O(requests open), not a second pass through the buffer. If the streams do not
+        end within `abort_timeout_s`, the step's groups are stopped and buffered instead (they
+        resume from the buffer), as a step's end does.
+        """
         st.counters.interrupts += 1
-        abort_error = await self._stop(st.runs, st.counters)
-        if abort_error is not None:
-            raise abort_error
-        await self._run_interrupts()
+        self.runner.pause()
+        try:
+            ids = set().union(*(r.request_ids for r in st.runs.values()))
+            if ids:
+                await self.engine.abort(ids)
+            if not await self.runner.wait_drained(self.abort_timeout_s):
+                log.warning("requests still open %.0f s after the abort for a weight load: "
+                            "stopping the step's groups instead", self.abort_timeout_s)
+                self.runner.resume()  # `_stop` marks the runs stopping before it yields: they end at the gate
+                abort_error = await self._stop(st.runs, st.counters)
+                if abort_error is not None:
+                    raise abort_error
+            await self._run_interrupts()
+        finally:
+            self.runner.resume()
 
     def give_back(self, groups: list[Group]) -> None:
         """A finished step's batch the trainer will not use now goes back to the buffer (scored,

@@ -138,7 +138,8 @@ class GroupFiling:
             _, pending = await asyncio.wait(tasks, timeout=self.abort_timeout_s)
             for t in pending:  # cancelling the stream aborts its request too
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if pending:  # only these are still running: one wait over every task is enough
+                await asyncio.wait(pending)
         finally:
             for t in tasks:
                 t.cancel()  # no-op for finished ones; nothing may keep writing to a filed group

@@ -13,6 +13,9 @@ Kept apart from the scheduler so the per-group rules read in one place:
   raises `RequestFailed` (the scheduler retries the group in a later step, counted);
 - once the scheduler stops the step, a group that finishes generating is not scored now: it is
   buffered and scored when resumed, so no judge holds up the step;
+- a pause (`GroupRunner.pause`, a weight load mid-step) aborts every request but keeps the
+  groups running: their samples wait at the runner's gate and resubmit from their token ids
+  once it reopens, so an interrupt costs the scheduler no re-filing and no new tasks;
 - scoring goes through `KeptScores`: one scorer call per group, kept across steps;
 - with an engine pool (an engine whose `router()` is not None), a group runs on the member the
   router leases it when it starts (all its samples together), and if that engine dies
@@ -81,6 +84,30 @@ class GroupRunner:
         self.max_tokens = max_tokens
         self.request_id = request_id
         self.budget_fn = budget_fn
+        self._open = asyncio.Event()  # the gate: cleared while paused, requests wait at it
+        self._open.set()
+        self.pauses = 0  # pauses so far: an abort seen after one began was the pause's
+        self.open_requests = 0  # streams submitted and not ended, over every group
+        self._drained = asyncio.Event()  # set while no stream is open
+        self._drained.set()
+
+    def pause(self) -> None:
+        """Close the gate: no sample submits until `resume`. The caller aborts the requests
+        already open and waits for their streams to end (`wait_drained`)."""
+        self.pauses += 1
+        self._open.clear()
+
+    def resume(self) -> None:
+        """Reopen the gate: paused samples resubmit from their tokens."""
+        self._open.set()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until no request of this runner is open; False after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def budget(self, group: Group, index: int) -> int:
         """Tokens sample `index` may still generate: its budget and the engine context, >= 0."""
@@ -142,8 +169,11 @@ class GroupRunner:
     async def _sample(self, run: GroupRun, index: int, sample: Sample, counters: StepCounters) -> None:
         unasked, migrations = 0, 0
         while unasked <= MAX_UNASKED_ABORT_RESUMES:
+            if not self._open.is_set():
+                await self._open.wait()  # paused: resume from the tokens once the gate reopens
             if run.stopping:
                 return
+            pauses = self.pauses
             try:
                 await self._request(run, index, sample, counters)
             except EngineLost:
@@ -162,6 +192,8 @@ class GroupRunner:
                 raise RequestFailed(f"group {run.group.uid} sample {index}: vLLM finished the request with error")
             if sample.finish_reason != "aborted" or run.stopping:
                 return
+            if self.pauses != pauses:
+                continue  # aborted for a pause: the gate holds it until the pause ends
             unasked += 1
             counters.unasked_aborts += 1  # vLLM aborted it on its own: resume from the tokens
 
@@ -173,6 +205,8 @@ class GroupRunner:
             return
         rid = self.request_id(run.group.uid, index)
         run.request_ids.add(rid)
+        self.open_requests += 1
+        self._drained.clear()
         counters.requests_submitted += 1
         sample.finish_reason = None
         start = settled = len(sample.response_ids)  # this request's tokens; those of known version
@@ -196,6 +230,9 @@ class GroupRunner:
                     counters.requests_aborted += chunk.finish_reason == "aborted"
         finally:
             run.request_ids.discard(rid)  # ended: nothing left to abort (the scheduler aborts the rest)
+            self.open_requests -= 1
+            if self.open_requests == 0:
+                self._drained.set()
             if sample.finish_reason is None:  # cancelled, failed, or the stream ended without a reason
                 sample.finish_reason = "aborted"
                 counters.requests_aborted += 1

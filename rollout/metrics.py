@@ -34,7 +34,10 @@ def token_staleness(groups: list[Group], current_version: int) -> dict[int, int]
     versions: Counter = Counter()
     for g in groups:
         for s in g.samples:
-            versions.update(s.versions)  # counted in C; ages from the few distinct versions
+            if s.versions and s.versions.count(s.versions[0]) == len(s.versions):
+                versions[s.versions[0]] += len(s.versions)  # one version (most samples): no hashing
+            else:
+                versions.update(s.versions)  # counted in C; ages from the few distinct versions
     return dict(sorted((current_version - v, n) for v, n in versions.items()))
 
 

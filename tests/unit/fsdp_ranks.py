@@ -102,6 +102,7 @@ def rank_main(rank: int, world_size: int, port: int, out: str, names: list[str])
     """One rank: every variant in `names`, sharded; rank 0 saves {name: (stats, weights)} to `out`
     (and "initial": the gathered weights of an untrained sharded policy)."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from rollover.trainer.distributed.gather import engine_weight_buckets
     from rollover.trainer.distributed.ranks import GroupRanks
@@ -124,11 +125,22 @@ def rank_main(rank: int, world_size: int, port: int, out: str, names: list[str])
                                   bucket[-1][1].numel() * bucket[-1][1].element_size()))
             return weights
 
+        def sharded(policy) -> bool:
+            return all(isinstance(p, DTensor) for p in policy.model.parameters())
+
         results = {}
         for dtype in ("float32", "bfloat16"):
             initial = ShardedPolicy(Policy(ModelConfig(path=MODEL, dtype=dtype), LoraConfig(), torch.device("cpu")))
             sizes: list[tuple[int, int]] = []
-            results[f"initial-{dtype}"] = ({"bucket_sizes": sizes}, gathered(initial, sizes))
+            weights = gathered(initial, sizes)
+            sharded_after = sharded(initial)
+            # the walk gathers a unit at a time and leaves every parameter sharded again,
+            # also when its reader stops after the first bucket
+            walk = engine_weight_buckets(initial, bucket_bytes=BUCKET_BYTES)
+            next(walk)
+            walk.close()
+            results[f"initial-{dtype}"] = ({"bucket_sizes": sizes, "sharded_after": sharded_after,
+                                            "sharded_after_early_stop": sharded(initial)}, weights)
         for variant in VARIANTS:
             if variant.name in names:
                 # Each rank's own adapter init: sharding must start from rank 0's (seed 0, as the

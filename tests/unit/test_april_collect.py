@@ -342,7 +342,8 @@ def test_many_engines_exact_batches_oldest_first_and_no_callback_per_wakeup():
 def test_an_interrupt_mid_step_runs_on_idle_engines_and_is_not_charged_to_the_scheduler():
     """A weight load asked for mid-step wakes the step (its completion queue), runs with nothing
     in flight, and the step resumes its groups under the new version; the load's own CPU is not
-    the scheduler's."""
+    the scheduler's. The groups are paused in place: none goes through the buffer or gets a new
+    task, and their aborts are not taken for vLLM's own (no unasked resume counted)."""
     from types import SimpleNamespace
 
     from bench.sim.sim_engine import SimEngine
@@ -359,12 +360,14 @@ def test_an_interrupt_mid_step_runs_on_idle_engines_and_is_not_charged_to_the_sc
 
         async def load():
             seen["open_requests"] = sum(len(e.requests) for e in engines)
+            seen["tasks_at_load"] = {uid: run.task for uid, run in sched._live.runs.items()}
             _spin(0.05)
             await pool.update_weights({})
             return "loaded"
 
         step = asyncio.create_task(sched.step())
         await asyncio.sleep(0.5)  # virtual seconds: every group is mid-generation
+        seen["tasks_before"] = {uid: run.task for uid, run in sched._live.runs.items()}
         outcome = await sched.interrupt(load)
         result = await step
         sched.check_conservation()
@@ -377,3 +380,58 @@ def test_an_interrupt_mid_step_runs_on_idle_engines_and_is_not_charged_to_the_sc
     versions = {v for g in result.groups for s in g.samples for v in s.versions}
     assert versions == {0, 1}  # begun before the load, finished after it
     assert 0 < result.metrics["rollout/scheduler_cpu_s"] < 0.05
+    assert len(seen["tasks_before"]) == 64  # over-provision 2 x 32, all generating
+    assert seen["tasks_at_load"] == seen["tasks_before"]  # the same runs, the same tasks
+    m = result.metrics
+    assert m["rollout/groups_resumed"] == 0 and m["rollout/unasked_aborts"] == 0
+    assert m["rollout/requests_aborted"] >= 64 * 8  # every sample's request, plus the step's end
+
+
+def test_an_interrupt_whose_abort_is_lost_stops_the_groups_and_still_loads_on_an_idle_engine(caplog):
+    """If the pause's abort does not end the streams within `abort_timeout_s` (a lost abort),
+    the step's groups are stopped and buffered as at a step's end (aborted again, cancelled),
+    the load still runs with no request open, and the step finishes from the buffer."""
+    from types import SimpleNamespace
+
+    from bench.sim.sim_engine import SimEngine
+    from rollover.rollout.april import AprilScheduler
+    from rollover.rollout.pool import EnginePool
+
+    async def main():
+        engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(4)]
+        pool = EnginePool(engines)
+        # 2,000 tokens take ~8 virtual seconds: the streams outlive the 1 s abort timeout
+        cfg = SimpleNamespace(groups_per_step=8, group_size=4, over_provision=2.0, partial=True,
+                              max_staleness=4, max_tokens=2000, temperature=1.0, top_p=1.0)
+        sched = AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score, abort_timeout_s=1.0)
+        real_abort, lost = pool.abort, []
+
+        async def first_abort_lost(ids):
+            if not lost:
+                lost.append(len(ids))
+                return 0
+            return await real_abort(ids)
+
+        pool.abort = first_abort_lost
+        seen = {}
+
+        async def load():
+            seen["open_requests"] = sum(len(e.requests) for e in engines)
+            await pool.update_weights({})
+            return "loaded"
+
+        step = asyncio.create_task(sched.step())
+        await asyncio.sleep(0.3)
+        outcome = await sched.interrupt(load)
+        result = await step
+        sched.check_conservation()
+        sched.close()
+        return seen, outcome, result, lost
+
+    with caplog.at_level("WARNING", logger="rollover.rollout.april"):
+        seen, outcome, result, lost = run_virtual(main())
+    assert lost and lost[0] > 0  # the pause's abort named open requests and was dropped
+    assert outcome == "loaded" and seen["open_requests"] == 0
+    assert len(result.groups) == 8 and result.metrics["rollout/interrupts"] == 1
+    assert result.metrics["rollout/groups_resumed"] > 0  # stopped, buffered, resumed in the step
+    assert any("stopping the step's groups instead" in r.message for r in caplog.records)

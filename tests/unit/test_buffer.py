@@ -355,3 +355,16 @@ def test_slow_scoring_does_not_hold_up_the_step_and_is_redone_on_resume():
     (again,) = [g for g in second.groups if g.uid == 1]  # resumed first, scored this time
     assert again.scored and again.samples[0].reward == 2.0
     sched.close()
+
+
+def test_token_staleness_counts_every_token_by_age():
+    """Samples of one version (counted by length) and of several (counted token by token)."""
+    from rollover.rollout.metrics import token_staleness
+
+    def sample(versions):
+        return Sample([1], response_ids=[7] * len(versions), versions=list(versions))
+
+    groups = [Group(0, {}, [sample([5, 5, 5]), sample([3, 4, 4, 5]), sample([])]),
+              Group(1, {}, [sample([4]), sample([5, 3, 5])])]  # out of order: counted all the same
+    # by hand: version 5 (age 0): 3 + 1 + 2; version 4 (age 1): 2 + 1; version 3 (age 2): 1 + 1
+    assert token_staleness(groups, 5) == {0: 6, 1: 3, 2: 2}

@@ -55,6 +55,7 @@ def test_gathered_weights_are_the_policys_engine_weights(sharded_results, dtype)
     # Buckets close once they reach the size: none holds more than the size plus one tensor.
     sizes = info["bucket_sizes"]
     assert len(sizes) > 3 and all(total - last < fsdp_ranks.BUCKET_BYTES for total, last in sizes)
+    assert info["sharded_after"] and info["sharded_after_early_stop"]  # every unit resharded
     for name, tensor in expected.items():
         assert gathered[name].dtype == tensor.dtype and torch.equal(gathered[name], tensor), name
 
