@@ -146,7 +146,7 @@ class EngineControl:
             if not keep_requests:
                 self._check_idle("update_weights")
             named_tensors = pairs(named_tensors)
-            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            await self._pause_scheduler(idle=not keep_requests)
             try:
                 if keep_requests:
                     await self._load_keeping_requests(named_tensors, version, recompute_kv)
@@ -157,6 +157,21 @@ class EngineControl:
         finally:
             self.gate.open()
         return self.gate.version
+
+    async def _pause_scheduler(self, idle: bool) -> None:
+        """vLLM's scheduler paused, running requests frozen (`mode="keep"`), caches kept.
+
+        `AsyncLLM.pause_generation` ends with a fixed 20 ms sleep so that outputs computed before
+        the pause reach their streams first (vLLM notes it is not needed for correctness). An
+        idle load has no such outputs (`_check_idle` ran), so it asks the engine core directly
+        and saves those 20 ms per load (a third of a small model's whole load here).
+        """
+        core = getattr(self.llm, "engine_core", None)
+        pause = getattr(core, "pause_scheduler_async", None)
+        if idle and pause is not None:
+            await pause(mode="keep", clear_cache=False)
+        else:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
 
     async def _load_idle(self, named_tensors: NamedTensors, version: int | None) -> None:
         """Push, reset the prefix cache, bump the version (paused, no request running)."""

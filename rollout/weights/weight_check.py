@@ -154,18 +154,30 @@ class CheckedWeightSync:
         self.check = WeightCheck()
         self._metrics: dict[str, float] = {}
 
-    async def verify(self, version: int, what: str) -> dict[str, float]:
-        """Probe every engine and the trainer; WeightSyncFailed unless they agree on `version`."""
+    async def verify(self, version: int, what: str,
+                     expected: Awaitable[list[float]] | None = None) -> dict[str, float]:
+        """Probe every engine and the trainer; WeightSyncFailed unless they agree on `version`.
+        `expected`: the trainer's probe, when the caller started it already."""
         started = time.perf_counter()
         readings = await within(self.engine.weight_probe(self.ids), self.timeout_s, f"{what}'s weight probe")
-        metrics = self.check.verify(what, version, readings, trainer_probe(self.policy, self.ids))
+        trainer = await expected if expected is not None else trainer_probe(self.policy, self.ids)
+        metrics = self.check.verify(what, version, readings, trainer)
         self._metrics = {**metrics, "time/weight_check": time.perf_counter() - started}
         return self._metrics
 
     async def load(self, load: Callable[[], Awaitable[int]], what: str) -> dict[str, float]:
-        """Run `load` (returns the version now served) under the deadline, then verify it."""
-        version = await within(load(), self.timeout_s, what)
-        return await self.verify(int(version), what)
+        """Run `load` (returns the version now served) under the deadline, then verify it.
+
+        The trainer's side of the probe runs in a thread meanwhile: its weights do not change
+        during a load, and the engine's load (an RPC to its processes) leaves the trainer idle.
+        """
+        expected = asyncio.ensure_future(asyncio.to_thread(trainer_probe, self.policy, self.ids))
+        try:
+            version = await within(load(), self.timeout_s, what)
+        except BaseException:
+            expected.add_done_callback(_retrieve)  # the load's error is the one to raise
+            raise
+        return await self.verify(int(version), what, expected)
 
     def take_metrics(self) -> dict[str, float]:
         """The last check's metrics, once (a step without a load reports none)."""

@@ -252,3 +252,33 @@ def test_cpu_engine_processes_run_the_idle_plugin(engine, run):
 
     assert float(os.environ[BUSY_LOOP_ENV]) < 1.0  # vLLM's own window is 1 s
     assert run(engine.llm.collective_rpc(_reader_wait_is_capped)) == [True]
+
+
+def test_an_idle_load_pauses_vllms_scheduler_without_its_fixed_sleep(engine, run, hf_model, monkeypatch):
+    """The push runs with vLLM's scheduler paused, asked of the engine core directly: vLLM's
+    `pause_generation` ends in a fixed 20 ms sleep that only orders outputs of running requests,
+    and an idle load has none (a keep load, with requests frozen, still goes through it)."""
+    calls = []
+    real_pause = engine.llm.pause_generation
+
+    async def spied_pause(*args, **kwargs):
+        calls.append("pause_generation")
+        return await real_pause(*args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "pause_generation", spied_pause)
+    transport = engine.weight_transport
+    real_push = transport.push
+    paused = []
+
+    async def push(llm, named_tensors):
+        paused.append(await llm.is_paused())
+        return await real_push(llm, named_tensors)
+
+    monkeypatch.setattr(transport, "push", push)
+    weights = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    before = engine.policy_version
+    assert run(engine.update_weights(weights)) == before + 1
+    assert paused == [True] and calls == []
+    assert not run(engine.llm.is_paused())  # resumed after the load
+    assert run(engine.update_weights(weights, keep_requests=True)) == before + 2
+    assert calls == ["pause_generation"] and paused == [True, True]

@@ -9,6 +9,7 @@ tests/integration/test_weight_check.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import types
 
@@ -233,3 +234,45 @@ def test_skip_weight_push_failpoint_skips_only_that_steps_push(monkeypatch):
         trainer.step = step
         asyncio.run(trainer.engine.weight_transport.push(None, f"weights of step {step + 1}"))
     assert pushed == ["weights of step 1", "weights of step 3"]
+
+
+def test_the_trainers_probe_runs_while_the_engine_loads(policy, tiny_model):
+    """The trainer's side of the probe does not wait for the load: a load that cannot finish
+    until the trainer's probe has run finishes (and still passes the check)."""
+    probed = threading.Event()
+    real = policy.token_logprobs
+
+    def token_logprobs(*args, **kwargs):
+        out = real(*args, **kwargs)
+        probed.set()
+        return out
+
+    async def scenario():
+        engine = ServingModel(tiny_model, "e0")
+        sync = CheckedWeightSync(engine, policy, timeout_s=30)
+        await sync.verify(0, "start")
+        adam_like_step(policy, 1e-4)
+        policy.token_logprobs = token_logprobs
+
+        async def load_after_the_probe():
+            waited = await asyncio.to_thread(probed.wait, 10)  # False if the probe waits for the load
+            assert waited, "the trainer's probe waited for the load"
+            return await engine.update_weights(policy.engine_weights())
+
+        return await sync.load(load_after_the_probe, "step 1")
+
+    assert asyncio.run(scenario())["weights/fingerprint_ok"] == 1.0
+
+
+def test_a_failed_load_raises_its_own_error_with_the_probe_running(policy, tiny_model):
+    async def scenario():
+        engine = ServingModel(tiny_model, "e0")
+        sync = CheckedWeightSync(engine, policy, timeout_s=30)
+
+        async def failing():
+            raise RuntimeError("push failed")
+
+        with pytest.raises(RuntimeError, match="push failed"):
+            await sync.load(failing, "step 1")
+
+    asyncio.run(scenario())
