@@ -216,7 +216,13 @@ class AprilScheduler(GroupFiling, GroupPlanning):
             except BaseException:
                 await self._wind_down(st, keep_accepted=False)
                 raise
-            abort_error = await self._wind_down(st, keep_accepted=not exhausted)
+            try:
+                abort_error = await self._wind_down(st, keep_accepted=not exhausted)
+            except BaseException:  # stopped (Ctrl-C) while winding down: nothing is returned
+                for g in st.accepted:
+                    self._to_buffer(g)
+                st.accepted = []
+                raise
         finally:
             self._live = None
             await self._run_interrupts()  # asked for while the step wound down: the engine is idle

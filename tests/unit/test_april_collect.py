@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import random
+import re
 import threading
 import time
 
@@ -435,3 +436,47 @@ def test_an_interrupt_whose_abort_is_lost_stops_the_groups_and_still_loads_on_an
     assert len(result.groups) == 8 and result.metrics["rollout/interrupts"] == 1
     assert result.metrics["rollout/groups_resumed"] > 0  # stopped, buffered, resumed in the step
     assert any("stopping the step's groups instead" in r.message for r in caplog.records)
+
+
+def test_a_step_stopped_while_it_winds_down_buffers_its_accepted_groups():
+    """A stop (Ctrl-C cancels the step) that lands after N groups were accepted, while the step
+    aborts the rest, must still file every group: the accepted ones go back to the buffer (the
+    ledger held them in flight and no checkpoint could be written: seen in test_signals)."""
+    from types import SimpleNamespace
+
+    from bench.sim.sim_engine import SimEngine
+    from rollover.rollout.april import AprilScheduler
+    from rollover.rollout.ledger import IN_FLIGHT
+    from rollover.rollout.pool import EnginePool
+
+    async def main():
+        engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(2)]
+        pool = EnginePool(engines)
+        cfg = SimpleNamespace(groups_per_step=4, group_size=4, over_provision=2.0, partial=True,
+                              max_staleness=4, max_tokens=2000, temperature=1.0, top_p=1.0)
+        sched = AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score)
+        winding_down = asyncio.Event()
+
+        async def stuck_abort(ids):  # the step's final abort never returns
+            winding_down.set()
+            await asyncio.Event().wait()
+
+        def short_then_long(request_id, prompt_ids):  # groups 0-3 finish, the rest run on
+            return 5 if int(re.search(r"-g(\d+)-s", request_id).group(1)) < 4 else 2000
+
+        for e in engines:
+            e.stop_at = short_then_long
+        pool.abort = stuck_abort
+        step = asyncio.create_task(sched.step())
+        await winding_down.wait()
+        accepted = len(sched._live.accepted)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        sched.check_conservation()  # nothing in flight; the buffer holds every group
+        in_flight = sched.ledger.uids(IN_FLIGHT)
+        sched.close()
+        return accepted, in_flight, len(sched.buffer)
+
+    accepted, in_flight, buffered = run_virtual(main())
+    assert accepted == 4 and not in_flight and buffered == 8
