@@ -340,23 +340,28 @@ def test_many_engines_exact_batches_oldest_first_and_no_callback_per_wakeup():
     assert all(0 < s["cpu"] <= s["outside"] for s in log)
 
 
-def test_an_interrupt_mid_step_runs_on_idle_engines_and_is_not_charged_to_the_scheduler():
-    """A weight load asked for mid-step wakes the step (its completion queue), runs with nothing
-    in flight, and the step resumes its groups under the new version; the load's own CPU is not
-    the scheduler's. The groups are paused in place: none goes through the buffer or gets a new
-    task, and their aborts are not taken for vLLM's own (no unasked resume counted)."""
+def _sim_april(n_engines: int, groups: int, group_size: int, max_tokens: int, **kwargs):
+    """(engines, pool, scheduler): APRIL (over-provision 2) over simulated engines, in virtual time."""
     from types import SimpleNamespace
 
     from bench.sim.sim_engine import SimEngine
     from rollover.rollout.april import AprilScheduler
     from rollover.rollout.pool import EnginePool
 
+    engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(n_engines)]
+    pool = EnginePool(engines)
+    cfg = SimpleNamespace(groups_per_step=groups, group_size=group_size, over_provision=2.0, partial=True,
+                          max_staleness=4, max_tokens=max_tokens, temperature=1.0, top_p=1.0)
+    return engines, pool, AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score, **kwargs)
+
+
+def test_an_interrupt_mid_step_runs_on_idle_engines_and_is_not_charged_to_the_scheduler():
+    """A weight load asked for mid-step wakes the step (its completion queue), runs with nothing
+    in flight, and the step resumes its groups under the new version; the load's own CPU is not
+    the scheduler's. The groups are paused in place: none goes through the buffer or gets a new
+    task, and their aborts are not taken for vLLM's own (no unasked resume counted)."""
     async def main():
-        engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(8)]
-        pool = EnginePool(engines)
-        cfg = SimpleNamespace(groups_per_step=32, group_size=8, over_provision=2.0, partial=True,
-                              max_staleness=4, max_tokens=200, temperature=1.0, top_p=1.0)
-        sched = AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score)
+        engines, pool, sched = _sim_april(8, 32, 8, 200)
         seen = {}
 
         async def load():
@@ -392,19 +397,9 @@ def test_an_interrupt_whose_abort_is_lost_stops_the_groups_and_still_loads_on_an
     """If the pause's abort does not end the streams within `abort_timeout_s` (a lost abort),
     the step's groups are stopped and buffered as at a step's end (aborted again, cancelled),
     the load still runs with no request open, and the step finishes from the buffer."""
-    from types import SimpleNamespace
-
-    from bench.sim.sim_engine import SimEngine
-    from rollover.rollout.april import AprilScheduler
-    from rollover.rollout.pool import EnginePool
-
     async def main():
-        engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(4)]
-        pool = EnginePool(engines)
         # 2,000 tokens take ~8 virtual seconds: the streams outlive the 1 s abort timeout
-        cfg = SimpleNamespace(groups_per_step=8, group_size=4, over_provision=2.0, partial=True,
-                              max_staleness=4, max_tokens=2000, temperature=1.0, top_p=1.0)
-        sched = AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score, abort_timeout_s=1.0)
+        engines, pool, sched = _sim_april(4, 8, 4, 2000, abort_timeout_s=1.0)
         real_abort, lost = pool.abort, []
 
         async def first_abort_lost(ids):
@@ -442,19 +437,10 @@ def test_a_step_stopped_while_it_winds_down_buffers_its_accepted_groups():
     """A stop (Ctrl-C cancels the step) that lands after N groups were accepted, while the step
     aborts the rest, must still file every group: the accepted ones go back to the buffer (the
     ledger held them in flight and no checkpoint could be written: seen in test_signals)."""
-    from types import SimpleNamespace
-
-    from bench.sim.sim_engine import SimEngine
-    from rollover.rollout.april import AprilScheduler
     from rollover.rollout.ledger import IN_FLIGHT
-    from rollover.rollout.pool import EnginePool
 
     async def main():
-        engines = [SimEngine(i, sim.SimCosts(), quantum=0.005) for i in range(2)]
-        pool = EnginePool(engines)
-        cfg = SimpleNamespace(groups_per_step=4, group_size=4, over_provision=2.0, partial=True,
-                              max_staleness=4, max_tokens=2000, temperature=1.0, top_p=1.0)
-        sched = AprilScheduler(pool, cfg, sim.Prompts(), sim.no_score)
+        engines, pool, sched = _sim_april(2, 4, 4, 2000)
         winding_down = asyncio.Event()
 
         async def stuck_abort(ids):  # the step's final abort never returns
