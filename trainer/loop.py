@@ -40,6 +40,7 @@ from rollover.trainer.evaluate import evaluate
 from rollover.trainer.external import LocalJudge
 from rollover.trainer.learner import Learner
 from rollover.trainer.policy import Policy
+from rollover.trainer.runtime.heap import collector_clock
 from rollover.trainer.runtime.stopping import StopAtSafePoint, stop_requested, stoppable
 from rollover.trainer.tracking import Tracker, busy_text, console, progress_bar
 from rollover.trainer.runtime.run_folder import rewind_step_logs
@@ -152,6 +153,7 @@ class Trainer:
         """One step: a batch of scored groups (rolled out ahead, when the pipeline runs), peers'
         groups beside it, advantages, the update, and the new weights into the engine."""
         clock = {"start": time.perf_counter()}
+        collector_clock().take()  # from here: this step's collections (time/gc)
         result = await stoppable(self.ahead.next_batch())  # a stop files every group in the buffer
         clock["rollout"] = time.perf_counter()
         groups = result.groups
@@ -219,6 +221,7 @@ class Trainer:
                 **self.rewards.take_step_report(),  # reward_failures/<fn>: this step's failed samples
                 "time/rollout": clock["rollout"] - clock["start"], "time/train": clock["train"] - clock["batch"],
                 "time/weight_sync": clock["sync"] - clock["train"], "time/step": step_seconds,
+                "time/gc": collector_clock().take(),  # the collector's stalls, inside the phases above
                 **self.weight_sync.take_metrics(),  # weights/fingerprint_ok, when weights loaded
                 **self.ahead.window_metrics(),
                 "tokens_per_s": sum(len(r.response_ids) for r in rows) / step_seconds}

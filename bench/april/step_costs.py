@@ -11,6 +11,9 @@ tokens generated and trained. Settings:
   processes spin 1 s after each message; `VLLM_PLUGINS=none` keeps rollover's plugin out) and
   one update thread; `no_spin_1_thread` adds rollover's vLLM plugin (rollout/vllm_plugin.py);
   `no_spin` also gives the update every core (the default: the engine sleeps meanwhile).
+- `april`, `april_unfrozen`: the recipe as written (APRIL), and with the start-up heap left
+  unfrozen (`ROLLOVER_GC_FREEZE=0`, trainer/runtime/heap.py): Python's full collections walk it
+  again. Their stalls hit a few steps hard, so compare the `mean` step, not only the median.
 - `pipelined_*`: the recipe's APRIL with `rollout.max_async=1` (one update thread either way),
   with vLLM's spin and with the plugin.
 
@@ -20,6 +23,8 @@ Repetitions are interleaved so machine noise falls on every setting alike.
     python -m bench.april.step_costs --workload chat --steps 20 --out bench/results/step_costs_chat.json \
         --settings sync_vllm_spin_1_thread,sync_no_spin_1_thread,sync_no_spin
     python -m bench.april.step_costs --reps 1 --steps 8 --out /tmp/step_costs.json
+    python -m bench.april.step_costs --workload demo --settings april,april_unfrozen --reps 3 \
+        --out bench/results/step_costs_gc.json
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 from bench.april.pipeline_steps import one_run
 from bench.common import RESULTS, ROOT, machine, save_json
 
-WORKLOADS = {"toy": "recipes/grpo_math.yaml", "chat": "recipes/grpo_chat.yaml"}
+WORKLOADS = {"toy": "recipes/grpo_math.yaml", "demo": "recipes/grpo_math.yaml", "chat": "recipes/grpo_chat.yaml"}
 TOY = ["rollout.groups_per_step=8", "rollout.group_size=8", "rollout.max_tokens=48"]
 SYNC = ["rollout.over_provision=1", "rollout.partial=false"]
 PIPELINED = ["rollout.max_async=1"]  # the recipe's APRIL, rollout of step k+1 beside update k
@@ -44,19 +49,24 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "sync_no_spin": ({}, SYNC),
     "pipelined_vllm_spin": (NO_PLUGIN, PIPELINED),
     "pipelined_no_spin": ({}, PIPELINED),
+    "april": ({}, []),
+    "april_unfrozen": ({"ROLLOVER_GC_FREEZE": "0"}, []),
 }
 BASELINES = {"sync": "sync_vllm_spin_1_thread", "pipelined": "pipelined_vllm_spin"}
 # Phases that add up to the step; the rest is `other`. The weight check runs inside the load.
 PHASES = {"rollout": "time/rollout", "update": "time/train", "weight_load": "time/weight_sync"}
-PARTS = {"weight_check": "time/weight_check"}
+PARTS = {"weight_check": "time/weight_check", "gc": "time/gc"}
 TOKENS = {"generated_tokens": "rollout/generated_tokens", "trained_tokens": "rollout/useful_tokens"}
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:
-    """Per figure: the median over runs of each run's median after `warmup` steps, and the runs'."""
+    """Per figure: the median over runs of each run's median after `warmup` steps, and the runs';
+    `mean`: the same of each run's mean (a stall of a few steps shows there, not in the median)."""
     def figure(series: list[list[float]]) -> dict:
         per_run = [statistics.median(s[warmup:]) for s in series]
-        return {"median": round(statistics.median(per_run), 4), "runs": [round(x, 4) for x in per_run]}
+        means = [statistics.fmean(s[warmup:]) for s in series]
+        return {"median": round(statistics.median(per_run), 4), "runs": [round(x, 4) for x in per_run],
+                "mean": round(statistics.median(means), 4), "run_means": [round(x, 4) for x in means]}
 
     figures = {"step": figure([r["step_seconds"] for r in runs])}
     for name, key in {**PHASES, **PARTS, **TOKENS}.items():
@@ -70,7 +80,7 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=WORKLOADS, default="toy",
-                   help="toy: grpo_math.yaml at the e2e toy shape; chat: grpo_chat.yaml as written")
+                   help="toy: grpo_math.yaml at the e2e toy shape; demo, chat: grpo_math.yaml, grpo_chat.yaml as written")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of SETTINGS")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
     settings = {name: summarize(runs[name], args.warmup) for name in names}
     for name, figures in settings.items():
-        before = settings.get(BASELINES[name.split("_")[0]])
+        before = settings.get(BASELINES.get(name.split("_")[0], ""))
         figures["speedup_over_vllm_spin"] = \
             round(before["step"]["median"] / figures["step"]["median"], 3) if before else None
     result = {"benchmark": "a synchronous toy step's phases, before and after the CPU engine's fixes",

@@ -66,6 +66,11 @@ def test_the_console_shows_rollovers_lines_and_the_log_file_the_rest(tmp_path):
     assert "Timeout is disabled" in log  # math-verify's notice, through Python logging
     assert "wandb: " in log  # W&B's own notices
     assert f"WARNING rollover.tasks.registry: task.path {data}: dropped 1 of 41 rows" in log
+    # the start-up heap (torch, vLLM, the model: hundreds of thousands of objects) is frozen
+    frozen = re.search(r"INFO rollover.trainer.runtime.heap: rl-train: (\d+) objects of the start-up heap frozen", log)
+    assert frozen and int(frozen.group(1)) > 100_000, log[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["time/gc"] >= 0 for row in rows if "time/step" in row) and len(rows) > 2
 
     # An error after the heavy imports (the folder now holds a run) is still one line on stderr;
     # nothing the imports printed comes with it.

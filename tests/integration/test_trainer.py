@@ -57,6 +57,7 @@ def test_failing_reward_and_nan_loss(engine, run, tmp_path, restore_engine):
         assert second["reward_failures"] >= 2 * 12 and second["reward_failures"] > failed_after_first
         assert engine.policy_version == start_version + 2  # each step's weights reached the engine
         assert math.isfinite(first["loss"]) and first["time/weight_sync"] > 0
+        assert 0 <= first["time/gc"] < first["time/step"]
         assert "kl" not in first  # only the reference KL is logged as `kl`, and kl_coef is 0
         checkpoint = run(trainer.save())
 
