@@ -24,7 +24,7 @@ from rollover.trainer.checkpoint import (checkpoint_problem, find_checkpoint, la
 from rollover.trainer.config import Recipe, RecipeError, load_recipe, to_yaml
 from rollover.trainer.runtime.cpu_split import bind_engine, pin_trainer, recipe_threads
 from rollover.trainer.runtime.console import LOG_FILE, error_line, log_to
-from rollover.trainer.runtime.heap import freeze_startup_heap
+from rollover.trainer.runtime.heap import tune_collector
 from rollover.trainer.loop import Trainer
 from rollover.trainer.policy import ModelLoadError, Policy
 from rollover.trainer.runtime.resume_check import check_resume, recipe_changes
@@ -139,7 +139,7 @@ def _run_in_folder(recipe: Recipe, recipe_path: str, folder: RunFolder, stop: Gr
                           recipe.train.seed) if recipe.swarm.enabled else None
         trainer = build_trainer(recipe, task, rewards, policy, engine, tracker, output_dir, swarm, learner)
         failpoints.arm(trainer)  # ROLLOVER_FAILPOINT (the kill test) only
-        freeze_startup_heap("rl-train")  # full collections skip what lives as long as the run
+        tune_collector("rl-train")  # full collections skip what lives as long as the run
         stop.phase = "training"
         summary = asyncio.run(_train(trainer, checkpoint))
         stop.phase = "finishing"

@@ -11,9 +11,10 @@ tokens generated and trained. Settings:
   processes spin 1 s after each message; `VLLM_PLUGINS=none` keeps rollover's plugin out) and
   one update thread; `no_spin_1_thread` adds rollover's vLLM plugin (rollout/vllm_plugin.py);
   `no_spin` also gives the update every core (the default: the engine sleeps meanwhile).
-- `april`, `april_unfrozen`: the recipe as written (APRIL), and with the start-up heap left
-  unfrozen (`ROLLOVER_GC_FREEZE=0`, trainer/runtime/heap.py): Python's full collections walk it
-  again. Their stalls hit a few steps hard, so compare the `mean` step, not only the median.
+- `april`, `april_default_gc`: the recipe as written (APRIL), and with Python's garbage collector
+  left at its defaults (`ROLLOVER_GC_TUNING=0`, trainer/runtime/heap.py: no frozen start-up
+  heap, generation 0 collected every 700 allocations). Full collections hit a few steps hard, so
+  compare the `mean` step, not only the median.
 - `pipelined_*`: the recipe's APRIL with `rollout.max_async=1` (one update thread either way),
   with vLLM's spin and with the plugin.
 
@@ -23,7 +24,7 @@ Repetitions are interleaved so machine noise falls on every setting alike.
     python -m bench.april.step_costs --workload chat --steps 20 --out bench/results/step_costs_chat.json \
         --settings sync_vllm_spin_1_thread,sync_no_spin_1_thread,sync_no_spin
     python -m bench.april.step_costs --reps 1 --steps 8 --out /tmp/step_costs.json
-    python -m bench.april.step_costs --workload demo --settings april,april_unfrozen --reps 3 \
+    python -m bench.april.step_costs --workload demo --settings april,april_default_gc --reps 3 \
         --out bench/results/step_costs_gc.json
 """
 
@@ -50,7 +51,7 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "pipelined_vllm_spin": (NO_PLUGIN, PIPELINED),
     "pipelined_no_spin": ({}, PIPELINED),
     "april": ({}, []),
-    "april_unfrozen": ({"ROLLOVER_GC_FREEZE": "0"}, []),
+    "april_default_gc": ({"ROLLOVER_GC_TUNING": "0"}, []),
 }
 BASELINES = {"sync": "sync_vllm_spin_1_thread", "pipelined": "pipelined_vllm_spin"}
 # Phases that add up to the step; the rest is `other`. The weight check runs inside the load.

@@ -130,4 +130,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from rollover.trainer.runtime.heap import tune_collector
+    tune_collector(__spec__.name)  # the collector as rl-train sets it for its driver
     main()

@@ -30,7 +30,7 @@ from rollover.trainer.distributed.mirror import COMMAND_TIMEOUT, Channel, Follow
 from rollover.trainer.distributed.sharded_learner import ShardedLearner
 from rollover.trainer.policy import Policy
 from rollover.trainer.runtime.cpu_split import recipe_threads
-from rollover.trainer.runtime.heap import freeze_startup_heap
+from rollover.trainer.runtime.heap import tune_collector
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # one FSDP collective (an update waits on it)
 START_TIMEOUT_S = 600.0  # followers to import, load the model and join
@@ -92,7 +92,7 @@ def follower_main(rank: int, world_size: int, port: int, recipe_json: dict, lead
         torch.set_num_threads(recipe_threads(recipe))
     channel = _join(rank, world_size, port)
     learner = ShardedLearner(Policy(recipe.model, recipe.train.lora, rank_device(rank)), recipe)
-    freeze_startup_heap(f"trainer rank {rank}")
+    tune_collector(f"trainer rank {rank}")
     try:
         follow(learner, channel)
     finally:

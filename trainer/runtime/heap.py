@@ -1,20 +1,29 @@
-"""The driver's garbage collector: the startup heap frozen, and the collector's time per step.
+"""The driver's garbage collector, set for a long run: the start-up heap frozen, young
+collections rarer, and the collector's time per step.
 
-After start-up an rl-train process holds ~700k objects that live as long as it does (torch,
-transformers and vLLM's modules, the model, the tokenizer). Python's cyclic collector walks
-every one of them on each full (generation 2) collection, which it starts on its own whenever
-enough new objects have survived: measured on the toy recipe, 5 full collections in 20 steps,
-0.33-0.50 s each, every one a stall of the event loop that streams the rollout (and of the
-update thread, which waits for the GIL). `freeze_startup_heap` moves what exists once the run
-is built into the collector's permanent generation, which it never walks again; what the run
-allocates afterwards (rollouts, metrics) is collected as before. Frozen objects are still freed
-by reference counting: only a reference cycle among them would outlive the run. vLLM's engine
-core does the same for its own process after its start-up. `ROLLOVER_GC_FREEZE=0` leaves the
-heap as it is (the state before, for `bench/april/step_costs.py`; or to rule the freeze out).
+Python's cyclic collector walks every tracked object on each full (generation 2) collection,
+and starts one whenever enough objects have survived the younger generations. Two things make
+that expensive here:
+- After start-up an rl-train process holds ~700k objects that live as long as it does (torch,
+  transformers and vLLM's modules, the model, the tokenizer). On the demo recipe, left as they
+  are, they made 4-5 full collections of 0.33-0.68 s each in 25 steps: stalls of the event loop
+  that streams the rollout (and of the update thread, which waits for the GIL).
+- A rollout allocates ~100 objects per group in flight (samples and their token lists, a task,
+  coroutine and stream per request), which live for a fraction of a step. With generation 0
+  collected every 700 allocations they survive into the older generations and trigger full
+  collections: simulated at 256 engines (2,048 groups in flight, bench/sim), 48 full
+  collections took 11.9 s of a 30 s run.
+
+`tune_collector` freezes what exists once the run is built (the collector's permanent
+generation, never walked again; frozen objects are still freed by reference counting, only a
+reference cycle among them would outlive the run), and collects generation 0 every
+`YOUNG_THRESHOLD` allocations instead of 700, so a request's short-lived objects die young: the
+same simulation then made 1 full collection and 2.0 s of collector time in all, against 14.3 s.
+vLLM's engine core freezes its own process's start-up heap the same way. `ROLLOVER_GC_TUNING=0`
+leaves Python's defaults (the state before, for `bench/april/step_costs.py`; or to rule it out).
 
 `collector_clock()` adds up the collector's wall time between two reads (one clock per process,
-one `gc.callbacks` entry), for the step metric `time/gc`: where to look when a step is slower
-than its phases add up to.
+one `gc.callbacks` entry), for the step metric `time/gc`.
 """
 
 from __future__ import annotations
@@ -27,17 +36,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+YOUNG_THRESHOLD = 50_000  # allocations between generation-0 collections (Python's default: 700)
+THRESHOLDS = (YOUNG_THRESHOLD, 20, 10)  # generations 1 and 2: collected every 20, 10 younger ones
 
-def freeze_startup_heap(what: str) -> int:
-    """Collect, then freeze every object the collector tracks now; returns how many were frozen."""
-    if os.environ.get("ROLLOVER_GC_FREEZE", "1") == "0":
-        log.info("%s: start-up heap not frozen (ROLLOVER_GC_FREEZE=0)", what)
+
+def tune_collector(what: str) -> int:
+    """Freeze every object the collector tracks now (after a collection) and make young
+    collections rarer; returns how many objects were frozen."""
+    if os.environ.get("ROLLOVER_GC_TUNING", "1") == "0":
+        log.info("%s: Python's garbage collector left as it is (ROLLOVER_GC_TUNING=0)", what)
         return 0
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*THRESHOLDS)
     frozen = gc.get_freeze_count()
-    log.info("%s: %d objects of the start-up heap frozen (full collections no longer walk them)",
-             what, frozen)
+    log.info("%s: %d objects of the start-up heap frozen (full collections no longer walk them); "
+             "collector thresholds %s", what, frozen, THRESHOLDS)
     return frozen
 
 
