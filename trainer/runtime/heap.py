@@ -8,19 +8,21 @@ that expensive here:
   transformers and vLLM's modules, the model, the tokenizer). On the demo recipe, left as they
   are, they made 4-5 full collections of 0.33-0.68 s each in 25 steps: stalls of the event loop
   that streams the rollout (and of the update thread, which waits for the GIL).
-- A rollout allocates ~100 objects per group in flight (samples and their token lists, a task,
-  coroutine and stream per request), which live for a fraction of a step. With generation 0
-  collected every 700 allocations they survive into the older generations and trigger full
-  collections: simulated at 256 engines (2,048 groups in flight, bench/sim), 48 full
-  collections took 11.9 s of a 30 s run.
+- A rollout allocates objects per group in flight (samples and their token lists, a task,
+  coroutine and stream per request; ~180 per group in the simulator, its engines' included),
+  which live for a fraction of a step. With generation 0 collected every 700 allocations they
+  survive into the older generations and set off full collections: simulated at 256 engines
+  (2,048 groups in flight, `bench/sim/collector.py`), 26 full collections and 10.3 s of
+  collector time in a 20.4 s run.
 
 `tune_collector` freezes what exists once the run is built (the collector's permanent
 generation, never walked again; frozen objects are still freed by reference counting, only a
 reference cycle among them would outlive the run), and collects generation 0 every
 `YOUNG_THRESHOLD` allocations instead of 700, so a request's short-lived objects die young: the
-same simulation then made 1 full collection and 2.0 s of collector time in all, against 14.3 s.
-vLLM's engine core freezes its own process's start-up heap the same way. `ROLLOVER_GC_TUNING=0`
-leaves Python's defaults (the state before, for `bench/april/step_costs.py`; or to rule it out).
+same simulation then made no full collection and 1.1 s of collector time in a 10.2 s run (at
+1,024 engines: 8.3 s against 56 s). vLLM's engine core freezes its own process's start-up heap
+the same way. `ROLLOVER_GC_TUNING=0` leaves Python's defaults (the state before, for the
+benchmarks; or to rule it out).
 
 `collector_clock()` adds up the collector's wall time between two reads (one clock per process,
 one `gc.callbacks` entry), for the step metric `time/gc`.
