@@ -30,7 +30,7 @@ from typing import Any
 from bench.common import RESULTS, machine, save_json
 from bench.sim import gpu_profile
 from bench.sim.pipelined import MODES, Profile, simulate_pipeline
-from bench.sim.sim_engine import run_virtual
+from bench.sim.sim_engine import run_virtual, run_as_driver
 from bench.sim.simulate_scale import DEFAULT_OUT
 from bench.sim.scheduler_cpu import stored_costs
 
@@ -240,6 +240,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from rollover.trainer.runtime.heap import tune_collector
-    tune_collector(__spec__.name)  # the collector as rl-train sets it for its driver
-    main()
+    run_as_driver(main)

@@ -30,6 +30,7 @@ from typing import Any
 from bench.april.april_steps import SchedulerMode, interleaved, summarize
 from bench.april.april_throughput import add_run_args, add_workload_args, length_sampler, make_scheduler, run_on_engine
 from bench.common import RESULTS
+from bench.sim.sim_engine import run_as_driver
 
 MODES = ("engines_1", "engines_2")
 
@@ -129,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_on_engine(args, measure, render_table, start=start_engines)
 
 
+
 if __name__ == "__main__":
-    from rollover.trainer.runtime.heap import tune_collector
-    tune_collector(__spec__.name)  # the collector as rl-train sets it for its driver
-    main()
+    run_as_driver(main)

@@ -45,7 +45,7 @@ from typing import Any
 from bench.common import ROOT, machine, save_json
 from bench.sim import simulate_scale
 from bench.sim.sim_calibrate import calibrate, costs_of
-from bench.sim.sim_engine import SimCosts, run_virtual
+from bench.sim.sim_engine import SimCosts, run_virtual, run_as_driver
 
 OLD_REF = "f124dc3af0f74a99b78a11db5c1bbec627d26e67"  # the last commit with the old collection
 TARGET_S_AT_1024 = 0.5
@@ -176,6 +176,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from rollover.trainer.runtime.heap import tune_collector
-    tune_collector(__spec__.name)  # the collector as rl-train sets it for its driver
-    main()
+    run_as_driver(main)

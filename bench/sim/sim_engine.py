@@ -85,6 +85,16 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self._now += seconds
 
 
+def run_as_driver(main: Callable[[], Any]) -> Any:
+    """A simulator's entry point: `main()` with the garbage collector as rl-train sets it for its
+    driver (trainer/runtime/heap.py), so the simulated loop runs under the product's conditions.
+    Only for a process's own entry: tests call the `main`s directly and keep Python's defaults."""
+    from rollover.trainer.runtime.heap import tune_collector
+
+    tune_collector("bench.sim")
+    return main()
+
+
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run` on a fresh `VirtualTimeLoop`."""
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:

@@ -65,7 +65,7 @@ from bench.april.april_steps import SchedulerMode
 from bench.april.april_throughput import add_workload_args, length_sampler, profile_stats, recipe_max_staleness
 from bench.common import RESULTS, machine, save_json
 from bench.sim.sim_calibrate import PROMPT_LEN, calibrate, costs_of
-from bench.sim.sim_engine import SimCosts, SimEngine, run_virtual
+from bench.sim.sim_engine import SimCosts, SimEngine, run_virtual, run_as_driver
 from bench.sim.sim_report import merge, summarize_run, summary
 from rollover.rollout.april import STREAM_INTERVAL, AprilScheduler
 from rollover.rollout.cpu_clock import CpuClock
@@ -457,6 +457,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from rollover.trainer.runtime.heap import tune_collector
-    tune_collector(__spec__.name)  # the collector as rl-train sets it for its driver
-    main()
+    run_as_driver(main)
