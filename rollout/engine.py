@@ -39,6 +39,7 @@ from rollover.rollout.settings import (  # noqa: F401 - re-exported: callers imp
     SleepModeUnavailable,
 )
 from rollover.rollout.admission import EARLY_ABORT_MEMORY, AdmissionGate  # noqa: F401 - re-exported
+from rollover.rollout.cpu_executor import engine_core_executor, spawned_with
 from rollover.rollout.engine_api import SingleEngine
 from rollover.rollout.engine_control import (  # noqa: F401 - re-exported
     EngineBusyError,
@@ -121,10 +122,14 @@ class RolloutEngine(SingleEngine):
             if s.sleep_mode and not current_platform.is_cuda_alike():
                 raise SleepModeUnavailable(SLEEP_MODE_NEEDS_CUDA)
             block_size = s.block_size
-            cpu_cache: dict[str, int] = {}
+            cpu_args: dict[str, Any] = {}
+            spawn_env: dict[str, str] = {}
             if current_platform.is_cpu():
                 block_size = block_size or CPU_BLOCK_SIZE
-                cpu_cache["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
+                cpu_args["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
+                # The model runs in vLLM's engine-core process, bound to our cores (cpu_executor.py).
+                executor_args, spawn_env = engine_core_executor(s.extra)
+                cpu_args.update(executor_args)
                 # The CPU engine holds nothing a kill would leak; vLLM's default grace is 5 s.
                 self._shutdown_grace_s = CPU_SHUTDOWN_GRACE_S
                 # Its processes sleep when idle instead of spinning on the cores the trainer
@@ -148,10 +153,11 @@ class RolloutEngine(SingleEngine):
                 block_size=block_size,
                 enable_sleep_mode=s.sleep_mode,
                 disable_log_stats=True,
-                **{**cpu_cache, **s.extra},
+                **{**cpu_args, **s.extra},
             )
             started = time.perf_counter()
-            self._llm = AsyncLLM.from_engine_args(args)
+            with spawned_with(spawn_env):
+                self._llm = AsyncLLM.from_engine_args(args)
         except SleepModeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here is a start failure

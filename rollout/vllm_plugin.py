@@ -9,6 +9,10 @@ worker spins through the trainer's update after every rollout, so the update get
 (measured with py-spy on the 2-core demo: the worker's `sched_yield` was its top frame, and one
 torch update thread ran 0.28 s alone against 0.70 s beside the spinning engine).
 
+rollover's one-worker CPU engines run the model in the engine core (rollout/cpu_executor.py), where
+no such queue exists; this matters where a worker process remains (`ROLLOVER_CPU_EXECUTOR=mp`, a
+tensor-parallel CPU engine).
+
 vLLM loads general plugins in every process it starts (its engine core and each worker), so this
 is the one place our code runs there. The patch is opt-in per engine through an environment
 variable the engine sets before it starts (rollout/engine.py does on CPU platforms); without it,

@@ -43,10 +43,12 @@ def one_run(recipe: Path, steps: int, overrides: list[str], extra: list[str], wo
     command = [sys.executable, "-m", "rollover.trainer.cli", str(recipe), f"train.output_dir={out}",
                f"train.steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}",
                "task.eval_size=16", "tracking.wandb=disabled", *extra, *overrides]
+    started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_seconds": [m["time/step"] for m in rows if "time/step" in m],
+    return {"wall_seconds": round(wall, 3), "step_seconds": [m["time/step"] for m in rows if "time/step" in m],
             "pipeline": {k: [m[k] for m in rows if k in m] for k in keys}}
 
 

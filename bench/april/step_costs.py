@@ -17,6 +17,9 @@ tokens generated and trained. Settings:
   compare the `mean` step, not only the median.
 - `pipelined_*`: the recipe's APRIL with `rollout.max_async=1` (one update thread either way),
   with vLLM's spin and with the plugin.
+- `*_worker_process`: the model in a vLLM worker process of its own (`ROLLOVER_CPU_EXECUTOR=mp`,
+  vLLM's CPU default) instead of in the engine core (rollout/cpu_executor.py). Compare the step
+  and `outside_steps_s`, a run's wall time outside its steps (start-up, last evaluation, shutdown).
 
 Repetitions are interleaved so machine noise falls on every setting alike.
 
@@ -26,6 +29,8 @@ Repetitions are interleaved so machine noise falls on every setting alike.
     python -m bench.april.step_costs --reps 1 --steps 8 --out /tmp/step_costs.json
     python -m bench.april.step_costs --workload demo --settings april,april_default_gc --reps 3 \
         --out bench/results/step_costs_gc.json
+    python -m bench.april.step_costs --settings sync_no_spin,sync_worker_process,april,april_worker_process \
+        --reps 3 --out bench/results/step_costs_executor.json
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ TOY = ["rollout.groups_per_step=8", "rollout.group_size=8", "rollout.max_tokens=
 SYNC = ["rollout.over_provision=1", "rollout.partial=false"]
 PIPELINED = ["rollout.max_async=1"]  # the recipe's APRIL, rollout of step k+1 beside update k
 NO_PLUGIN = {"VLLM_PLUGINS": "none"}  # vLLM loads no general plugin: its own 1 s spin
+WORKER_PROCESS = {"ROLLOVER_CPU_EXECUTOR": "mp"}  # the model in a vLLM worker process of its own
 SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "sync_vllm_spin_1_thread": (NO_PLUGIN, [*SYNC, "train.cpu_threads=1"]),
     "sync_no_spin_1_thread": ({}, [*SYNC, "train.cpu_threads=1"]),
@@ -52,6 +58,8 @@ SETTINGS: dict[str, tuple[dict[str, str], list[str]]] = {
     "pipelined_no_spin": ({}, PIPELINED),
     "april": ({}, []),
     "april_default_gc": ({"ROLLOVER_GC_TUNING": "0"}, []),
+    "sync_worker_process": (WORKER_PROCESS, SYNC),
+    "april_worker_process": (WORKER_PROCESS, []),
 }
 BASELINES = {"sync": "sync_vllm_spin_1_thread", "pipelined": "pipelined_vllm_spin"}
 # Phases that add up to the step; the rest is `other`. The weight check runs inside the load.
@@ -75,6 +83,10 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     other = [[step - sum(r["pipeline"][key][i] for key in PHASES.values())
               for i, step in enumerate(r["step_seconds"])] for r in runs]
     figures["other"] = figure(other)
+    # A run's cost outside its steps: interpreter and engine start, the last evaluation and
+    # checkpoint, the shutdown.
+    outside = [r["wall_seconds"] - sum(r["step_seconds"]) for r in runs]
+    figures["outside_steps_s"] = {"median": round(statistics.median(outside), 2), "runs": [round(x, 2) for x in outside]}
     return figures
 
 
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, f in settings.items():
         print(f"{name:20s} step {f['step']['median']:.3f}  " +
               "  ".join(f"{k} {f[k]['median']:.3f}" for k in (*PHASES, *PARTS, "other")) +
-              f"  x{f['speedup_over_vllm_spin']}")
+              f"  outside steps {f['outside_steps_s']['median']:.1f} s  x{f['speedup_over_vllm_spin']}")
 
 
 if __name__ == "__main__":

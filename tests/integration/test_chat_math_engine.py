@@ -8,6 +8,7 @@ loads our checkpoint export as it loads a hub model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,38 @@ def lora_checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("chat-lora"), 1, policy, {}, keep=1)
 
 
+BOUND_CORE = max(os.sched_getaffinity(0))
+
+
 @pytest.fixture(scope="module")
 def chat_engine(serving, lora_checkpoint):
-    with serving(str(lora_checkpoint)) as eng:
-        yield eng
+    """Bound to one core the way `rollout.engine_cpus` binds an engine (the variable vLLM reads)."""
+    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(BOUND_CORE)
+    try:
+        with serving(str(lora_checkpoint)) as eng:
+            if before is None:
+                del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
+            yield eng
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+
+
+def _threads_and_cores(worker) -> tuple[int, list[int]]:
+    import torch
+
+    return torch.get_num_threads(), sorted(os.sched_getaffinity(0))
+
+
+def test_an_engine_given_cores_runs_its_model_on_them_alone(chat_engine, run):
+    """The model runs in the engine core (rollout/cpu_executor.py), bound before it was spawned:
+    one thread per named core, on that core; this process keeps its own cores."""
+    ((threads, cores),) = run(chat_engine.llm.collective_rpc(_threads_and_cores))
+    assert (threads, list(cores)) == (1, [BOUND_CORE])
+    assert "OMP_PLACES" not in os.environ and len(os.sched_getaffinity(0)) > 1
 
 
 def test_vllm_generates_chat_answers_that_stop_on_im_end_and_resume_from_ids(chat_engine, lora_checkpoint, run):

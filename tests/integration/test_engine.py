@@ -244,10 +244,26 @@ def _reader_wait_is_capped(worker) -> bool:
     return hasattr(SpinCondition.wait, "__wrapped_by_rollover__")
 
 
+def test_cpu_engine_runs_its_model_in_its_engine_core_process(engine, run):
+    """One spawned process per CPU engine: the model runs in vLLM's engine core, not in a worker
+    process of its own (rollout/cpu_executor.py), so a start imports torch and vLLM once less."""
+    import psutil
+
+    (model_pid,) = run(engine.llm.collective_rpc(_pid))
+    model_process = psutil.Process(model_pid)
+    assert model_process.name() == "VLLM::EngineCore" and model_process.ppid() == os.getpid()
+    assert model_process.children() == []  # no VLLM::Worker below it
+
+
+def _pid(worker) -> int:
+    return os.getpid()
+
+
 def test_cpu_engine_processes_run_the_idle_plugin(engine, run):
-    """vLLM loads rollover's `vllm.general_plugins` entry point in its worker, and the CPU engine
-    switched it on there: without it the worker spins a core through every update, and an idle
-    worker can miss its wake-up for 5 s (rollout/vllm_plugin.py)."""
+    """vLLM loads rollover's `vllm.general_plugins` entry point in the process that runs its
+    worker, and the CPU engine switched it on there: without it a worker process of its own
+    (ROLLOVER_CPU_EXECUTOR=mp, or tensor-parallel) spins a core through every update and an idle
+    one can miss its wake-up for 5 s (rollout/vllm_plugin.py)."""
     from rollover.rollout.vllm_plugin import BUSY_LOOP_ENV
 
     assert float(os.environ[BUSY_LOOP_ENV]) < 1.0  # vLLM's own window is 1 s
