@@ -8,7 +8,7 @@ OpenMP runtime started long ago and can no longer be bound to cores; 'mp' spawns
 sets its OpenMP variables first. Here the engine core is itself a fresh spawn, so its OpenMP
 variables can be set the same way before it starts, and the worker process buys nothing. It
 costs: a third Python process to import torch and vLLM at every engine start (measured here:
-engine start ~28-35 s -> ~11 s), and a shared-memory queue hop from the core to the worker and
+engine start ~25-35 s -> ~11-17 s), and a shared-memory queue hop from the core to the worker and
 back on every decode step, whose readers spin or lose wake-ups (rollout/vllm_plugin.py).
 
 So a one-worker CPU engine gets the 'uni' executor as a class (the platform's check compares
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,16 +63,20 @@ def openmp_environment(bind: str | None) -> dict[str, str]:
             "OMP_PROC_BIND": "true"}
 
 
+_spawning = threading.Lock()  # two engines starting in one process must not mix their variables
+
+
 @contextlib.contextmanager
 def spawned_with(values: dict[str, str]) -> Iterator[None]:
     """Set `values` in the environment while processes are spawned, then restore what was there."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _spawning:
+        saved = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -64,3 +64,31 @@ def test_the_environment_is_put_back_after_the_spawn(monkeypatch):
     with pytest.raises(RuntimeError), spawned_with({"OMP_PLACES": "{0}"}):
         raise RuntimeError("a failed start")
     assert "OMP_PLACES" not in os.environ
+
+
+def test_two_engines_starting_in_one_process_spawn_one_after_the_other(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("OMP_PLACES", raising=False)
+    first_in, first_may_leave, seen_by_second = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with spawned_with({"OMP_PLACES": "{0}"}):
+            first_in.set()
+            first_may_leave.wait(5)
+
+    def second() -> None:
+        first_in.wait(5)
+        with spawned_with({"OMP_PLACES": "{1}"}):
+            seen_by_second.append(os.environ["OMP_PLACES"])
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    first_in.wait(5)
+    threads[1].join(0.3)
+    assert seen_by_second == []  # still waiting for the first spawn to finish
+    first_may_leave.set()
+    for t in threads:
+        t.join(5)
+    assert seen_by_second == ["{1}"] and "OMP_PLACES" not in os.environ
