@@ -17,7 +17,9 @@ def test_the_start_up_heap_is_no_longer_walked_and_what_comes_later_is_still_col
     before = gc.get_threshold()
     try:
         frozen = tune_collector("test")
-        assert frozen == gc.get_freeze_count() >= len(startup)
+        # Frozen objects are still freed by reference counting (other threads of the test
+        # session run on), so the count can only have fallen since the freeze.
+        assert frozen >= gc.get_freeze_count() >= len(startup)
         assert gc.get_threshold() == THRESHOLDS and THRESHOLDS[0] > before[0]
         walked = {id(o) for o in gc.get_objects()}  # what a full collection visits
         assert not any(id(o) in walked for o in startup)
