@@ -24,6 +24,7 @@ import threading
 import uuid
 from typing import Any
 
+from rollover.rollout.cpu_executor import BIND_ENV
 from rollover.rollout.config import ClusterConfig
 from rollover.rollout.pool import EnginePool
 from rollover.rollout.remote import RemoteEngine
@@ -174,8 +175,8 @@ def start_engines(settings: EngineSettings, cluster: ClusterConfig) -> Any:
 
         return RolloutEngine(engine_settings(settings, cluster, backend),
                              engine_side_transport(backend, settings)).start()
-    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # rollout.engine_cpus, for every engine
-    return start_pool(settings, cluster, {"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else None, backend)
+    bind = os.environ.get(BIND_ENV)  # rollout.engine_cpus, for every engine
+    return start_pool(settings, cluster, {BIND_ENV: bind} if bind else None, backend)
 
 
 def disconnect() -> None:

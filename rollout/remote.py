@@ -36,6 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from rollover.rollout.cpu_executor import BIND_ENV
 from rollover.rollout.engine import RolloutEngine, TokenChunk
 from rollover.rollout.settings import EngineSettings, SamplingSettings
 from rollover.rollout.weights.nccl_sender import NcclSending, trainer_sender
@@ -58,8 +59,8 @@ class EngineHost(RelayCalls):
 
         os.environ.update(env or {})
         cores = cpu_share(sorted(os.sched_getaffinity(0)), *slot)
-        if cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # a CPU engine's worker
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        if cores and BIND_ENV not in os.environ:  # a CPU engine's worker
+            os.environ[BIND_ENV] = ",".join(map(str, cores))
         # ipc / shared memory load what the actor holds; nccl relays the trainer's sender.
         self.engine = RolloutEngine(settings, engine_side_transport(backend, settings))
         self._version_order = 0  # the newest set_policy_version applied (`set_policy_version`)

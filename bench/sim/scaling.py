@@ -130,6 +130,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_on_engine(args, measure, render_table, start=start_engines)
 
 
-
 if __name__ == "__main__":
     run_as_driver(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from rollover.rollout.cpu_executor import BIND_ENV
 from rollover.rollout.config import parse_cpu_list
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def bind_engine(text: str) -> set[int]:
     """Before the engine starts: bind its worker to the cores in `text`; returns the trainer's."""
     available = os.sched_getaffinity(0)
     engine = check_engine_cpus(text, available)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(engine))
+    os.environ[BIND_ENV] = ",".join(str(c) for c in sorted(engine))
     return available - engine
 
 
